@@ -1,0 +1,127 @@
+"""Batched, KV-cached generation: prefill the prompts once, then decode one token at a time.
+
+    python -m qwen_min.generate --model DIR --prompt "1.00,2.00;1.10,1.90;" --max-new-tokens 20
+
+Rows of different lengths are left-padded: every row's last prompt token then sits in the same
+column, so each decode step appends one column for the whole batch. The attention mask keeps
+padding out of attention and out of the RoPE positions (see Qwen2._positions_and_mask).
+"""
+
+import argparse
+
+import torch
+
+from .kv_cache import KVCache
+
+
+def pad_left(rows, pad_id):
+    """list of token-id lists -> input_ids (B, T) and attention_mask (B, T), padding on the left."""
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("Every prompt must hold at least one token.")
+    T = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, T - len(r):] = torch.as_tensor(r, dtype=torch.long)
+        attention_mask[i, T - len(r):] = 1
+    return input_ids, attention_mask
+
+
+def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
+    """logits (B, V) -> token indices (B,). temperature 0 is greedy (argmax)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1) the k-th largest logit
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # mass before this token already exceeds p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(model, input_ids, max_new_tokens=64, attention_mask=None, temperature=0.0, top_k=None, top_p=None,
+             seed=None, allowed_token_ids=None, stop_token_ids=None, pad_token_id=None):
+    """Continues each prompt by up to max_new_tokens tokens.
+
+    input_ids: (B, T) tensor (left-padded, with attention_mask (B, T)) or a list of token-id lists.
+    allowed_token_ids: if given, only these tokens can be produced (and only their logits are
+        computed: a forecast needs 13 of the 151,936 output rows).
+    stop_token_ids: a row stops after producing one of these (default: the config's eos);
+        finished rows are filled with pad_token_id, and generation ends when all rows stop.
+    Returns (B, T + n_new) token ids: the prompts followed by the new tokens, like transformers.
+    """
+    cfg = model.config
+    pad_token_id = cfg.bos_token_id if pad_token_id is None else pad_token_id
+    if isinstance(input_ids, (list, tuple)):
+        input_ids, attention_mask = pad_left(input_ids, pad_token_id)
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}.")
+    device = model.embed_tokens.weight.device
+    input_ids = input_ids.to(device)
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(device)
+    stop = torch.as_tensor([cfg.eos_token_id] if stop_token_ids is None else list(stop_token_ids), device=device)
+    allowed = None if allowed_token_ids is None else torch.as_tensor(list(allowed_token_ids), device=device)
+    generator = None if seed is None else torch.Generator(device).manual_seed(seed)
+
+    B, T = input_ids.shape
+    cache = KVCache.for_model(model, B, T + max_new_tokens)
+    h = model.body(input_ids, attention_mask, cache)[:, -1:]  # prefill; (B, 1, D) for the last position
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    new_tokens = []
+    for step in range(max_new_tokens):
+        logits = model.head(h, allowed)[:, -1]  # (B, V) or (B, n_allowed)
+        token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
+        if allowed is not None:
+            token = allowed[token]
+        token = token.masked_fill(finished, pad_token_id)
+        new_tokens.append(token)
+        finished |= torch.isin(token, stop)
+        if finished.all() or step == max_new_tokens - 1:
+            break
+        if attention_mask is not None:
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
+        h = model.body(token[:, None], attention_mask, cache)  # decode one token: (B, 1, D)
+    if not new_tokens:
+        return input_ids
+    return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
+
+
+def main(argv=None):
+    from .model import Qwen2
+    from .tokenizer import Tokenizer
+
+    p = argparse.ArgumentParser(description="Generate text with qwen-min's Qwen2.5.")
+    p.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct", help="checkpoint folder or hub id")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in Qwen's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    if args.max_new_tokens < 1:
+        p.error("--max-new-tokens must be at least 1")
+    if args.temperature < 0 or (args.top_p is not None and not 0 < args.top_p <= 1) or (args.top_k is not None and args.top_k < 1):
+        p.error("need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 1")
+
+    tok = Tokenizer.from_pretrained(args.model)
+    model = Qwen2.from_pretrained(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    prompt = tok.chat_prompt(args.prompt) if args.chat else args.prompt
+    ids = tok.encode(prompt)
+    out = generate(model, [ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, seed=args.seed, stop_token_ids=tok.stop_ids, pad_token_id=tok.pad_id)
+    print(tok.decode(out[0, len(ids):].tolist()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""Qwen2.5, the network only, in reading order.
+
+    tokens ─ embed_tokens ─┬─> [DecoderBlock] x n_layers ─> norm ─> lm_head ─> logits
+                           │
+    DecoderBlock:  x = x + Attention(RMSNorm(x))      grouped-query attention, RoPE, q/k/v biases
+                   x = x + MLP(RMSNorm(x))            SwiGLU: down(silu(gate(x)) * up(x))
+
+Shapes: B batch, T new tokens, S keys (cached + new), D dim, H query heads, K kv heads,
+hd head_dim, F hidden_dim, V vocab_size. Module and parameter names follow the Hugging Face
+checkpoint (without its `model.` prefix), so weights load by name. The numerics (where to
+upcast to float32) follow transformers' Qwen2 so logits agree to float32 rounding; see
+REFERENCE.md. Loading, caching and generation live in their own modules.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import Qwen2Config
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight, normalised in float32, scaled in x's dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):  # x: (..., D)
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE tables, computed once for every position up to max_seq_len.
+
+    Qwen uses the half-split layout: dimension i is paired with i + hd/2 (not 2i with 2i+1),
+    so Hugging Face weights need no permutation. Looking up a position is indexing: free.
+    """
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float, device=None):
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim)
+        t = torch.arange(max_seq_len, device=device).float()
+        freqs = torch.outer(t, inv_freq)  # (max_seq_len, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (max_seq_len, hd)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, positions, dtype):  # positions: (B, T) int64
+        # (B, 1, T, hd) each: broadcast over heads; float32 tables cast to the activations' dtype.
+        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+
+
+def rotate_half(x):  # (..., hd) -> (..., hd): (x1, x2) -> (-x2, x1)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x, cos, sin):  # x: (B, H, T, hd); cos, sin: (B, 1, T, hd)
+    return x * cos + rotate_half(x) * sin
+
+
+def repeat_kv(x, n_rep: int):  # (B, K, S, hd) -> (B, K * n_rep, S, hd): each kv head serves n_rep query heads
+    if n_rep == 1:
+        return x
+    B, K, S, hd = x.shape
+    return x[:, :, None].expand(B, K, n_rep, S, hd).reshape(B, K * n_rep, S, hd)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention: H query heads share K key/value heads; q, k, v have biases."""
+
+    def __init__(self, cfg: Qwen2Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=True)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=True)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=True)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask=None, cache=None):
+        """x (B, T, D); mask (B, 1, T, S) bool, True = may attend, None = causal; -> (B, T, D)."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, hd)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:  # store the K new keys/values, get back all S so far
+            k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, hd)
+        n_rep = self.n_heads // self.n_kv_heads
+        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # (B, H, S, hd)
+        # softmax(q k^T / sqrt(hd) + mask) v; PyTorch accumulates the softmax in float32.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, H, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H * hd)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: Qwen2Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+
+    def forward(self, x):  # (B, T, D) -> (B, T, D)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # inner: (B, T, F)
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm residual block: attention then MLP, each added back to the residual stream."""
+
+    def __init__(self, cfg: Qwen2Config, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask=None, cache=None):  # (B, T, D) -> (B, T, D)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x
+
+
+class Qwen2(nn.Module):
+    """Qwen2.5 causal language model.
+
+    model(input_ids) -> logits (B, T, V). For generation pass a KVCache and, when rows are
+    left-padded, an attention_mask (B, S) of 1 for real tokens and 0 for padding, covering
+    the cached tokens and the new ones (as in transformers).
+    """
+
+    def __init__(self, cfg: Qwen2Config, lm_head_bias: bool = False):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(DecoderBlock(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        # A tied head reuses embed_tokens.weight, so it has no module of its own.
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        # The coursework trains a bias on the (otherwise bias-free) output layer; zero = no change.
+        self.lm_head_bias = nn.Parameter(torch.zeros(cfg.vocab_size)) if lm_head_bias else None
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id, dtype=torch.float32, device="cpu", lm_head_bias=False):
+        """Loads a Qwen2 checkpoint folder (or Hugging Face hub id) into qwen-min."""
+        from .weights import load_pretrained
+
+        return load_pretrained(cls, path_or_hub_id, dtype=dtype, device=device, lm_head_bias=lm_head_bias)
+
+    def add_lm_head_bias(self):
+        """Adds the coursework's trainable lm_head bias, initialised to zero (a no-op until trained)."""
+        if self.lm_head_bias is None:
+            w = self.embed_tokens.weight
+            self.lm_head_bias = nn.Parameter(torch.zeros(self.config.vocab_size, dtype=w.dtype, device=w.device))
+        return self.lm_head_bias
+
+    @property
+    def lm_head_weight(self):  # (V, D)
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(self, input_ids, attention_mask=None, cache=None):
+        """input_ids (B, T) -> logits (B, T, V)."""
+        return self.head(self.body(input_ids, attention_mask, cache))
+
+    def body(self, input_ids, attention_mask=None, cache=None):
+        """input_ids (B, T) -> final normed hidden states (B, T, D): everything but the head."""
+        B, T = input_ids.shape
+        past = 0 if cache is None else cache.length
+        positions, mask = self._positions_and_mask(B, T, past, attention_mask, input_ids.device)
+        x = self.embed_tokens(input_ids)  # (B, T, D)
+        cos, sin = self.rope(positions, x.dtype)  # (B, 1, T, hd) each
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.length += T
+        return self.norm(x)
+
+    def head(self, h, token_ids=None):
+        """h (B, T, D) -> logits (B, T, V); or only the columns token_ids (n,) -> (B, T, n)."""
+        w, b = self.lm_head_weight, self.lm_head_bias
+        if token_ids is not None:  # e.g. the digits and separators a forecast may contain
+            w, b = w[token_ids], None if b is None else b[token_ids]
+        return F.linear(h, w, b)
+
+    @staticmethod
+    def _positions_and_mask(B, T, past, attention_mask, device):
+        """RoPE positions (B, T) and the attention mask (B, 1, T, past+T), None when plainly causal.
+
+        With padding, a token's position counts only the real tokens before it, so a left-padded
+        row sees the positions it would have alone. Keys that are padding are masked out; a padding
+        query may attend to itself only, which keeps its (unused) softmax finite.
+        """
+        if attention_mask is None:
+            positions = torch.arange(past, past + T, device=device).expand(B, T)
+            if past == 0:
+                return positions, None  # plain causal: let SDPA use its fast causal path
+            key_ok = torch.ones(B, past + T, dtype=torch.bool, device=device)
+        else:
+            if attention_mask.shape != (B, past + T):
+                raise ValueError(f"attention_mask must have shape {(B, past + T)} (cached + new tokens), got {tuple(attention_mask.shape)}.")
+            key_ok = attention_mask.bool()
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+        q_idx = torch.arange(past, past + T, device=device)[:, None]  # (T, 1) slot of each query
+        k_idx = torch.arange(past + T, device=device)[None, :]  # (1, S) slot of each key
+        causal = k_idx <= q_idx  # (T, S)
+        mask = (causal & key_ok[:, None, :]) | (k_idx == q_idx)  # (B, T, S)
+        return positions, mask[:, None]  # (B, 1, T, S)

@@ -1,0 +1,64 @@
+"""Qwen2.5's byte-level BPE tokenizer, read from tokenizer.json by the `tokenizers` package.
+
+Qwen adds no BOS token: `encode` returns exactly the tokens of the text. Digits are split one
+per token (0-9 -> ids 15..24), which is what makes LLMTIME's number-as-text encoding work.
+"""
+
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+
+from .weights import resolve_checkpoint
+
+ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+DEFAULT_SYSTEM_PROMPT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+
+
+class Tokenizer:
+    def __init__(self, tokenizer_file):
+        path = Path(tokenizer_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"No tokenizer.json at {path}; pass a Qwen2 checkpoint folder that includes it.")
+        self._tok = HFTokenizer.from_file(str(path))
+        ids = {t: self._tok.token_to_id(t) for t in (ENDOFTEXT, IM_START, IM_END)}
+        if None in ids.values():
+            raise ValueError(f"{path} lacks Qwen's special tokens {ENDOFTEXT}, {IM_START}, {IM_END}; is it a Qwen2 tokenizer?")
+        self.pad_id = self.bos_id = ids[ENDOFTEXT]  # 151643
+        self.im_start_id = ids[IM_START]  # 151644
+        self.eos_id = self.im_end_id = ids[IM_END]  # 151645: an instruct model ends its turn with it
+        self.vocab_size = self._tok.get_vocab_size()
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id):
+        return cls(resolve_checkpoint(path_or_hub_id) / "tokenizer.json")
+
+    @property
+    def stop_ids(self):
+        """Ids that end a generation: <|im_end|> and <|endoftext|>, as in Qwen's generation_config."""
+        return [self.eos_id, self.pad_id]
+
+    def encode(self, text: str) -> list:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts) -> list:
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str):
+        return self._tok.token_to_id(token)
+
+    @staticmethod
+    def chat_prompt(messages, add_generation_prompt: bool = True) -> str:
+        """The plain form of Qwen2.5's chat template (no tools).
+
+        messages: [{"role": "system"|"user"|"assistant", "content": str}, ...]. Without a system
+        message, Qwen's default one is inserted, as its template does.
+        """
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        if not messages or messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}] + list(messages)
+        text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
+        return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")

@@ -1,0 +1,108 @@
+"""Shared test helpers: tiny random Qwen2 configs and their transformers twins."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwen_min import Qwen2, Qwen2Config
+from qwen_min.weights import hf_name
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(**overrides) -> Qwen2Config:
+    base = dict(vocab_size=160, dim=64, hidden_dim=112, n_layers=2, n_heads=4, n_kv_heads=2,
+                head_dim=16, rope_theta=10000.0, max_seq_len=256, tie_embeddings=True,
+                bos_token_id=0, eos_token_id=1)
+    base.update(overrides)
+    return Qwen2Config(**base)
+
+
+def random_model(cfg: Qwen2Config, seed=0, lm_head_bias=False, dtype=torch.float32) -> Qwen2:
+    """A Qwen2 with every parameter random (norm weights and biases too, so no term hides).
+
+    Matrices get std 1/sqrt(fan_in), so activations and logits stay O(1) as in a trained model;
+    larger weights would blow float32 rounding up to where no tolerance means anything.
+    """
+    torch.manual_seed(seed)
+    model = Qwen2(cfg, lm_head_bias=lm_head_bias)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif p.dim() == 2:  # (out, in) matrices, and the embedding, which is the tied head's (V, D)
+                p.copy_(torch.randn_like(p) / p.shape[1] ** 0.5)
+            else:  # biases
+                p.copy_(torch.randn_like(p) * 0.1)
+    return model.to(dtype).eval()
+
+
+def hf_twin(model: Qwen2):
+    """transformers' Qwen2ForCausalLM holding exactly `model`'s weights (and its lm_head bias)."""
+    import transformers
+
+    cfg = model.config
+    hf_cfg = transformers.Qwen2Config(**cfg.to_hf_dict())
+    hf = transformers.Qwen2ForCausalLM(hf_cfg).to(model.embed_tokens.weight.dtype)
+    sd = {hf_name(n): p for n, p in model.state_dict().items() if n != "lm_head_bias"}
+    if cfg.tie_embeddings:
+        sd["lm_head.weight"] = model.embed_tokens.weight
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
+    if model.lm_head_bias is not None:
+        hf.lm_head.bias = torch.nn.Parameter(model.lm_head_bias.detach().clone())
+    return hf.eval()
+
+
+@pytest.fixture(scope="session")
+def checkpoint():
+    """The real Qwen2.5 0.5B checkpoint folder named by QWEN_MIN_CHECKPOINT; skips without it."""
+    path = os.environ.get("QWEN_MIN_CHECKPOINT")
+    if not path:
+        pytest.skip("QWEN_MIN_CHECKPOINT is not set (build one with ../shared/tools/qwen-checkpoint)")
+    return Path(path)
+
+
+def write_tokenizer(path: Path, vocab_size: int = 160):
+    """A tiny character-level tokenizer.json with Qwen's special tokens, for offline tests."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    chars = list("0123456789.,;: abcdefghijklmnopqrstuvwxyz\n")
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    assert len(vocab) <= vocab_size
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(specials)
+    tok.save(str(path))
+
+
+def write_checkpoint(model: Qwen2, folder: Path, shards: int = 1, with_lm_head: bool = False,
+                     tokenizer: bool = True) -> Path:
+    """Saves `model` in the Hugging Face layout (config.json, safetensors, tokenizer.json)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(model.config.to_hf_dict()))
+    sd = {hf_name(n): p.detach().contiguous() for n, p in model.state_dict().items() if n != "lm_head_bias"}
+    if with_lm_head:
+        sd["lm_head.weight"] = model.lm_head_weight.detach().clone()
+    names = sorted(sd)
+    if shards == 1:
+        save_file(sd, str(folder / "model.safetensors"))
+    else:
+        weight_map = {}
+        for s in range(shards):
+            file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+            part = {n: sd[n] for n in names[s::shards]}
+            save_file(part, str(folder / file))
+            weight_map.update({n: file for n in part})
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    if tokenizer:
+        write_tokenizer(folder / "tokenizer.json", model.config.vocab_size)
+    return folder
