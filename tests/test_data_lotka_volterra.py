@@ -1,0 +1,139 @@
+"""The simulator (against a fine-step solve and the closed-orbit invariant) and the file reader."""
+
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from data import lotka_volterra
+from data.h5file import DataFileError, DataFileNotFoundError
+
+REAL_FILE = Path(os.environ.get("QWEN_MIN_DATA", Path(__file__).resolve().parents[2] / "shared/data/lotka_volterra_data.h5"))
+
+
+def test_simulate_layout_and_determinism():
+    traj, t = lotka_volterra.simulate(8, seed=3)
+    assert traj.shape == (8, 100, 2) and traj.dtype == np.float32
+    assert t.shape == (100,) and t.dtype == np.float64
+    assert t[0] == 0.0 and t[-1] == 200.0 and np.allclose(np.diff(t), 200 / 99)
+    assert (traj > 0).all()
+    np.testing.assert_array_equal(traj, lotka_volterra.simulate(8, seed=3)[0])
+    assert not np.array_equal(traj, lotka_volterra.simulate(8, seed=4)[0])
+    ic = traj[:, 0]
+    assert ((ic >= 0.8) & (ic <= 1.2)).all()
+
+
+def test_integrator_matches_a_ten_times_finer_solve():
+    params, initial = lotka_volterra.sample_params(50, np.random.default_rng(0))
+    t = lotka_volterra.time_grid()
+    coarse = lotka_volterra.integrate(params, initial, t)  # the default 40 substeps
+    fine = lotka_volterra.integrate(params, initial, t, substeps=400)
+    assert np.abs(coarse / fine - 1).max() < 1e-6
+
+
+def test_integrator_keeps_the_lotka_volterra_invariant():
+    # V = delta x - gamma ln x + beta y - alpha ln y is constant along exact orbits.
+    params, initial = lotka_volterra.sample_params(50, np.random.default_rng(1))
+    x = lotka_volterra.integrate(params, initial, lotka_volterra.time_grid())
+    alpha, beta, delta, gamma = (p[:, None] for p in params.T)
+    prey, pred = x[..., 0], x[..., 1]
+    v = delta * prey - gamma * np.log(prey) + beta * pred - alpha * np.log(pred)
+    assert np.abs(v - v[:, :1]).max() < 1e-7
+
+
+def test_integrator_follows_a_known_solution():
+    # At the equilibrium (gamma / delta, alpha / beta) populations do not move.
+    params = np.array([[0.2, 0.4, 0.1, 0.3]])
+    x = lotka_volterra.integrate(params, [[3.0, 0.5]], lotka_volterra.time_grid())
+    np.testing.assert_allclose(x[0], np.tile([3.0, 0.5], (100, 1)), rtol=1e-12)
+
+
+@pytest.mark.skipif(not REAL_FILE.is_file(), reason="coursework data file not present")
+def test_simulated_data_look_like_the_coursework_file():
+    real, _ = lotka_volterra.load(REAL_FILE)
+    sim, _ = lotka_volterra.simulate(1000, seed=0)
+    a, b = lotka_volterra.summary(real), lotka_volterra.summary(sim)
+    for key in ("p50", "p95", "p99", "mean", "prey p95"):
+        assert abs(b[key] / a[key] - 1) < 0.1, key
+    assert abs(b["cycles per window, mean"] - a["cycles per window, mean"]) < 0.5
+
+
+def test_save_then_load_round_trips(tmp_path):
+    traj, t = lotka_volterra.simulate(4, seed=0)
+    lotka_volterra.save(tmp_path / "lv.h5", traj, t)
+    traj2, t2 = lotka_volterra.load(tmp_path / "lv.h5")
+    np.testing.assert_array_equal(traj, traj2)
+    np.testing.assert_array_equal(t, t2)
+
+
+def test_compare_cli_prints_the_table(tmp_path, capsys):
+    traj, t = lotka_volterra.simulate(20, seed=5)
+    lotka_volterra.save(tmp_path / "lv.h5", traj, t)
+    lotka_volterra.main(["--compare", str(tmp_path / "lv.h5"), "-n", "20", "--seed", "5"])
+    out = capsys.readouterr().out
+    assert "| p95 |" in out and "| cycles per window, mean |" in out
+    # Same seed on both sides: every row reads the same number twice.
+    p95_row = next(line for line in out.splitlines() if line.startswith("| p95 |"))
+    _, real, sim, _ = p95_row.split("|")[1:]
+    assert real == sim
+
+
+def _write(path, **datasets):
+    with h5py.File(path, "w") as f:
+        for name, value in datasets.items():
+            f.create_dataset(name, data=value)
+    return path
+
+
+GOOD = np.ones((3, 5, 2), np.float32)
+TIME = np.linspace(0, 1, 5)
+
+
+@pytest.mark.parametrize(
+    "datasets, message",
+    [
+        ({"time": TIME}, "no 'trajectories' dataset"),
+        ({"trajectories": GOOD}, "no 'time' dataset"),
+        ({"trajectories": np.ones((3, 5), np.float32), "time": TIME}, "has shape (3, 5)"),
+        ({"trajectories": np.ones((3, 5, 3), np.float32), "time": TIME}, "has shape (3, 5, 3)"),
+        ({"trajectories": np.ones((0, 5, 2), np.float32), "time": TIME}, "has shape (0, 5, 2)"),
+        ({"trajectories": GOOD, "time": TIME[:4]}, "'time' has shape (4,)"),
+        ({"trajectories": np.ones((3, 5, 2), np.int32), "time": TIME}, "must hold floats"),
+        ({"trajectories": GOOD, "time": np.array([b"a"] * 5)}, "must hold floats"),
+        ({"trajectories": np.where(np.eye(5)[:3, :, None] > 0, np.nan, GOOD), "time": TIME}, "NaN or inf"),
+        ({"trajectories": GOOD, "time": np.array([0, 1, np.inf, 3, 4.0])}, "NaN or inf"),
+        ({"trajectories": GOOD, "time": TIME[::-1]}, "not strictly increasing"),
+        ({"trajectories": -GOOD, "time": TIME}, "negative populations"),
+    ],
+)
+def test_every_bad_file_has_its_own_clear_error(tmp_path, datasets, message):
+    path = _write(tmp_path / "bad.h5", **datasets)
+    with pytest.raises(DataFileError) as info:
+        lotka_volterra.load(path)
+    assert message in str(info.value)
+    assert str(path) in str(info.value)
+
+
+def test_missing_file_is_a_file_not_found_error(tmp_path):
+    with pytest.raises(FileNotFoundError) as info:
+        lotka_volterra.load(tmp_path / "nope.h5")
+    assert isinstance(info.value, DataFileNotFoundError) and isinstance(info.value, ValueError)
+    assert "No data file at" in str(info.value)
+
+
+def test_a_file_that_is_not_hdf5(tmp_path):
+    path = tmp_path / "notes.h5"
+    path.write_text("prey,predator\n1,2\n")
+    with pytest.raises(DataFileError, match="is not an HDF5 file"):
+        lotka_volterra.load(path)
+
+
+def test_a_group_where_a_dataset_should_be(tmp_path):
+    path = tmp_path / "group.h5"
+    with h5py.File(path, "w") as f:
+        f.create_group("trajectories")
+        f.create_dataset("time", data=TIME)
+    with pytest.raises(DataFileError, match="no 'trajectories' dataset"):
+        lotka_volterra.load(path)
