@@ -38,7 +38,7 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > top_p  # mass before this token already exceeds p
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # the tokens before this one already reach p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

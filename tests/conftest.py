@@ -69,7 +69,7 @@ def write_tokenizer(path: Path, vocab_size: int = 160):
     """A tiny character-level tokenizer.json with Qwen's special tokens, for offline tests."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-    chars = list("0123456789.,;: abcdefghijklmnopqrstuvwxyz\n")
+    chars = list("0123456789.,;: abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ\n")
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     vocab = {t: i for i, t in enumerate(specials + chars)}
     assert len(vocab) <= vocab_size

@@ -1,0 +1,40 @@
+"""qwen_min.tokenizer on a tiny offline tokenizer.json; the real one is in test_real_weights.py."""
+
+import json
+
+import pytest
+
+from conftest import write_tokenizer
+from qwen_min import Tokenizer
+
+
+def test_encode_decode_and_special_tokens(tmp_path):
+    write_tokenizer(tmp_path / "tokenizer.json")
+    tok = Tokenizer.from_pretrained(tmp_path)
+    assert (tok.pad_id, tok.im_start_id, tok.eos_id) == (0, 1, 2)
+    ids = tok.encode("1.5,2;")
+    assert len(ids) == 6 and tok.decode(ids) == "1.5,2;"
+    prompt = tok.chat_prompt("hi")
+    assert prompt == ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+                      "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    ids = tok.encode(prompt)
+    assert ids.count(tok.im_start_id) == 3 and ids.count(tok.im_end_id) == 2  # specials are single tokens
+    assert tok.decode(ids) == "system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.\nuser\nhi\nassistant\n"
+    assert tok.encode_batch(["1", "22"]) == [tok.encode("1"), tok.encode("22")]
+
+
+def test_own_system_prompt_replaces_the_default():
+    text = Tokenizer.chat_prompt([{"role": "system", "content": "S"}, {"role": "user", "content": "U"}], add_generation_prompt=False)
+    assert text == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n"
+
+
+def test_missing_or_foreign_tokenizer_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No tokenizer.json"):
+        Tokenizer.from_pretrained(tmp_path)
+    write_tokenizer(tmp_path / "tokenizer.json")
+    spec = json.loads((tmp_path / "tokenizer.json").read_text())
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] != "<|im_end|>"]
+    spec["model"]["vocab"].pop("<|im_end|>")
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match="special tokens"):
+        Tokenizer.from_pretrained(tmp_path)
