@@ -1,0 +1,152 @@
+"""LLMTIME encoding: the published example, round trips, the scaler, and a decoder that never raises."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from data import llmtime, lotka_volterra
+
+REAL_FILE = Path(os.environ.get("QWEN_MIN_DATA", Path(__file__).resolve().parents[2] / "shared/data/lotka_volterra_data.h5"))
+
+
+@pytest.mark.skipif(not REAL_FILE.is_file(), reason="coursework data file not present")
+def test_published_worked_example():
+    traj, _ = lotka_volterra.load(REAL_FILE)
+    scaler = llmtime.Scaler.fit(traj, percentile=95, target=10)
+    assert scaler.level == pytest.approx(3.4738405, abs=1e-7)  # REFERENCE prints it in float32
+    text = llmtime.encode(scaler.transform(traj[0, :5]), decimals=3)
+    assert text == "2.734,2.996;2.132,2.244;1.964,1.625;2.063,1.173;2.373,0.864"
+    back = scaler.inverse(llmtime.decode(text).values)
+    assert np.abs(back - traj[0, :5]).max() <= 0.0005 * scaler.level / 10 + 1e-9
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.floats(0, 9999.4), st.floats(0, 9999.4)), min_size=1, max_size=30),
+    st.integers(0, 4),
+    st.booleans(),
+)
+def test_encode_then_decode_is_within_half_a_unit_of_the_last_decimal(rows, decimals, trailing_sep):
+    values = np.array(rows)
+    text = llmtime.encode(values, decimals, trailing_sep)
+    decoded = llmtime.decode(text, decimals=decimals)
+    assert decoded.issues == {}
+    assert decoded.values.shape == values.shape
+    assert np.all(np.abs(decoded.values - values) <= 0.5 * 10.0**-decimals * (1 + 1e-9) + 1e-12 * values)
+
+
+def test_encode_format():
+    values = np.array([[0.0, 1.0], [12.3456, 0.0049], [2.675, 9.9999]])
+    assert llmtime.encode(values, 2) == "0.00,1.00;12.35,0.00;2.67,10.00"  # 2.675 is 2.67499.. in binary
+    assert llmtime.encode(values, 0, trailing_sep=True) == "0,1;12,0;3,10;"
+    assert " " not in llmtime.encode(values * 100, 3)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [np.array([[1.0, -0.5]]), np.array([[np.nan, 1.0]]), np.array([[np.inf, 1.0]]), np.array([[1e4, 1.0]]), np.ones((3, 3)), np.ones(4)],
+)
+def test_encode_refuses_what_it_cannot_write(values):
+    with pytest.raises(ValueError, match="encode takes"):
+        llmtime.encode(values)
+
+
+@pytest.mark.parametrize(
+    "text, n_steps, decimals, expected, issues",
+    [
+        ("1.50,2.50;3.50,4.50", None, 2, [[1.5, 2.5], [3.5, 4.5]], {}),
+        ("1.50,2.50;3.50,4.50;", None, 2, [[1.5, 2.5], [3.5, 4.5]], {}),
+        # a truncated last value: with decimals known, the cut step is dropped
+        ("1.50,2.50;3.50,4.5", None, 2, [[1.5, 2.5]], {"truncated_step": 1}),
+        ("1.50,2.50;3.50,4.5", None, None, [[1.5, 2.5], [3.5, 4.5]], {}),
+        ("1.50,2.50;3.50,4.", None, None, [[1.5, 2.5]], {"truncated_step": 1}),
+        ("1.50,2.50;3.50", None, None, [[1.5, 2.5]], {"truncated_step": 1}),
+        ("1.50,2.50;3.50,", None, None, [[1.5, 2.5]], {"truncated_step": 1}),
+        # a missing value takes the same species' previous value
+        ("1.50,2.50;3.50;5.50,6.50", None, None, [[1.5, 2.5], [3.5, 2.5], [5.5, 6.5]], {"missing_value": 1}),
+        ("1.50,2.50;,4.50;", None, None, [[1.5, 2.5], [1.5, 4.5]], {"missing_value": 1}),
+        # before a species' first number: that first number
+        (",2.50;3.50,4.50;", None, None, [[3.5, 2.5], [3.5, 4.5]], {"missing_value": 1}),
+        # stray characters are deleted, one count each
+        (" 1.5, 2.5;\n3.5x,4.5;", None, None, [[1.5, 2.5], [3.5, 4.5]], {"stray": 4}),
+        ("-1.5,2.5;", None, None, [[1.5, 2.5]], {"stray": 1}),
+        # extra values and bad numbers
+        ("1.5,2.5,9.9;3.5,4.5;", None, None, [[1.5, 2.5], [3.5, 4.5]], {"extra_value": 1}),
+        ("1.5,2.5;1.2.3,4.5;", None, None, [[1.5, 2.5], [1.5, 4.5]], {"bad_value": 1}),
+        ("1.5,2.5;12345,4.5;", None, None, [[1.5, 2.5], [1.5, 4.5]], {"bad_value": 1}),
+        ("1.5,2.5;3.14159,4.5;", None, None, [[1.5, 2.5], [3.14159, 4.5]], {}),  # extra decimals read as written
+        ("1.5,2.5;;3.5,4.5;", None, None, [[1.5, 2.5], [3.5, 4.5]], {"empty_step": 1}),
+        # n_steps: pad by repeating, or cut
+        ("1.5,2.5;3.5,4.5;", 4, None, [[1.5, 2.5], [3.5, 4.5], [3.5, 4.5], [3.5, 4.5]], {"padded_step": 2}),
+        ("1.5,2.5;3.5,4.5;5.5,6.5;", 1, None, [[1.5, 2.5]], {"extra_step": 2}),
+        # nothing usable
+        ("", None, None, np.zeros((0, 2)), {"empty": 1}),
+        ("", 2, None, [[0.0, 0.0], [0.0, 0.0]], {"empty": 1, "padded_step": 2}),
+        ("abc", 1, None, [[0.0, 0.0]], {"stray": 3, "empty": 1, "padded_step": 1}),
+        ("9" * 400 + ",1;", None, None, [[0.0, 1.0]], {"bad_value": 1}),
+    ],
+)
+def test_decode_repairs(text, n_steps, decimals, expected, issues):
+    decoded = llmtime.decode(text, n_steps=n_steps, decimals=decimals)
+    np.testing.assert_array_equal(decoded.values, np.asarray(expected, dtype=np.float64).reshape(-1, 2))
+    assert decoded.issues == issues
+    assert decoded.n_repaired == sum(issues.values())
+
+
+def test_decode_fill_value_for_a_species_without_numbers():
+    decoded = llmtime.decode("1.5;2.5;", fill=7.0)
+    np.testing.assert_array_equal(decoded.values, [[1.5, 7.0], [2.5, 7.0]])
+    assert decoded.issues == {"missing_value": 2}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(), st.text(alphabet="0123456789.,;", max_size=60), st.text(alphabet="12.,;- x\n", max_size=60)), st.one_of(st.none(), st.integers(0, 20)), st.one_of(st.none(), st.integers(0, 4)))
+def test_decode_never_raises_and_never_returns_nan(text, n_steps, decimals):
+    decoded = llmtime.decode(text, n_steps=n_steps, decimals=decimals)
+    assert decoded.values.ndim == 2 and decoded.values.shape[1] == 2
+    assert np.isfinite(decoded.values).all()
+    if n_steps is not None:
+        assert len(decoded.values) == n_steps
+    assert all(count > 0 for count in decoded.issues.values())
+
+
+def test_global_scaler_maps_the_percentile_to_the_target():
+    data = np.random.default_rng(0).lognormal(size=(20, 30, 2))
+    scaler = llmtime.Scaler.fit(data, percentile=95, target=10)
+    scaled = scaler.transform(data)
+    assert np.percentile(scaled, 95) == pytest.approx(10)
+    np.testing.assert_allclose(scaler.inverse(scaled), data, rtol=1e-12)
+
+
+def test_per_series_scaler_keeps_one_scale_per_trajectory():
+    data = np.random.default_rng(1).lognormal(size=(5, 30, 2)) * np.arange(1, 6)[:, None, None]
+    scaler = llmtime.Scaler.fit(data, percentile=90, target=1, per_series=True)
+    assert scaler.level.shape == (5,)
+    scaled = scaler.transform(data)
+    np.testing.assert_allclose(np.percentile(scaled.reshape(5, -1), 90, axis=1), 1.0)
+    # one trajectory at a time, by row, and back
+    np.testing.assert_allclose(scaler.transform(data[3], rows=3), scaled[3])
+    np.testing.assert_allclose(scaler.inverse(scaled[[4, 2]], rows=[4, 2]), data[[4, 2]])
+    with pytest.raises(ValueError, match="pass rows="):
+        scaler.transform(data[:2])
+
+
+def test_scaler_round_trips_through_json():
+    data = np.random.default_rng(2).lognormal(size=(4, 10, 2))
+    for per_series in (False, True):
+        scaler = llmtime.Scaler.fit(data, per_series=per_series)
+        again = llmtime.Scaler.from_dict(json.loads(json.dumps(scaler.to_dict())))
+        np.testing.assert_array_equal(again.transform(data), scaler.transform(data))
+        assert again.per_series == per_series
+
+
+def test_scaler_refuses_all_zero_data():
+    data = np.ones((3, 10, 2))
+    data[1] = 0
+    with pytest.raises(ValueError, match="cannot be scaled"):
+        llmtime.Scaler.fit(data, per_series=True)
