@@ -90,3 +90,31 @@ def load_pretrained(model_cls, path_or_hub_id, dtype=torch.float32, device="cpu"
     if lm_head_bias:
         model.add_lm_head_bias()
     return model.eval()
+
+
+def save_pretrained(state_dict: dict, cfg: Qwen2Config, folder, copy_from=None) -> Path:
+    """Writes a checkpoint transformers loads: config.json and model.safetensors (our parameter
+    names, prefixed as transformers expects), plus the tokenizer files of `copy_from` if given.
+    Written to a temporary folder first and renamed, so a crash leaves no half checkpoint."""
+    import os
+    import shutil
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    if "lm_head_bias" in state_dict:
+        raise ValueError("transformers' Qwen2 has no lm_head bias, so a model trained with one cannot be exported in its layout; keep the adapter instead.")
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / "config.json").write_text(json.dumps(cfg.to_hf_dict() | {"torch_dtype": "float32"}, indent=2))
+    tensors = {hf_name(n): t.detach().contiguous().cpu() for n, t in state_dict.items()}
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    if copy_from is not None:
+        for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+            if (Path(copy_from) / name).is_file():
+                shutil.copy(Path(copy_from) / name, tmp / name)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return folder

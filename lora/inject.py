@@ -1,0 +1,88 @@
+"""Putting LoRA into a model by module name, and choosing what trains.
+
+Knows nothing about Qwen beyond names: any nn.Linear whose own name (the last part of its dotted
+path) is in `targets` is wrapped in a LoRALinear. Qwen2's names are q_proj, k_proj, v_proj, o_proj
+(attention) and gate_proj, up_proj, down_proj (MLP); the coursework adapts q_proj and v_proj.
+"""
+
+import torch.nn as nn
+
+from .layer import LoRALinear
+
+DEFAULT_TARGETS = ("q_proj", "v_proj")
+TIED_HEAD_NAMES = ("lm_head", "embed_tokens")
+
+
+def inject_lora(model: nn.Module, r: int, alpha: float = None, dropout: float = 0.0,
+                targets=DEFAULT_TARGETS, init: str = "kaiming_normal") -> list:
+    """Wraps every nn.Linear named in `targets` with LoRA (in place); returns the wrapped names."""
+    targets = tuple(targets)
+    refused = [t for t in targets if t in TIED_HEAD_NAMES]
+    if refused:
+        raise ValueError(f"LoRA on {refused[0]} is refused: Qwen2.5's output head is tied to the token embedding, "
+                         "so adapting it would also change the input embedding (and merging would clobber it).")
+    wrapped = []
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in targets and isinstance(child, nn.Linear):
+                setattr(module, child_name, LoRALinear(child, r, alpha, dropout, init))
+                wrapped.append(f"{name}.{child_name}" if name else child_name)
+    if not wrapped:
+        raise ValueError(f"No nn.Linear named {', '.join(targets)} in the model; check the LoRA target modules.")
+    return wrapped
+
+
+def lora_layers(model: nn.Module) -> dict:
+    """name -> LoRALinear for every LoRA layer in the model."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def mark_only_lora_as_trainable(model: nn.Module, also=()) -> list:
+    """Freezes everything except lora_A, lora_B and the parameters named in `also` (e.g. a head bias).
+
+    Returns the names of the trainable parameters."""
+    trainable = []
+    for name, p in model.named_parameters():
+        keep = name.rsplit(".", 1)[-1] in ("lora_A", "lora_B") or name in also
+        p.requires_grad_(keep)
+        if keep:
+            trainable.append(name)
+    return trainable
+
+
+def lora_state_dict(model: nn.Module, also=()) -> dict:
+    """The trained parameters only: every lora_A / lora_B (and those named in `also`)."""
+    return {n: p.detach() for n, p in model.named_parameters()
+            if n.rsplit(".", 1)[-1] in ("lora_A", "lora_B") or n in also}
+
+
+def merge_lora(model: nn.Module):
+    for m in lora_layers(model).values():
+        m.merge()
+    return model
+
+
+def unmerge_lora(model: nn.Module):
+    for m in lora_layers(model).values():
+        m.unmerge()
+    return model
+
+
+def merged_state_dict(model: nn.Module) -> dict:
+    """The base model's state dict with every LoRA update folded into its weight, under the
+    original parameter names (`x.q_proj.weight`, not `x.q_proj.base.weight`). The model is
+    left as it was found (merged or not)."""
+    layers = lora_layers(model)
+    was_merged = {n: m.merged for n, m in layers.items()}
+    merge_lora(model)
+    try:
+        sd = {}
+        for name, t in model.state_dict().items():
+            if name.rsplit(".", 1)[-1] in ("lora_A", "lora_B"):
+                continue
+            sd[name.replace(".base.", ".")] = t.detach().clone()
+        return sd
+    finally:
+        for n, m in layers.items():
+            if not was_merged[n]:
+                m.unmerge()

@@ -1,0 +1,145 @@
+"""lora/: the layer, injection, training masks, merge, and peft-format interop."""
+
+import pytest
+import torch
+
+from conftest import hf_twin, random_model, tiny_config
+from lora import (LoRALinear, inject_lora, load_adapter, lora_layers, mark_only_lora_as_trainable, merge_lora,
+                  merged_state_dict, save_adapter, unmerge_lora)
+from qwen_min.weights import hf_name, save_pretrained
+
+IDS = torch.randint(0, 160, (2, 11), generator=torch.Generator().manual_seed(0))
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(ids)
+
+
+def randomise_lora(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in lora_layers(model).values():
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.1)
+
+
+def test_fresh_lora_leaves_logits_unchanged_and_counts_parameters():
+    model = random_model(tiny_config())
+    before = logits(model)
+    names = inject_lora(model, r=4)
+    assert names == ["layers.0.self_attn.q_proj", "layers.0.self_attn.v_proj",
+                     "layers.1.self_attn.q_proj", "layers.1.self_attn.v_proj"]
+    assert torch.equal(logits(model), before)
+    trainable = mark_only_lora_as_trainable(model)
+    q, v = 4 * (64 + 64), 4 * (64 + 32)  # r * (in + out): q is 64 -> 4*16, v is 64 -> 2*16
+    assert sum(p.numel() for n, p in model.named_parameters() if p.requires_grad) == 2 * (q + v)
+    assert len(trainable) == 8
+
+
+def test_layer_formula_and_inits():
+    base = torch.nn.Linear(6, 5)
+    layer = LoRALinear(base, r=2, alpha=6)
+    assert layer.scaling == 3.0 and not base.weight.requires_grad and not base.bias.requires_grad
+    torch.nn.init.normal_(layer.lora_B)
+    x = torch.randn(3, 6)
+    assert torch.allclose(layer(x), base(x) + (x @ layer.lora_A.T) @ layer.lora_B.T * 3.0, atol=1e-6)
+    normal = LoRALinear(torch.nn.Linear(4096, 8), r=8).lora_A
+    uniform = LoRALinear(torch.nn.Linear(4096, 8), r=8, init="kaiming_uniform").lora_A
+    assert abs(normal.std().item() - 4096 ** -0.5) < 0.1 * 4096 ** -0.5  # kaiming normal, linear gain
+    assert uniform.abs().max().item() <= 4096 ** -0.5 + 1e-6  # kaiming uniform with a = sqrt(5): bound 1/sqrt(in)
+    with pytest.raises(ValueError, match="rank must be at least 1"):
+        LoRALinear(torch.nn.Linear(4, 4), r=0)
+    with pytest.raises(ValueError, match="Unknown LoRA init"):
+        LoRALinear(torch.nn.Linear(4, 4), r=1, init="xavier")
+
+
+def test_merge_and_unmerge_are_exact_and_idempotent():
+    model = random_model(tiny_config())
+    inject_lora(model, r=4, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+    randomise_lora(model)
+    base_before = {n: m.base.weight.clone() for n, m in lora_layers(model).items()}
+    unmerged = logits(model)
+    merge_lora(model)
+    merged = logits(model)
+    merge_lora(model)  # twice is once
+    assert torch.equal(logits(model), merged)
+    assert (merged - unmerged).abs().max().item() <= 1e-5
+    unmerge_lora(model)
+    unmerge_lora(model)
+    assert (logits(model) - unmerged).abs().max().item() <= 1e-5
+    for n, m in lora_layers(model).items():
+        assert (m.base.weight - base_before[n]).abs().max().item() <= 1e-6
+
+
+def test_only_lora_and_bias_train_and_base_weights_stay_bit_identical():
+    model = random_model(tiny_config(), lm_head_bias=True)
+    inject_lora(model, r=2)
+    trainable = mark_only_lora_as_trainable(model, also=("lm_head_bias",))
+    frozen = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    for _ in range(3):
+        loss = torch.nn.functional.cross_entropy(model(IDS[:, :-1]).flatten(0, 1), IDS[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        assert all((p.grad is not None) == p.requires_grad for p in model.parameters())
+        opt.step()
+    assert "lm_head_bias" in trainable and len(trainable) == 9
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    assert model.lm_head_bias.abs().sum() > 0 and all(m.lora_B.abs().sum() > 0 for m in lora_layers(model).values())
+
+
+def test_tied_head_is_refused():
+    with pytest.raises(ValueError, match="tied to the token embedding"):
+        inject_lora(random_model(tiny_config()), r=2, targets=("q_proj", "lm_head"))
+    with pytest.raises(ValueError, match="No nn.Linear named"):
+        inject_lora(random_model(tiny_config()), r=2, targets=("qkv",))
+
+
+def test_adapter_roundtrip_through_peft_both_ways(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = random_model(tiny_config())
+    hf = hf_twin(model)
+    inject_lora(model, r=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"))
+    randomise_lora(model)
+    save_adapter(model, tmp_path / "ours", module_name=hf_name, extra={"lm_head_bias": torch.ones(3)})
+    # ours -> peft
+    peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "ours").eval()
+    with torch.no_grad():
+        assert (peft_model(IDS).logits - logits(model)).abs().max().item() <= 1e-5
+    # peft -> ours (change the weights first, so nothing passes by accident)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_" in n:
+                p.add_(0.05)
+    peft_model.save_pretrained(tmp_path / "theirs")
+    fresh = random_model(tiny_config())
+    extra = load_adapter(fresh, tmp_path / "theirs", module_name=hf_name)
+    with torch.no_grad():
+        ref = peft_model(IDS).logits
+    assert extra == {} and (logits(fresh) - ref).abs().max().item() <= 1e-5
+    assert not torch.allclose(logits(fresh), logits(model), atol=1e-3)
+    assert torch.equal(load_adapter(random_model(tiny_config()), tmp_path / "ours", module_name=hf_name)["lm_head_bias"], torch.ones(3))
+
+
+def test_bad_adapters_are_refused(tmp_path):
+    model = random_model(tiny_config())
+    with pytest.raises(FileNotFoundError, match="not a LoRA adapter folder"):
+        load_adapter(model, tmp_path)
+    inject_lora(model, r=4)
+    save_adapter(model, tmp_path / "a", module_name=hf_name)
+    with pytest.raises(ValueError, match="does not fit this model"):
+        load_adapter(random_model(tiny_config()), tmp_path / "a")  # names without transformers' prefix
+
+
+def test_merged_export_loads_in_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model = random_model(tiny_config())
+    inject_lora(model, r=4)
+    randomise_lora(model)
+    folder = save_pretrained(merged_state_dict(model), model.config, tmp_path / "merged")
+    assert not any(m.merged for m in lora_layers(model).values())  # exporting left the model unmerged
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (hf(IDS).logits - logits(model)).abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match="no lm_head bias"):
+        save_pretrained({"lm_head_bias": torch.zeros(1)}, model.config, tmp_path / "x")
