@@ -137,3 +137,9 @@ def test_a_group_where_a_dataset_should_be(tmp_path):
         f.create_dataset("time", data=TIME)
     with pytest.raises(DataFileError, match="no 'trajectories' dataset"):
         lotka_volterra.load(path)
+
+
+def test_compare_cli_reports_a_bad_path_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        lotka_volterra.main(["--compare", str(tmp_path / "missing.h5"), "-n", "2"])
+    assert "No data file at" in capsys.readouterr().err
