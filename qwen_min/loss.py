@@ -1,0 +1,30 @@
+"""Next-token cross-entropy for causal language-model training.
+
+Position t predicts token t+1, so logits[:, :-1] are scored against labels[:, 1:]. Labels of
+-100 (padding) are skipped: they enter neither the sum nor the count.
+
+`vocab_ids` restricts the softmax to a few tokens (e.g. the 13 digits and separators that LLMTIME
+text is made of): only those rows of the output layer are computed, which skips most of the
+151,936 x 896 head. Every label must then be one of those tokens.
+"""
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def causal_lm_loss(model, input_ids, labels, vocab_ids=None):
+    """input_ids, labels (B, T) -> mean cross-entropy (float32 scalar) over the scored tokens."""
+    h = model.body(input_ids[:, :-1])  # (B, T-1, D); right padding cannot reach real tokens (causal)
+    targets = labels[:, 1:]  # (B, T-1)
+    if vocab_ids is not None:
+        lookup = torch.full((model.config.vocab_size,), IGNORE_INDEX, dtype=torch.long, device=targets.device)
+        lookup[vocab_ids] = torch.arange(len(vocab_ids), device=targets.device)
+        real = targets != IGNORE_INDEX
+        mapped = lookup[targets.clamp(min=0)]  # token id -> index into vocab_ids
+        if (mapped[real] == IGNORE_INDEX).any():
+            raise ValueError("A label lies outside the restricted vocabulary; --vocab numeric needs LLMTIME text only.")
+        targets = torch.where(real, mapped, IGNORE_INDEX)
+    logits = model.head(h, vocab_ids)  # (B, T-1, V) or (B, T-1, n)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)

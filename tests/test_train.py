@@ -1,0 +1,108 @@
+"""train.py end to end on a tiny random checkpoint: learning, outputs, resume, budget, bad flags."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lora
+import train
+from conftest import random_model, tiny_config, write_checkpoint
+from qwen_min import Qwen2
+from qwen_min.weights import hf_name
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return write_checkpoint(random_model(tiny_config()), tmp_path_factory.mktemp("tiny") / "ckpt")
+
+
+def run_args(ckpt, out, *extra):
+    return ["--model", str(ckpt), "--n-series", "12", "--context", "48", "--batch", "4", "--rank", "4",
+            "--eval-every", "5", "--eval-batches", "2", "--out", str(out), "--no-progress", *extra]
+
+
+def records(run, kind):
+    return [json.loads(line) for line in open(run / "metrics.jsonl") if json.loads(line)["kind"] == kind]
+
+
+def test_training_lowers_the_loss_and_writes_every_output(ckpt, tmp_path):
+    run = tmp_path / "run"
+    summary = train.main(run_args(ckpt, run, "--steps", "30", "--lr", "1e-2", "--lm-head-bias"))
+    train_loss = [r["loss"] for r in records(run, "train")]
+    val_loss = [r["val_loss"] for r in records(run, "val")]
+    assert len(train_loss) == 30 and len(val_loss) == 6
+    assert sum(train_loss[-5:]) / 5 < 0.8 * sum(train_loss[:5]) / 5
+    assert min(val_loss) < val_loss[0] and summary["best_val_loss"] == min(val_loss)
+    for name in ("args.json", "scaler.json", "ledger.jsonl", "state.pt", "loss.png", "summary.json",
+                 "adapter/adapter_model.safetensors", "best/adapter_config.json"):
+        assert (run / name).is_file(), name
+    ledger = [json.loads(line) for line in open(run / "ledger.jsonl")]
+    spent = sum(r["flops"] for r in ledger if r["source"] == "spent")
+    planned = sum(r["flops"] for r in ledger if r["source"] == "plan")
+    assert abs(spent - summary["flops_spent"]) <= 1e-6 * spent
+    assert 0.5 * planned < spent <= planned  # the plan assumes full windows; batches cut trailing padding
+    # the saved adapter is the trained one: loading it reproduces a trained model's logits
+    model = Qwen2.from_pretrained(ckpt, lm_head_bias=True)
+    extra = lora.load_adapter(model, run / "adapter", module_name=hf_name)
+    assert "lm_head_bias" in extra and extra["lm_head_bias"].abs().sum() > 0
+    assert any(t.abs().sum() > 0 for k, t in load_file(str(run / "adapter/adapter_model.safetensors")).items() if "lora_B" in k)
+
+
+def test_killed_and_resumed_run_ends_identical_to_an_uninterrupted_one(ckpt, tmp_path, monkeypatch):
+    flags = ("--steps", "15", "--lr", "5e-3", "--dropout", "0.1", "--schedule", "cosine", "--warmup", "3")
+    train.main(run_args(ckpt, tmp_path / "whole", *flags))
+
+    def kill(step):
+        if step == 10:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(train, "on_checkpoint", kill)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(run_args(ckpt, tmp_path / "killed", *flags))
+    monkeypatch.setattr(train, "on_checkpoint", None)
+    state = torch.load(tmp_path / "killed" / "state.pt", weights_only=False)
+    assert state["step"] == 10
+    train.main(["--out", str(tmp_path / "killed"), "--resume", "--no-progress"])
+    a = load_file(str(tmp_path / "whole/adapter/adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "killed/adapter/adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert records(tmp_path / "whole", "train") != [] and \
+        [r["loss"] for r in records(tmp_path / "whole", "train")] == [r["loss"] for r in records(tmp_path / "killed", "train")]
+
+
+def test_flops_budget_ends_the_run_cleanly(ckpt, tmp_path):
+    run = tmp_path / "run"
+    probe = train.main(run_args(ckpt, tmp_path / "probe", "--steps", "1"))
+    per_step = probe["flops_spent"]  # one step plus its validation
+    summary = train.main(run_args(ckpt, run, "--steps", "50", "--flops-budget", str(7.5 * per_step)))
+    assert summary["stop_reason"] == "flops budget" and 0 < summary["flops_spent"] <= 7.5 * per_step
+    assert summary["steps"] >= 5 and (run / "adapter/adapter_model.safetensors").is_file()
+
+
+def test_numeric_vocabulary_loss_trains(ckpt, tmp_path):
+    run = tmp_path / "run"
+    train.main(run_args(ckpt, run, "--steps", "20", "--lr", "1e-2", "--vocab", "numeric", "--lm-head-bias"))
+    losses = [r["loss"] for r in records(run, "train")]
+    assert sum(losses[-5:]) < sum(losses[:5])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--rank", "0"], "--rank"),
+    (["--targets", "q,lm_head"], "unknown --targets"),
+    (["--stride", "100"], "--stride"),
+    (["--lr", "nan"], "--lr"),
+    (["--resume"], "--resume needs --out"),
+])
+def test_nonsense_flags_get_one_clear_error(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--context", "48", *flags])
+    assert message in capsys.readouterr().err
+
+
+def test_resume_without_a_run_and_overwriting_a_run_are_refused(ckpt, tmp_path):
+    with pytest.raises(SystemExit, match="no state.pt"):
+        train.main(["--out", str(tmp_path / "nothing"), "--resume"])
+    train.main(run_args(ckpt, tmp_path / "run", "--steps", "1"))
+    with pytest.raises(SystemExit, match="already holds a run"):
+        train.main(run_args(ckpt, tmp_path / "run", "--steps", "1"))
