@@ -1,0 +1,407 @@
+"""flops.py against FlopCounterMode on the real modules (matmul view), and against hand counts (primitives).
+
+The model is built on the meta device: shapes only, no weights, so even the 0.5B config costs
+nothing to "run". On meta, scaled_dot_product_attention runs PyTorch's math path, whose batched
+products FlopCounterMode sees (on CPU the fused kernel is invisible to it: it counts 0).
+"""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import flops
+from flops import Cost, Ledger
+from lora.inject import inject_lora, mark_only_lora_as_trainable
+from lora.layer import LoRALinear
+from qwen_min import Qwen2, Qwen2Config, generate
+from tests.conftest import random_model, tiny_config
+
+REAL = Qwen2Config()  # Qwen2.5-0.5B's shapes
+
+
+def meta_model(cfg, lora=None, lm_head_bias=False):
+    with torch.device("meta"):
+        model = Qwen2(cfg, lm_head_bias=lm_head_bias)
+    if lora:
+        for r in set(lora.values()):
+            inject_lora(model, r, targets=[m for m, rr in lora.items() if rr == r])
+    mark_only_lora_as_trainable(model, also=("lm_head_bias",) if lm_head_bias else ())
+    return model
+
+
+class Run(torch.nn.Module):
+    """Calls fn as the forward of a module that owns the model, so that FlopCounterMode (which
+    names modules from the first one called) names them as model.named_modules() does."""
+
+    def __init__(self, model, fn):
+        super().__init__()
+        self.model, self.fn = model, fn
+
+    def forward(self):
+        return self.fn()
+
+
+def counted(model, fn):
+    """(total, {module name as in model.named_modules(): flops}) that FlopCounterMode saw while fn ran."""
+    with FlopCounterMode(display=False) as fc:
+        Run(model, fn)()
+    per_module = {k.removeprefix("Run.model."): sum(v.values()) for k, v in fc.get_flop_counts().items()
+                  if k.startswith("Run.model.")}
+    return fc.get_total_flops(), per_module
+
+
+def forward_pass(model, B, T, head_rows=None):
+    ids = torch.zeros(B, T, dtype=torch.long, device="meta")
+    token_ids = None if head_rows is None else torch.arange(head_rows, device="meta")
+    return lambda: model.head(model.body(ids), token_ids)
+
+
+def training_step(model, B, T, head_rows=None):
+    """Forward, next-token cross-entropy, backward: as train.py runs it."""
+    ids = torch.zeros(B, T, dtype=torch.long, device="meta")
+    token_ids = None if head_rows is None else torch.arange(head_rows, device="meta")
+
+    def run():
+        logits = model.head(model.body(ids), token_ids)  # (B, T, rows)
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1) % logits.shape[-1])
+        loss.backward()
+    return run
+
+
+# ---------------------------------------------------------------- matmul view == FlopCounterMode
+
+
+@pytest.mark.parametrize("cfg_kw,B,T,lm_head_bias,head_rows", [
+    ({}, 2, 12, False, None),
+    ({}, 1, 33, True, None),
+    ({"n_kv_heads": 4}, 3, 7, True, 13),  # plain multi-head attention
+    ({"n_heads": 6, "n_kv_heads": 1, "tie_embeddings": False}, 2, 20, False, 13),
+])
+def test_forward_matmul_view_equals_flop_counter_per_module(cfg_kw, B, T, lm_head_bias, head_rows):
+    cfg = tiny_config(**cfg_kw)
+    model = meta_model(cfg, lm_head_bias=lm_head_bias)
+    total, per_module = counted(model, forward_pass(model, B, T, head_rows))
+    cost = flops.qwen2(cfg, B, T, lm_head_bias=lm_head_bias, head_rows=head_rows)
+    assert cost.matmul == total
+    # The ModuleList runs no forward of its own; an untied lm_head module only holds the weight
+    # that Qwen2.head applies with F.linear, so FlopCounterMode books the head to Qwen2 itself.
+    names = [n for n, _ in model.named_modules() if n and n not in ("layers", "lm_head")]
+    assert {n for n in per_module if n} <= set(names)
+    assert total - sum(per_module[f"layers.{i}"] for i in range(cfg.n_layers)) == cost["lm_head"].matmul
+    for name in names:  # every module: counted ones agree, and modules FlopCounterMode saw nothing in cost nothing
+        assert cost[name].matmul == per_module.get(name, 0), name
+
+
+@pytest.mark.parametrize("T", [1, 16, 512])
+def test_forward_matmul_view_real_config(T):
+    model = meta_model(REAL)
+    total, per_module = counted(model, forward_pass(model, 1, T))
+    cost = flops.qwen2(REAL, 1, T)
+    assert cost.matmul == total
+    for name in ("layers.0", "layers.23.self_attn", "layers.5.self_attn.q_proj", "layers.9.mlp.down_proj"):
+        assert cost[name].matmul == per_module[name], name
+
+
+def test_lora_forward_per_module():
+    cfg, lora = tiny_config(), {"q_proj": 4, "v_proj": 4, "down_proj": 2}
+    model = meta_model(cfg, lora)
+    total, per_module = counted(model, forward_pass(model, 2, 9))
+    cost = flops.qwen2(cfg, 2, 9, lora)
+    assert cost.matmul == total
+    for name in ("layers.1.self_attn.q_proj", "layers.1.self_attn.q_proj.base", "layers.0.mlp.down_proj",
+                 "layers.0.mlp.down_proj.base", "layers.1.self_attn.v_proj"):
+        assert cost[name].matmul == per_module[name], name
+
+
+# FlopCounterMode attributes forward flops to modules exactly, but its backward attribution leaks
+# between sibling leaves (a LoRA layer's backward lands partly in its dropout or a neighbour). So
+# the training step is checked in total and per decoder block, attention and MLP; the leaves'
+# backward is checked one module at a time below.
+TRAIN_CASES = [
+    (tiny_config(), {"q_proj": 4, "v_proj": 4}, False, None, 2, 12),
+    (tiny_config(), {"q_proj": 1, "v_proj": 1}, True, None, 1, 30),
+    (tiny_config(), {"k_proj": 2, "o_proj": 2, "up_proj": 3}, False, 13, 2, 8),
+    (tiny_config(n_layers=3), {"down_proj": 8}, True, 13, 2, 5),  # layer 0's attention gets no backward
+    (tiny_config(), {"gate_proj": 2}, False, None, 3, 6),
+    (tiny_config(), {}, True, None, 2, 6),  # only the head bias trains
+]
+
+
+@pytest.mark.parametrize("cfg,lora,lm_head_bias,head_rows,B,T", TRAIN_CASES)
+def test_training_step_matmul_view_equals_flop_counter(cfg, lora, lm_head_bias, head_rows, B, T):
+    model = meta_model(cfg, lora, lm_head_bias)
+    total, per_module = counted(model, training_step(model, B, T, head_rows))
+    cost = flops.forward_backward(cfg, B, T, lora, lm_head_bias, head_rows)
+    assert cost.matmul == total
+    for i in range(cfg.n_layers):
+        for name in (f"layers.{i}", f"layers.{i}.self_attn", f"layers.{i}.mlp"):
+            assert cost[name].matmul == per_module.get(name, 0), name
+    step = flops.train_step(cfg, B, T, lora, lm_head_bias, head_rows)
+    assert step.matmul == total and step["backward"].matmul == total - flops.qwen2(cfg, B, T, lora, lm_head_bias, head_rows).matmul
+
+
+@pytest.mark.parametrize("T,r,targets,bias", [(64, 8, ("q_proj", "v_proj"), False), (128, 2, ("q_proj", "v_proj"), True),
+                                             (32, 4, ("k_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), False)])
+def test_training_step_real_config(T, r, targets, bias):
+    lora = dict.fromkeys(targets, r)
+    model = meta_model(REAL, lora, bias)
+    total, per_module = counted(model, training_step(model, 1, T))
+    cost = flops.forward_backward(REAL, 1, T, lora, bias)
+    assert cost.matmul == total
+    for name in ("layers.0", "layers.0.self_attn", "layers.1.self_attn", "layers.23.mlp"):
+        assert cost[name].matmul == per_module[name], name
+
+
+@pytest.mark.parametrize("r,grad_input", [(0, True), (3, True), (3, False)])
+def test_linear_backward_one_module(r, grad_input):
+    n, d_in, d_out = 10, 12, 7
+    layer = torch.nn.Linear(d_in, d_out, bias=True, device="meta")
+    layer.requires_grad_(False)
+    if r:
+        layer = LoRALinear(layer, r)
+    x = torch.empty(2, n // 2, d_in, device="meta", requires_grad=grad_input)
+    with FlopCounterMode(display=False) as fc:
+        y = layer(x)
+    fwd = fc.get_total_flops()
+    with FlopCounterMode(display=False) as fc:
+        y.sum().backward()
+    assert fwd == flops.projection(n, d_in, d_out, True, r).matmul
+    assert fc.get_total_flops() == flops.linear_backward(n, d_in, d_out, r, grad_input).matmul
+
+
+@pytest.mark.parametrize("need", [(True, True, True), (True, False, True), (False, False, True), (False, True, False)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_sdpa_backward_math_kernel(need, masked):
+    B, H, T, S, hd = 2, 3, 5, 9, 4
+    q, k, v = (torch.empty(B, H, L, hd, device="meta", requires_grad=g) for L, g in zip((T, S, S), need))
+    mask = torch.ones(B, 1, T, S, dtype=torch.bool, device="meta") if masked else None
+    with FlopCounterMode(display=False) as fc:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False)
+        y.sum().backward()
+    expected = (flops.scaled_dot_product_attention(B, H, T, S, hd)
+                + flops.scaled_dot_product_attention_backward(B, H, T, S, hd, *need))
+    assert fc.get_total_flops() == expected.matmul
+
+
+def test_sdpa_fused_kernel_counts():
+    """The flash / memory-efficient kernels: FlopCounterMode's formula, all three gradients, scores recomputed."""
+    B, H, T, hd = 2, 3, 8, 16
+    q, k, v = (torch.empty(B, H, T, hd, device="meta", requires_grad=True) for _ in range(3))
+    with FlopCounterMode(display=False) as fc:
+        out = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, is_causal=True)
+    fwd = fc.get_total_flops()
+    with FlopCounterMode(display=False) as fc:
+        out[0].sum().backward()
+    assert fwd == flops.scaled_dot_product_attention(B, H, T, T, hd).matmul
+    bwd = flops.scaled_dot_product_attention_backward(B, H, T, T, hd, False, False, True, kernel="fused")
+    assert fc.get_total_flops() == bwd.matmul == 5 * 2 * B * H * T * T * hd
+
+
+def test_generation_with_kv_cache_equals_flop_counter():
+    """qwen_min.generate on a tiny real model, math attention so FlopCounterMode sees it; padded prompts."""
+    cfg = tiny_config()
+    model = random_model(cfg)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
+    allowed = list(range(20, 33))
+    for head_rows, kw in [(None, {}), (13, {"allowed_token_ids": allowed})]:
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+            out = generate(model, prompts, max_new_tokens=6, stop_token_ids=[-1], **kw)
+        assert out.shape == (2, 7 + 6)
+        assert fc.get_total_flops() == flops.generate(cfg, 2, 7, 6, head_rows).matmul
+
+
+def test_generation_without_cache_equals_flop_counter():
+    cfg = tiny_config()
+    model = random_model(cfg)
+    ids = torch.randint(2, cfg.vocab_size, (3, 5))
+    with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        for _ in range(4):  # the whole sequence again for every new token
+            logits = model.head(model.body(ids)[:, -1:])
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    cost = flops.generate(cfg, 3, 5, 4, kv_cache=False)
+    assert fc.get_total_flops() == cost.matmul
+    assert cost.matmul > flops.generate(cfg, 3, 5, 4).matmul
+
+
+# ---------------------------------------------------------------- primitive view, counted by hand
+
+
+def test_primitives_by_hand():
+    assert flops.matmul(2, 3, 4).coursework == 2 * 4 * (2 * 3 - 1) == 40
+    assert flops.matmul(2, 3, 4).ops == {"mul": 24, "add": 16}
+    assert flops.linear(2, 3, 4, bias=True).coursework == 40 + 8
+    # RMSNorm, 2 rows of 3: x^2 6 mul; mean 2x2 add + 2 div; +eps 2 add; rsqrt 2 sqrt + 2 div; x*r 6 mul; w* 6 mul
+    assert flops.rms_norm(2, 3).ops == {"mul": 18, "add": 6, "div": 4, "sqrt": 2}
+    assert flops.rms_norm(2, 3).coursework == 18 + 6 + 4 + 20
+    # softmax of one row of 3: max 2 cmp, subtract 3, exp 3 (x10), sum 2, divide 3
+    assert flops.softmax(1, 3).coursework == 2 + 3 + 30 + 2 + 3
+    assert flops.silu(1).coursework == 1 + 10 + 1 + 1  # negate, exp, + 1, divide
+    # q k^T (2x2)(2x2) = 12, scale 4, mask 4, softmax of 2 rows of 2 = 2 + 4 + 40 + 2 + 4, p v 12
+    assert flops.scaled_dot_product_attention(1, 1, 2, 2, 2).coursework == 12 + 4 + 4 + 52 + 12
+    assert flops.scaled_dot_product_attention(3, 5, 2, 2, 2).coursework == 15 * 84
+    # rotary on 1 vector of 4: x*cos 4, negate 2, *sin 4, + 4
+    assert flops.apply_rotary(1, 4).ops == {"mul": 8, "add": 6}
+    # cross-entropy, 1 row of 3: max 2 cmp, -max 3, exp 3, sum 2, log 1, z - lse 3, negate 1, mean 1 div
+    assert flops.cross_entropy(1, 3).coursework == 2 + 3 + 30 + 2 + 10 + 3 + 1 + 1
+    # AdamW per number: mul 7, add 4, div 2, sqrt 1
+    assert flops.adamw(5).ops == {"mul": 35, "add": 20, "div": 10, "sqrt": 5}
+    # LoRA on 2 rows, 3 -> 4, r 1: base 40, x A^T (2x3)(3x1) 10, scale 2, h B^T (2x1)(1x4) 8, add 8
+    assert flops.lora_linear(2, 3, 4, 1).coursework == 40 + 10 + 2 + 8 + 8
+
+
+def test_decoder_block_by_hand():
+    cfg = Qwen2Config(vocab_size=10, dim=4, hidden_dim=6, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=2)
+    c = flops.decoder_block(cfg, 1, 2)  # 2 tokens
+    by_hand = {
+        "input_layernorm": 24 + 8 + 4 + 20,  # 3 n D mul, n D add, 2 n div, n sqrt (x10)
+        "self_attn": (2 * 4 * 7 + 8)  # q_proj (2x4)(4x4) + bias
+        + 2 * (2 * 2 * 7 + 4)  # k_proj, v_proj (2x4)(4x2) + bias
+        + 28 + 14  # rotary: 4 query vectors and 2 key vectors of 2 numbers, 7 ops per number
+        + 2 * 84  # attention, 2 heads of 2 x 2 (see test_primitives_by_hand)
+        + 2 * 4 * 7,  # o_proj
+        "residual_attn": 8,
+        "post_attention_layernorm": 56,
+        "mlp": 2 * (2 * 6 * 7) + 12 * 13 + 12 + 2 * 4 * 11,  # gate, up, silu (13 each), product, down
+        "residual_mlp": 8,
+    }
+    assert {k: p.coursework for k, p in c.parts.items() if p.ops} == by_hand
+    assert c.coursework == sum(by_hand.values()) == 946
+    assert c.matmul == 64 + 32 + 32 + 2 * 32 + 64 + 3 * 96
+
+
+def test_backward_by_hand():
+    # frozen linear, input grad only: dx = dy W, (2x4)(4x3)
+    assert flops.linear_backward(2, 3, 4, 0, grad_input=True).coursework == 2 * 3 * 7
+    assert flops.linear_backward(2, 3, 4, 0, grad_input=False) == Cost()
+    # LoRA r=1, no input grad: dB (4x2)(2x1) 12, dh (2x4)(4x1) 14, scale 2, dA (1x2)(2x3) 9
+    assert flops.linear_backward(2, 3, 4, 1, grad_input=False).coursework == 12 + 14 + 2 + 9
+    # ... with input grad: + dy W 42, dh A (2x1)(1x3) 6, sum 6
+    assert flops.linear_backward(2, 3, 4, 1, grad_input=True).coursework == 37 + 42 + 6 + 6
+    # softmax backward, 1 row of 3: dp*p 3, sum 2, subtract 3, * p 3
+    assert flops.softmax_backward(1, 3).coursework == 11
+    assert flops.silu_backward(1).coursework == 4 + 10 + 1 + 3
+
+
+def test_backward_follows_requires_grad():
+    cfg = tiny_config()
+    qv = {"q_proj": 4, "v_proj": 4}
+    block0, g0 = flops.decoder_block_backward(cfg, 1, 8, qv, grad_input=False)
+    block1, g1 = flops.decoder_block_backward(cfg, 1, 8, qv, grad_input=True)
+    assert g0 and g1
+    assert block0["self_attn.k_proj"] == Cost() and block1["self_attn.k_proj"].matmul > 0
+    assert block0["input_layernorm"] == Cost() and block1["input_layernorm"].coursework > 0
+    assert block0.matmul < block1.matmul
+    only_mlp, g = flops.decoder_block_backward(cfg, 1, 8, {"down_proj": 2}, grad_input=False)
+    assert g and only_mlp["self_attn"] == Cost() and only_mlp["mlp.down_proj"].matmul > 0
+    assert flops.backward(cfg, 1, 8, {}, lm_head_bias=False) == Cost()
+
+
+# ---------------------------------------------------------------- training, generation, the plan
+
+
+def test_train_step_parts_and_the_coursework_estimate():
+    lora = {"q_proj": 8, "v_proj": 8}
+    step = flops.train_step(REAL, 4, 512, lora)
+    assert step.coursework == sum(step[p].coursework for p in ("forward", "backward", "optimizer"))
+    assert step["optimizer"] == flops.adamw(24 * 8 * ((896 + 896) + (896 + 128)))
+    ratio = step.coursework / flops.coursework_estimate(step).coursework
+    assert 0.6 < ratio < 0.75  # LoRA's backward skips every frozen weight's gradient: far below 2 x forward
+    assert flops.trainable_parameters(REAL, lora, lm_head_bias=True) == 540_672 + 151_936
+
+
+def test_generation_cache_saves_work_and_numeric_head_is_cheaper():
+    cfg = tiny_config()
+    cached, plain = flops.forecast(cfg, 4, 5, 3), flops.forecast(cfg, 4, 5, 3, kv_cache=False)
+    assert plain.coursework > cached.coursework
+    assert cached["lm_head"] == 30 * flops.head(cfg, 4, 13)
+    assert flops.forecast(cfg, 4, 5, 3, head_rows=None).coursework > cached.coursework
+    # one new token: the prefill alone, either way
+    assert flops.generate(cfg, 2, 9, 1).matmul == flops.generate(cfg, 2, 9, 1, kv_cache=False).matmul
+
+
+def test_plan_run_adds_up():
+    cfg = tiny_config()
+    plan = flops.plan_run(cfg, steps=10, batch=2, context=16, lora={"q_proj": 2}, val_every=5, val_batches=3,
+                          eval_series=5, eval_batch=2, context_steps=2, horizon_steps=2)
+    assert plan["train"] == 10 * flops.train_step(cfg, 2, 16, {"q_proj": 2})
+    assert plan["eval"] == 6 * flops.forward(cfg, 2, 16, {"q_proj": 2})
+    assert plan["generate"] == 2 * flops.forecast(cfg, 2, 2, 2) + flops.forecast(cfg, 1, 2, 2)
+
+
+# ---------------------------------------------------------------- Cost, Ledger, command line
+
+
+def test_cost_algebra():
+    a = flops.group(x=flops.ops(add=2), y=flops.matmul(1, 2, 3))
+    b = flops.group(x=flops.ops(exp=1), z=flops.ops(sqrt=1))
+    s = a + b
+    assert s["x"].ops == {"add": 2, "exp": 1} and set(s.parts) == {"x", "y", "z"}
+    assert s.coursework == 2 + (6 + 3) + 10 + 10 and s.matmul == 12
+    assert (3 * a).coursework == 3 * a.coursework and (3 * a)["y"].matmul == 36
+    assert sum([a, a], Cost()) == 2 * a
+    assert (a + flops.ops(add=1)).parts == {}  # pieces that would no longer add up are dropped
+    assert dict(a.flat()).keys() == {"x", "y"}
+    with pytest.raises(ValueError, match="unknown primitive"):
+        flops.ops(sin=1)
+
+
+def test_ledger_roundtrip_and_table(tmp_path):
+    path = tmp_path / "runs" / "ledger.jsonl"
+    ledger = Ledger(path, budget=1e17)
+    ledger.add("lr 1e-4", "train", flops.matmul(10, 10, 10), source="plan")
+    ledger.add("lr 1e-4", "train", 2e15)
+    ledger.add("lr 1e-4", "eval", 1e15)
+    ledger.add("final", "generate", 5e14, steps=1150)
+    again = Ledger(path)  # reads what add() appended
+    assert again.entries == ledger.entries and again.entries[-1]["steps"] == 1150
+    assert again.total("spent") == 3.5e15 and again.total("plan") == 1900
+    assert again.totals()[("lr 1e-4", "spent")] == {"train": 2e15, "eval": 1e15, "generate": 0.0, "total": 3e15}
+    table = again.markdown()
+    assert "| lr 1e-4 | spent | 2e+15 | 1e+15 | 3e+15 | 3.00% |" in table
+    assert "| **total** | spent | 2e+15 | 1.5e+15 | 3.5e+15 | 3.50% |" in table
+    other = tmp_path / "copy.jsonl"
+    again.write(other)
+    assert Ledger.read(other).entries == again.entries
+    with pytest.raises(ValueError, match="kind must be"):
+        ledger.add("x", "training", 1)
+    other.write_text('{"stage": "x"}\n')
+    with pytest.raises(ValueError, match="line 1: not a ledger entry"):
+        Ledger.read(other)
+
+
+def test_cli_json(capsys):
+    flops.main(["--context", "128", "--batch", "2", "--rank", "4", "--steps", "10", "--json",
+                "--val-every", "5", "--val-batches", "1", "--eval-series", "2", "--eval-horizon-steps", "2"])
+    out = json.loads(capsys.readouterr().out)
+    lora = {"q_proj": 4, "v_proj": 4}
+    assert out["forward"]["matmul_view"] == flops.qwen2(REAL, 2, 128, lora).matmul
+    assert out["forward"]["coursework"]["total"] == flops.qwen2(REAL, 2, 128, lora).coursework
+    assert set(out["forward"]["coursework"]) == {"total", *flops.PRIMITIVES}
+    assert out["forward"]["modules"]["layers.*.self_attn.sdpa"]["matmul_view"] == 24 * 4 * 2 * 14 * 128 * 128 * 64
+    step = flops.train_step(REAL, 2, 128, lora)
+    assert out["train_step"]["matmul_view"] == step.matmul
+    assert set(out["train_step"]) >= {"forward", "backward", "optimizer", "coursework_estimate", "executed_over_estimate"}
+    assert out["run"]["train"]["coursework"]["total"] == 10 * step.coursework
+    assert out["run"]["budget_share"] == pytest.approx(out["run"]["coursework"]["total"] / 1e17)
+
+
+def test_cli_text_numeric_vocab_config_and_errors(tmp_path, capsys):
+    cfg = tiny_config()
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
+    flops.main(["--config", str(tmp_path / "config.json"), "--context", "16", "--vocab", "numeric",
+                "--lm-head-bias", "--steps", "3", "--ledger", str(tmp_path / "l.jsonl")])
+    text = capsys.readouterr().out
+    assert "layers.*.mlp.silu" in text and "3 x forward" in text and "| run | plan |" in text
+    fwd = flops.qwen2(cfg, 4, 16, {"q_proj": 8, "v_proj": 8}, True, 13)
+    assert f"{fwd.matmul:.4g}" in text
+    assert Ledger.read(tmp_path / "l.jsonl").total("plan") > 0
+    for bad, says in ((["--lora-targets", "q,zz"], "unknown LoRA target 'zz'"),
+                      (["--config", str(tmp_path / "none.json")], "No config.json at"),
+                      (["--context", "1"], "--context is too small")):
+        with pytest.raises(SystemExit):
+            flops.main(bad)
+        assert says in capsys.readouterr().err.strip().splitlines()[-1]
