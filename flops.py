@@ -38,10 +38,12 @@ Conventions where the model leaves a choice (see docs/flops.md):
   math kernel computes them and as FlopCounterMode counts them.
 - Backward counts only what autograd runs: frozen weights get no weight gradient; an input
   gets a gradient only when something upstream needs one (layer 0's projections do not).
-  kernel="math" is PyTorch's math attention (gradients for q, k, v each only when needed),
-  kernel="fused" the flash / memory-efficient kernels (scores recomputed, all of dq, dk, dv).
-  On CPU, PyTorch's fused kernel is invisible to FlopCounterMode (it counts 0): measure on the
-  meta device or under sdpa_kernel(SDPBackend.MATH).
+  Attention's backward depends on the kernel. kernel="fused" (the default: what training with
+  is_causal=True runs, on CUDA and on CPU): the flash / memory-efficient kernels recompute the
+  scores and return all of dq, dk, dv. kernel="math": PyTorch's math path, autograd through the
+  reference, each gradient only when needed (what runs on the meta device). On CPU the fused
+  kernel is invisible to FlopCounterMode (it counts 0): measure on the meta device, or under
+  sdpa_kernel(SDPBackend.MATH) and compare with kernel="math".
 - Casts, views, indexing, embedding lookups, RoPE tables and copies into the KV cache are free.
 
 Training, generation, the budget:
@@ -69,7 +71,6 @@ Command line:
 
 import argparse
 import json
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -336,7 +337,7 @@ def softmax_backward(rows: int, n: int) -> Cost:
     return ops(mul=rows * n, add=rows * (n - 1)) + ops(add=rows * n) + ops(mul=rows * n)
 
 
-def scaled_dot_product_attention_backward(B, H, T, S, hd, grad_q=True, grad_k=True, grad_v=True, kernel="math") -> Cost:
+def scaled_dot_product_attention_backward(B, H, T, S, hd, grad_q=True, grad_k=True, grad_v=True, kernel="fused") -> Cost:
     """Backward of scaled_dot_product_attention for the gradients needed.
 
     math: autograd through the reference, each product only when its gradient is needed.
@@ -366,7 +367,7 @@ def _attention_grads(lora, grad_input):
     return q, k, v, (q or k or v) or lora.get("o_proj", 0) > 0
 
 
-def attention_backward(cfg, B, T, S=None, lora=None, grad_input=True, kernel="math") -> Cost:
+def attention_backward(cfg, B, T, S=None, lora=None, grad_input=True, kernel="fused") -> Cost:
     """Backward of Attention; grad_input: whether x (the normed input) needs a gradient."""
     S, lora, n = S or T, lora or {}, B * T
     D, H, K, hd = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -415,7 +416,7 @@ def mlp_backward(cfg, n, lora=None, grad_input=True) -> Cost:
                  down_proj=linear_backward(n, F, D, lora.get("down_proj", 0), g_gate or g_up))
 
 
-def decoder_block_backward(cfg, B, T, lora=None, grad_input=True, kernel="math"):
+def decoder_block_backward(cfg, B, T, lora=None, grad_input=True, kernel="fused"):
     """Backward of DecoderBlock; returns (Cost, whether its output needs a gradient)."""
     lora, n, D = lora or {}, B * T, cfg.dim
     g_attn = _attention_grads(lora, grad_input)[3]
@@ -437,8 +438,8 @@ def cross_entropy_backward(n: int, rows: int) -> Cost:
             + ops(exp=n * rows, mul=n * rows, add=n * rows))  # d z = d logp - exp(logp) * sum
 
 
-def backward(cfg, B, T, lora=None, lm_head_bias=False, head_rows=None, kernel="math") -> Cost:
-    """The backward pass of one LoRA training step on (B, T) tokens, loss over B (T - 1) positions."""
+def backward(cfg, B, T, lora=None, lm_head_bias=False, head_rows=None, kernel="fused") -> Cost:
+    """The backward pass of one LoRA training step: T tokens in, each position scored (see forward())."""
     lora, rows, n = lora or {}, head_rows or cfg.vocab_size, B * T
     layers, g = {}, False  # the embedding output needs no gradient
     for i in range(cfg.n_layers):
@@ -450,16 +451,20 @@ def backward(cfg, B, T, lora=None, lm_head_bias=False, head_rows=None, kernel="m
                  norm=rms_norm_backward(n, cfg.dim) if g else FREE,
                  lm_head=(matmul(n, rows, cfg.dim) if g else FREE)  # dh = dlogits @ W
                  + (ops(add=(n - 1) * rows) if lm_head_bias else FREE),  # db = sum over rows
-                 loss=cross_entropy_backward(B * (T - 1), rows))
+                 loss=cross_entropy_backward(n, rows))
 
 
 def forward(cfg, B, T, lora=None, lm_head_bias=False, head_rows=None) -> Cost:
-    """The training forward: qwen2() and the next-token loss over B (T - 1) positions."""
+    """The training forward of qwen_min/loss.py: T tokens through qwen2(), every position scored.
+
+    A window of T + 1 tokens feeds its first T and scores its last T (padding is skipped by the
+    loss after the log-softmax, so it still costs), hence train.py passes T = window - 1.
+    """
     rows = head_rows or cfg.vocab_size
-    return qwen2(cfg, B, T, lora, lm_head_bias, rows) + group(loss=cross_entropy(B * (T - 1), rows))
+    return qwen2(cfg, B, T, lora, lm_head_bias, rows) + group(loss=cross_entropy(B * T, rows))
 
 
-def forward_backward(cfg, B, T, lora=None, lm_head_bias=False, head_rows=None, kernel="math") -> Cost:
+def forward_backward(cfg, B, T, lora=None, lm_head_bias=False, head_rows=None, kernel="fused") -> Cost:
     """Forward plus backward, merged module by module (what FlopCounterMode attributes to each)."""
     return forward(cfg, B, T, lora, lm_head_bias, head_rows) + backward(cfg, B, T, lora, lm_head_bias, head_rows, kernel)
 
@@ -483,7 +488,7 @@ def adamw(n_params: int) -> Cost:
             + ops(div=p, mul=p, add=p))  # p -= step * m / denom
 
 
-def train_step(cfg, B, T, lora=None, lm_head_bias=False, head_rows=None, kernel="math") -> Cost:
+def train_step(cfg, B, T, lora=None, lm_head_bias=False, head_rows=None, kernel="fused") -> Cost:
     """One optimizer step on a (B, T) batch: parts forward, backward, optimizer."""
     return group(forward=forward(cfg, B, T, lora, lm_head_bias, head_rows),
                  backward=backward(cfg, B, T, lora, lm_head_bias, head_rows, kernel),
@@ -529,17 +534,17 @@ def forecast(cfg, B, context_steps, horizon_steps, tokens_per_step=10, head_rows
 # ---------------------------------------------------------------- planning a run, and the ledger
 
 
-def plan_run(cfg, steps, batch, context, lora=None, lm_head_bias=False, head_rows=None, kernel="math",
+def plan_run(cfg, steps, batch, context, lora=None, lm_head_bias=False, head_rows=None, kernel="fused",
              val_every=0, val_batches=0, eval_series=0, eval_batch=1, context_steps=50, horizon_steps=50,
              tokens_per_step=10, gen_head_rows=NUMERIC_ROWS, kv_cache=True) -> dict:
     """The cost of one run: {"train": steps x train_step, "eval": validation, "generate": final forecasts}.
 
-    Validation: every val_every steps, val_batches forward passes with the loss (no backward).
+    context: tokens per window; the model reads context - 1 of them (see forward()). Validation: every val_every steps, val_batches forward passes with the loss (no backward).
     Final evaluation: eval_series forecasts in batches of eval_batch (the last batch may be partial).
     """
-    train = steps * train_step(cfg, batch, context, lora, lm_head_bias, head_rows, kernel)
+    train = steps * train_step(cfg, batch, context - 1, lora, lm_head_bias, head_rows, kernel)
     n_val = (steps // val_every) * val_batches if val_every else 0
-    val = n_val * forward(cfg, batch, context, lora, lm_head_bias, head_rows)
+    val = n_val * forward(cfg, batch, context - 1, lora, lm_head_bias, head_rows)
     gen = FREE
     if eval_series:
         full, rest = divmod(eval_series, eval_batch)
@@ -672,7 +677,8 @@ def main(argv=None):
     p.add_argument("--lm-head-bias", action="store_true", help="train the coursework's lm_head bias")
     p.add_argument("--vocab", choices=["full", "numeric"], default="full",
                    help="loss over the full vocabulary or the 13 LLMTIME tokens (head of 13 rows)")
-    p.add_argument("--attention", choices=["math", "fused"], default="math", help="attention kernel's backward")
+    p.add_argument("--attention", choices=["math", "fused"], default="fused",
+                   help="attention backward: fused (flash / memory-efficient, what training runs) or math")
     p.add_argument("--val-every", type=int, default=0, help="validate every N steps (0: never)")
     p.add_argument("--val-batches", type=int, default=0, help="batches per validation")
     p.add_argument("--eval-series", type=int, default=0, help="series forecast in the final evaluation")
@@ -701,7 +707,7 @@ def main(argv=None):
     gen_rows = min(a.gen_head_rows, cfg.vocab_size)
 
     fwd = qwen2(cfg, a.batch, a.context, lora, a.lm_head_bias, rows)
-    step = train_step(cfg, a.batch, a.context, lora, a.lm_head_bias, rows, a.attention)
+    step = train_step(cfg, a.batch, a.context - 1, lora, a.lm_head_bias, rows, a.attention)  # as qwen_min/loss.py
     estimate = coursework_estimate(step)
     run = plan_run(cfg, a.steps, a.batch, a.context, lora, a.lm_head_bias, rows, a.attention, a.val_every,
                    a.val_batches, a.eval_series, a.eval_batch, a.eval_context_steps, a.eval_horizon_steps,
@@ -728,7 +734,8 @@ def main(argv=None):
           f"{' + bias' if a.lm_head_bias else ''}, LoRA {lora or 'none'}")
     print(_fmt_table(forward_table(fwd)))
     print()
-    print(f"Training step ({a.attention} attention)      matmul view    coursework")
+    print(f"Training step: windows of {a.context} tokens (the model reads {a.context - 1}), {a.attention} attention")
+    print(f"  {'':<32}{'matmul view':>12}{'coursework':>14}")
     for name, c in [("forward (with loss)", step["forward"]), ("backward", step["backward"]),
                     ("optimizer (AdamW)", step["optimizer"]), ("step", step),
                     ("coursework 3 x forward", estimate)]:

@@ -18,6 +18,7 @@ from flops import Cost, Ledger
 from lora.inject import inject_lora, mark_only_lora_as_trainable
 from lora.layer import LoRALinear
 from qwen_min import Qwen2, Qwen2Config, generate
+from qwen_min.loss import causal_lm_loss
 from tests.conftest import random_model, tiny_config
 
 REAL = Qwen2Config()  # Qwen2.5-0.5B's shapes
@@ -61,15 +62,25 @@ def forward_pass(model, B, T, head_rows=None):
 
 
 def training_step(model, B, T, head_rows=None):
-    """Forward, next-token cross-entropy, backward: as train.py runs it."""
-    ids = torch.zeros(B, T, dtype=torch.long, device="meta")
+    """Forward, next-token loss, backward, as qwen_min/loss.py runs them: a window of T + 1 tokens,
+    the first T fed, the last T scored (flops counts T tokens)."""
+    ids = torch.zeros(B, T + 1, dtype=torch.long, device="meta")
     token_ids = None if head_rows is None else torch.arange(head_rows, device="meta")
 
     def run():
-        logits = model.head(model.body(ids), token_ids)  # (B, T, rows)
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1) % logits.shape[-1])
+        if token_ids is None:  # the real loss (its restricted-vocabulary check needs real tensors)
+            loss = causal_lm_loss(model, ids, ids)
+        else:
+            logits = model.head(model.body(ids[:, :-1]), token_ids)  # (B, T, rows)
+            loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
         loss.backward()
     return run
+
+
+def fused_sdpa(q, k, v, attn_mask=None, is_causal=False):
+    """The memory-efficient kernel, which has a meta implementation, in place of the math path."""
+    assert attn_mask is None
+    return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, is_causal=is_causal)[0]
 
 
 # ---------------------------------------------------------------- matmul view == FlopCounterMode
@@ -135,12 +146,12 @@ TRAIN_CASES = [
 def test_training_step_matmul_view_equals_flop_counter(cfg, lora, lm_head_bias, head_rows, B, T):
     model = meta_model(cfg, lora, lm_head_bias)
     total, per_module = counted(model, training_step(model, B, T, head_rows))
-    cost = flops.forward_backward(cfg, B, T, lora, lm_head_bias, head_rows)
+    cost = flops.forward_backward(cfg, B, T, lora, lm_head_bias, head_rows, kernel="math")
     assert cost.matmul == total
     for i in range(cfg.n_layers):
         for name in (f"layers.{i}", f"layers.{i}.self_attn", f"layers.{i}.mlp"):
             assert cost[name].matmul == per_module.get(name, 0), name
-    step = flops.train_step(cfg, B, T, lora, lm_head_bias, head_rows)
+    step = flops.train_step(cfg, B, T, lora, lm_head_bias, head_rows, kernel="math")
     assert step.matmul == total and step["backward"].matmul == total - flops.qwen2(cfg, B, T, lora, lm_head_bias, head_rows).matmul
 
 
@@ -150,7 +161,7 @@ def test_training_step_real_config(T, r, targets, bias):
     lora = dict.fromkeys(targets, r)
     model = meta_model(REAL, lora, bias)
     total, per_module = counted(model, training_step(model, 1, T))
-    cost = flops.forward_backward(REAL, 1, T, lora, bias)
+    cost = flops.forward_backward(REAL, 1, T, lora, bias, kernel="math")
     assert cost.matmul == total
     for name in ("layers.0", "layers.0.self_attn", "layers.1.self_attn", "layers.23.mlp"):
         assert cost[name].matmul == per_module[name], name
@@ -183,7 +194,7 @@ def test_sdpa_backward_math_kernel(need, masked):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False)
         y.sum().backward()
     expected = (flops.scaled_dot_product_attention(B, H, T, S, hd)
-                + flops.scaled_dot_product_attention_backward(B, H, T, S, hd, *need))
+                + flops.scaled_dot_product_attention_backward(B, H, T, S, hd, *need, kernel="math"))
     assert fc.get_total_flops() == expected.matmul
 
 
@@ -199,6 +210,18 @@ def test_sdpa_fused_kernel_counts():
     assert fwd == flops.scaled_dot_product_attention(B, H, T, T, hd).matmul
     bwd = flops.scaled_dot_product_attention_backward(B, H, T, T, hd, False, False, True, kernel="fused")
     assert fc.get_total_flops() == bwd.matmul == 5 * 2 * B * H * T * T * hd
+
+
+@pytest.mark.parametrize("cfg,lora,T", [(tiny_config(), {"q_proj": 4, "v_proj": 4}, 10), (REAL, {"q_proj": 8, "v_proj": 8}, 64)])
+def test_training_step_with_fused_attention(monkeypatch, cfg, lora, T):
+    """kernel="fused" (the default) against the whole model with the memory-efficient kernel."""
+    monkeypatch.setattr(F, "scaled_dot_product_attention", fused_sdpa)
+    model = meta_model(cfg, lora, lm_head_bias=True)
+    total, per_module = counted(model, training_step(model, 2, T))
+    cost = flops.forward_backward(cfg, 2, T, lora, lm_head_bias=True)
+    assert cost.matmul == total
+    assert cost["layers.0.self_attn"].matmul == per_module["layers.0.self_attn"]
+    assert cost.matmul > flops.forward_backward(cfg, 2, T, lora, lm_head_bias=True, kernel="math").matmul
 
 
 def test_generation_with_kv_cache_equals_flop_counter():
@@ -327,8 +350,9 @@ def test_plan_run_adds_up():
     cfg = tiny_config()
     plan = flops.plan_run(cfg, steps=10, batch=2, context=16, lora={"q_proj": 2}, val_every=5, val_batches=3,
                           eval_series=5, eval_batch=2, context_steps=2, horizon_steps=2)
-    assert plan["train"] == 10 * flops.train_step(cfg, 2, 16, {"q_proj": 2})
-    assert plan["eval"] == 6 * flops.forward(cfg, 2, 16, {"q_proj": 2})
+    # windows of 16 tokens: the model reads 15 (qwen_min/loss.py)
+    assert plan["train"] == 10 * flops.train_step(cfg, 2, 15, {"q_proj": 2})
+    assert plan["eval"] == 6 * flops.forward(cfg, 2, 15, {"q_proj": 2})
     assert plan["generate"] == 2 * flops.forecast(cfg, 2, 2, 2) + flops.forecast(cfg, 1, 2, 2)
 
 
@@ -382,7 +406,7 @@ def test_cli_json(capsys):
     assert out["forward"]["coursework"]["total"] == flops.qwen2(REAL, 2, 128, lora).coursework
     assert set(out["forward"]["coursework"]) == {"total", *flops.PRIMITIVES}
     assert out["forward"]["modules"]["layers.*.self_attn.sdpa"]["matmul_view"] == 24 * 4 * 2 * 14 * 128 * 128 * 64
-    step = flops.train_step(REAL, 2, 128, lora)
+    step = flops.train_step(REAL, 2, 127, lora)  # windows of 128 tokens: the model reads 127
     assert out["train_step"]["matmul_view"] == step.matmul
     assert set(out["train_step"]) >= {"forward", "backward", "optimizer", "coursework_estimate", "executed_over_estimate"}
     assert out["run"]["train"]["coursework"]["total"] == 10 * step.coursework
