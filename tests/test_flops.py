@@ -429,3 +429,16 @@ def test_cli_text_numeric_vocab_config_and_errors(tmp_path, capsys):
         with pytest.raises(SystemExit):
             flops.main(bad)
         assert says in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_docs_numbers_are_current():
+    """docs/flops.md quotes the 0.5B forward at 512 tokens and the step ratio; they must follow the code."""
+    from tests.conftest import REPO
+
+    doc = (REPO / "docs" / "flops.md").read_text()
+    lora = {"q_proj": 8, "v_proj": 8}
+    fwd = flops.qwen2(REAL, 1, 512, lora)
+    assert f"| **total** | {fwd.matmul:.4g} |" in doc and f"**{fwd.coursework:.4g}** |" in doc
+    step = flops.train_step(REAL, 4, 511, lora)
+    ratio = step.coursework / flops.coursework_estimate(step).coursework
+    assert f"| {step.coursework:.4g} | {flops.coursework_estimate(step).coursework:.4g} | **{ratio:.3f}** |" in doc
