@@ -49,7 +49,8 @@ def batches(tok, args):
     w = windows.dataset_windows(scaled, tok, args.context, args.context, 2, tok.pad_id)
     n = args.warmup + args.steps
     ids = torch.from_numpy(w.input_ids[: n * args.batch]).view(n, args.batch, args.context)
-    return ids.to(args.device)
+    labels = torch.from_numpy(w.labels[: n * args.batch]).view(n, args.batch, args.context)  # -100 on padding
+    return list(zip(ids.to(args.device), labels.to(args.device)))
 
 
 def main():
@@ -84,15 +85,15 @@ def main():
     ref_params = [q for q in ref.parameters() if q.requires_grad]
     assert sum(q.numel() for q in ours_params) == sum(q.numel() for q in ref_params)
 
-    def ours_step(ids):
-        loss = causal_lm_loss(ours, ids, ids, vocab_ids)
+    def ours_step(ids, labels):
+        loss = causal_lm_loss(ours, ids, labels, vocab_ids)
         loss.backward()
         opt_ours.step()
         opt_ours.zero_grad(set_to_none=True)
         return loss.item()
 
-    def ref_step(ids):
-        loss = ref(input_ids=ids, labels=ids).loss
+    def ref_step(ids, labels):
+        loss = ref(input_ids=ids, labels=labels).loss
         loss.backward()
         opt_ref.step()
         opt_ref.zero_grad(set_to_none=True)
@@ -102,11 +103,11 @@ def main():
     opt_ref = torch.optim.AdamW(ref_params, lr=1e-4)
     times = {"ours": [], "ref": []}
     losses = {"ours": [], "ref": []}
-    for i, ids in enumerate(data):
+    for i, (ids, labels) in enumerate(data):
         for name, step in (("ours", ours_step), ("ref", ref_step)):
             sync(args.device)
             t = time.perf_counter()
-            losses[name].append(step(ids))
+            losses[name].append(step(ids, labels))
             sync(args.device)
             if i >= args.warmup:
                 times[name].append(time.perf_counter() - t)
