@@ -1,0 +1,144 @@
+"""Wall time to forecast test series: qwen-min (evaluate.py's decoder) against transformers' generate.
+
+    python bench/forecast.py --model DIR --data FILE --n-series 20 --k 50 --h 20 --batch 20
+    python bench/forecast.py --model DIR --quick          # 4 series, 20 -> 5 steps: a smoke test
+
+Same checkpoint (float32), same prompts (test split, global scaling 95th percentile -> 10,
+2 decimals), greedy, same token budget, and the same stopping rule for both: a row stops
+after h step separators (transformers gets it as a StoppingCriteria). Restricted decoding
+(digits and separators only) is given to transformers as a LogitsProcessor that masks every
+other token, so restricted runs are compared like for like too. Prints each time, the
+ratios, and whether both produced the same tokens.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import evaluate  # noqa: E402
+from data import llmtime, lotka_volterra, splits  # noqa: E402
+from data.forecast import forecast_tasks  # noqa: E402
+from qwen_min import Qwen2, Tokenizer  # noqa: E402
+from qwen_min.generate import pad_left  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Forecast wall time: qwen-min against transformers' generate.")
+    p.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct", help="checkpoint folder or hub id")
+    p.add_argument("--data", help="h5 file in the coursework layout (default: simulate 1000 series)")
+    p.add_argument("--n-series", type=int, default=20)
+    p.add_argument("--k", type=int, default=50, help="context steps")
+    p.add_argument("--h", type=int, default=20, help="forecast steps")
+    p.add_argument("--batch", type=int, default=20)
+    p.add_argument("--quick", action="store_true", help="4 series, 20 -> 5 steps")
+    p.add_argument("--modes", default="free,restricted", help="comma list of free (any token) and restricted")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.n_series, args.k, args.h = 4, 20, 5
+    modes = args.modes.split(",")
+    if not modes or not set(modes) <= {"free", "restricted"}:
+        p.error("--modes takes free and/or restricted")
+    args.modes = modes
+    return args
+
+
+def test_prompts(args, tok):
+    """Token-id prompts of the first n test series and the token budget evaluate.py would use."""
+    traj, _ = lotka_volterra.load(args.data) if args.data else lotka_volterra.simulate(1000, seed=0)
+    split = splits.split(len(traj), seed=0)
+    scaler = llmtime.Scaler.fit(traj[split.train], 95, 10)
+    tasks = forecast_tasks(traj[split.test[: args.n_series]], args.k, args.h, scaler, 2, tok)
+    return [t.prompt_ids.tolist() for t in tasks], evaluate.token_budget(tasks, args.h)
+
+
+def run_ours(model, tok, prompts, args, max_new, restricted):
+    allowed = evaluate.alphabet_ids(tok) if restricted else None
+    rows = []
+    for start in range(0, len(prompts), args.batch):
+        new = evaluate.generate_forecasts(model, prompts[start:start + args.batch], args.h, max_new, tok.encode(";")[0],
+                                          allowed_token_ids=allowed, stop_token_ids=tok.stop_ids, pad_id=tok.pad_id)
+        rows += [[t for t in r if t != tok.pad_id] for r in new[:, 0].tolist()]
+    return rows
+
+
+def run_transformers(hf, tok, prompts, args, max_new, restricted):
+    import transformers
+
+    sep = tok.encode(";")[0]
+    allowed = torch.tensor(evaluate.alphabet_ids(tok))
+
+    class StepsDone(transformers.StoppingCriteria):  # a row is done after h separators, as in evaluate.py
+        def __init__(self, prompt_len):
+            self.prompt_len = prompt_len
+
+        def __call__(self, input_ids, scores, **kwargs):
+            return (input_ids[:, self.prompt_len:] == sep).sum(1) >= args.h
+
+    class OnlyAllowed(transformers.LogitsProcessor):  # restricted decoding: every other token gets -inf
+        def __call__(self, input_ids, scores):
+            keep = torch.full_like(scores, float("-inf"))
+            keep[:, allowed] = 0
+            return scores + keep
+
+    rows = []
+    for start in range(0, len(prompts), args.batch):
+        ids, mask = pad_left(prompts[start:start + args.batch], tok.pad_id)
+        out = hf.generate(ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False, repetition_penalty=1.0,
+                          temperature=None, top_p=None, top_k=None, pad_token_id=tok.pad_id, eos_token_id=tok.stop_ids,
+                          stopping_criteria=transformers.StoppingCriteriaList([StepsDone(ids.shape[1])]),
+                          logits_processor=transformers.LogitsProcessorList([OnlyAllowed()] if restricted else []))
+        rows += [[t for t in r if t != tok.pad_id] for r in out[:, ids.shape[1]:].tolist()]
+    return rows
+
+
+def timed(fn, *a):
+    t0 = time.perf_counter()
+    rows = fn(*a)
+    return time.perf_counter() - t0, rows
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tok = Tokenizer.from_pretrained(args.model)
+    prompts, max_new = test_prompts(args, tok)
+    print(f"{len(prompts)} series, {args.k} -> {args.h} steps, prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens, "
+          f"budget {max_new} new tokens, batch {args.batch}, greedy, float32, {torch.get_num_threads()} threads")
+    times, outputs = {}, {}
+
+    model = Qwen2.from_pretrained(args.model, dtype=torch.float32)
+    run_ours(model, tok, prompts[:1], args, 2, False)  # warm-up
+    for mode in args.modes:
+        times["ours", mode], outputs["ours", mode] = timed(run_ours, model, tok, prompts, args, max_new, mode == "restricted")
+        print(f"qwen-min {mode}: {times['ours', mode]:.1f} s", flush=True)
+    del model
+
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    run_transformers(hf, tok, prompts[:1], args, 2, False)  # warm-up
+    for mode in args.modes:
+        times["hf", mode], outputs["hf", mode] = timed(run_transformers, hf, tok, prompts, args, max_new, mode == "restricted")
+        print(f"transformers {mode}: {times['hf', mode]:.1f} s", flush=True)
+
+    print("\n| decoding | qwen-min s | transformers s | speed-up | same tokens | new tokens |\n|---|---|---|---|---|---|")
+    for mode in args.modes:
+        ours, ref = outputs["ours", mode], outputs["hf", mode]
+        same = sum(a == b for a, b in zip(ours, ref))
+        print(f"| {mode} | {times['ours', mode]:.1f} | {times['hf', mode]:.1f} | {times['hf', mode] / times['ours', mode]:.2f}x "
+              f"| {same}/{len(ours)} rows | {sum(map(len, ours))} |")
+    if "free" in args.modes and "restricted" in args.modes:
+        print(f"\nqwen-min restricted vs transformers free: {times['hf', 'free'] / times['ours', 'restricted']:.2f}x")
+    return times
+
+
+if __name__ == "__main__":
+    main()

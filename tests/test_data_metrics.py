@@ -1,0 +1,100 @@
+"""data/metrics.py against hand-computed values; data/baselines.py against known answers."""
+
+import numpy as np
+import pytest
+
+from data import baselines, lotka_volterra, metrics
+
+
+def test_point_metrics_equal_hand_computed_values():
+    truth = np.array([[[1.0, 2.0], [3.0, 4.0]]])  # (N=1, h=2, 2)
+    pred = np.array([[[2.0, 2.0], [1.0, 4.0]]])  # errors 1, 0, -2, 0
+    m = metrics.point_metrics(pred, truth)
+    assert m["mse"] == pytest.approx(5 / 4)
+    assert m["rmse"] == pytest.approx(np.sqrt(5 / 4))
+    assert m["mae"] == pytest.approx(3 / 4)
+    assert m["r2"] == pytest.approx(1 - 5 / 5)  # sum (t - 2.5)^2 = 2.25 + 0.25 + 0.25 + 2.25
+    assert m["nrmse"] == pytest.approx(100 * np.sqrt(5 / 4) / 3)  # range of truth 4 - 1
+    assert m["mape"] == pytest.approx((100 + 0 + 200 / 3 + 0) / 4)
+    assert m["wape"] == pytest.approx(100 * 3 / 10)
+
+
+def test_perfect_forecast_scores_zero_error_and_r2_one():
+    truth = np.random.default_rng(0).uniform(0.5, 3, size=(4, 6, 2))
+    m = metrics.point_metrics(truth, truth)
+    assert m["mse"] == m["mae"] == m["mape"] == m["nrmse"] == 0 and m["r2"] == 1
+
+
+def test_mape_near_zero_truth_is_finite_and_wape_stays_moderate():
+    truth = np.array([[[0.0, 1.0]]])
+    pred = np.array([[[0.1, 1.0]]])
+    m = metrics.point_metrics(pred, truth)
+    assert np.isfinite(m["mape"]) and m["mape"] == pytest.approx(100 * 0.1 / metrics.EPS / 2)
+    assert m["wape"] == pytest.approx(100 * 0.1 / 1.0)
+
+
+def test_per_step_mean_and_standard_error_by_species():
+    truth = np.ones((2, 3, 2))
+    pred = truth.copy()
+    pred[0, :, 0] += [1.0, 2.0, 3.0]  # prey errors of series 0
+    pred[1, :, 0] -= [3.0, 2.0, 1.0]  # prey errors of series 1
+    pred[:, 1, 1] += 0.5  # predator error 0.5 at step 2 in both series
+    s = metrics.per_step(pred, truth)
+    np.testing.assert_allclose(s["mae"]["prey"]["mean"], [2.0, 2.0, 2.0])
+    np.testing.assert_allclose(s["mae"]["prey"]["se"], [np.sqrt(2) / np.sqrt(2), 0.0, 1.0])  # std(ddof=1)/sqrt(2)
+    np.testing.assert_allclose(s["mae"]["predator"]["mean"], [0.0, 0.5, 0.0])
+    np.testing.assert_allclose(s["mape"]["predator"]["mean"], [0.0, 50.0, 0.0])
+    assert np.isnan(metrics.per_step(pred[:1], truth[:1])["mae"]["prey"]["se"]).all()
+
+
+def test_crps_equals_its_definition_and_known_values():
+    rng = np.random.default_rng(1)
+    samples, truth = rng.normal(size=(3, 7, 4, 2)), rng.normal(size=(3, 4, 2))
+    brute = (np.abs(samples - truth[:, None]).mean(1)
+             - 0.5 * np.abs(samples[:, :, None] - samples[:, None, :]).mean((1, 2)))
+    np.testing.assert_allclose(metrics.crps(samples, truth), brute, atol=1e-12)
+    two = np.array([0.0, 1.0]).reshape(1, 2, 1, 1) * np.ones((1, 2, 1, 2))
+    np.testing.assert_allclose(metrics.crps(two, np.zeros((1, 1, 2))), 0.25)  # 0.5 - 0.5 * 0.5
+    np.testing.assert_allclose(metrics.crps(samples[:, :1], truth), np.abs(samples[:, 0] - truth))  # one sample: MAE
+
+
+def test_interval_coverage_counts_truths_inside_the_central_interval():
+    samples = np.broadcast_to(np.linspace(0, 100, 101).reshape(1, 101, 1, 1), (1, 101, 4, 2))
+    truth = np.array([[[50, 10], [26, 74], [80, 96], [4, 50]]], dtype=float)
+    # 50% interval [25, 75]: 50, 26, 74, 50 inside; 90% interval [5, 95]: all but 96 and 4
+    assert metrics.coverage(samples, truth, 0.5) == pytest.approx(4 / 8)
+    assert metrics.coverage(samples, truth, 0.9) == pytest.approx(6 / 8)
+    m = metrics.sample_metrics(samples, truth)
+    assert m["coverage_50"] == pytest.approx(0.5) and m["crps_per_step"]["prey"].shape == (4,)
+
+
+def test_shapes_are_checked():
+    with pytest.raises(ValueError, match="series, steps, 2"):
+        metrics.point_metrics(np.zeros((2, 3)), np.zeros((2, 3)))
+
+
+def test_persistence_repeats_the_last_context_step():
+    context = np.arange(12.0).reshape(2, 3, 2)
+    f = baselines.persistence(context, 4)
+    assert f.shape == (2, 4, 2) and (f == context[:, -1:]).all()
+
+
+def test_nelder_mead_minimises_each_row_separately():
+    centres = np.array([[1.0, -2.0], [3.0, 0.5], [-1.0, 4.0]])
+    f = lambda z, rows: ((z - centres[rows]) ** 2).sum(1) + (z[:, 0] - centres[rows, 0]) ** 4
+    z = baselines.nelder_mead(f, np.zeros((3, 2)), iterations=200, step=0.5)
+    np.testing.assert_allclose(z, centres, atol=1e-4)
+
+
+def test_lotka_volterra_fit_recovers_the_equations_and_forecasts_them():
+    rng = np.random.default_rng(2)
+    params, initial = lotka_volterra.sample_params(4, rng)
+    times = lotka_volterra.time_grid()[:70]
+    traj = lotka_volterra.integrate(params, initial, times, substeps=8)  # (4, 70, 2)
+    first = baselines.regression_estimate(traj[:, :50], times[:50])
+    assert np.abs(first / params - 1).max() < 0.3  # finite differences on a coarse grid: a rough start
+    fitted, start = baselines.fit_lotka_volterra(traj[:, :50], times[:50], iterations=200)
+    assert np.abs(fitted / params - 1).max() < 0.01
+    forecast = lotka_volterra.integrate(fitted, start, times, substeps=8)[:, 50:]  # what lotka_volterra() returns
+    error = metrics.point_metrics(forecast, traj[:, 50:])["mae"]
+    assert error < 0.01 and error < 0.05 * metrics.point_metrics(baselines.persistence(traj[:, :50], 20), traj[:, 50:])["mae"]

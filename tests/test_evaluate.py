@@ -1,0 +1,152 @@
+"""evaluate.py on a tiny random model: decoding rules, batching, repairs, the run folder, the report."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+import lora
+from conftest import random_model, tiny_config, write_checkpoint
+from data import llmtime, metrics, splits
+from qwen_min import Tokenizer, generate
+from qwen_min.weights import hf_name
+
+FAST = ["--n-series", "24", "--k", "8", "--h", "4", "--context", "48", "--lv-iterations", "5", "--plots", "0"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return write_checkpoint(random_model(tiny_config()), tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def tok(ckpt):
+    return Tokenizer.from_pretrained(ckpt)
+
+
+def prompts(tok):
+    return [tok.encode(t) for t in ("1.25,0.50;1.30,0.45;", "2.00,1.00;", "0.10,0.20;0.30,0.40;0.50,0.60;")]
+
+
+def test_restricted_decoding_never_leaves_the_allowed_tokens(ckpt, tok):
+    model = random_model(tiny_config())
+    allowed = evaluate.alphabet_ids(tok)
+    for temperature, samples in ((0.0, 1), (1.5, 4)):  # greedy, and hot sampling that would stray
+        new = evaluate.generate_forecasts(model, prompts(tok), 3, 40, tok.encode(";")[0], samples, temperature, seed=0,
+                                          allowed_token_ids=allowed, pad_id=tok.pad_id)
+        assert new.shape[:2] == (3, samples)
+        assert set(new.flatten().tolist()) <= set(allowed) | {tok.pad_id}
+    free = evaluate.generate_forecasts(model, prompts(tok), 3, 40, tok.encode(";")[0], 4, 1.5, seed=0, pad_id=tok.pad_id)
+    assert not set(free.flatten().tolist()) <= set(allowed) | {tok.pad_id}  # unrestricted, it does stray
+
+
+def test_batched_forecasts_equal_one_by_one_and_qwen_min_generate(tok):
+    model = random_model(tiny_config(), seed=1)  # seed 0 only ever writes '3'
+    allowed = tok.encode(";0123")
+    free = [generate(model, [p], 30, allowed_token_ids=allowed, stop_token_ids=[])[0, len(p):].tolist() for p in prompts(tok)]
+
+    def second(row, token):  # length of a forecast that stops after its 2nd `token`
+        hits = [i for i, t in enumerate(row) if t == token]
+        return hits[1] + 1 if len(hits) > 1 else len(row)
+    # Use as the step separator a token on which the rows stop at different steps, so rows leave the batch early.
+    sep = next(t for t in allowed if len({second(r, t) for r in free}) > 1 and min(second(r, t) for r in free) < 30)
+    batched = evaluate.generate_forecasts(model, prompts(tok), 2, 30, sep, allowed_token_ids=allowed, pad_id=tok.pad_id)
+    for i, p in enumerate(prompts(tok)):
+        alone = evaluate.generate_forecasts(model, [p], 2, 30, sep, allowed_token_ids=allowed, pad_id=tok.pad_id)
+        row = [t for t in batched[i, 0].tolist() if t != tok.pad_id]
+        assert row == [t for t in alone[0, 0].tolist() if t != tok.pad_id]
+        assert row == free[i][:second(free[i], sep)]  # qwen_min.generate's tokens, cut after the 2nd separator
+
+
+def test_samples_share_one_prefill_correctly(tok):
+    model = random_model(tiny_config())
+    args = (prompts(tok), 2, 25, tok.encode(";")[0])
+    one = evaluate.generate_forecasts(model, *args, n_samples=1, pad_id=tok.pad_id)
+    three = evaluate.generate_forecasts(model, *args, n_samples=3, pad_id=tok.pad_id)  # greedy: 3 equal copies
+    assert torch.equal(three, one.expand(-1, 3, -1))
+
+
+def test_garbage_output_is_repaired_and_counted_not_raised(ckpt, tmp_path):
+    res = evaluate.main(["--model", str(ckpt), *FAST, "--unrestricted", "--samples", "3", "--out", str(tmp_path)])
+    r = res["repairs"]
+    assert r["forecasts"] == res["config"]["n_test"] * 3 and r["forecasts_repaired"] > 0 and r["by_kind"]
+    assert all(np.isfinite(v) for v in res["results"]["model"]["overall"].values() if v is not None)
+    p = res["results"]["model"]["probabilistic"]
+    assert 0 <= p["coverage_50"] <= p["coverage_90"] <= 1 and p["crps"] >= 0
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert np.array(saved["series"]["quantiles"]["values"]).shape == (5, res["config"]["n_test"], 4, 2)
+
+
+def test_results_json_is_consistent_with_its_own_forecasts(ckpt, tmp_path):
+    evaluate.main(["--model", str(ckpt), *FAST, "--out", str(tmp_path), "--plots", "2"])
+    res = json.loads((tmp_path / "results.json").read_text())
+    s = res["series"]
+    truth = np.array(s["target"])
+    for name in ("model", "persistence", "lotka_volterra"):
+        again = metrics.point_metrics(np.array(s["forecasts"][name]), truth)
+        assert again["mae"] == pytest.approx(res["results"][name]["overall"]["mae"])
+    assert res["cross_entropy"]["tokens"] > 0 and res["cross_entropy"]["mean"] > 0
+    assert (tmp_path / "forecasts.png").stat().st_size > 0 and (tmp_path / "error_vs_horizon.png").stat().st_size > 0
+
+
+def test_presets_and_flags_resolve_in_order():
+    wang = evaluate.parse_args(["--preset", "wang"])
+    assert (wang.k, wang.h, wang.scaling, wang.scale_target) == (51, 20, "per-series", 1.0)
+    assert evaluate.parse_args(["--preset", "wang", "--h", "7"]).h == 7
+    assert evaluate.parse_args(["--samples", "5"]).temperature == 0.7
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--samples", "5", "--temperature", "0"])
+
+
+def test_per_series_prompts_are_scaled_on_the_context_only():
+    args = evaluate.parse_args(["--preset", "wang", "--n-series", "20"])
+    traj, _, split, test = evaluate.load_series(args)
+    prompt, ce = evaluate.scalers(args, traj, split, test)
+    np.testing.assert_allclose(prompt.level, np.percentile(traj[test, :51].reshape(len(test), -1), 95, axis=1))
+    glob = evaluate.parse_args(["--preset", "tutt", "--n-series", "20"])
+    prompt, _ = evaluate.scalers(glob, traj, split, test)
+    assert prompt.level == pytest.approx(np.percentile(traj[split.train], 95))  # fit on train, as train.py
+
+
+def test_run_folder_gives_model_adapter_data_and_scaling(ckpt, tok, tmp_path):
+    model = random_model(tiny_config())  # the checkpoint's weights
+    model.add_lm_head_bias()
+    lora.inject_lora(model, r=2)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or name == "lm_head_bias":
+                p.normal_(0, 0.3)  # a trained-looking adapter: it changes the outputs
+    run = tmp_path / "run"
+    lora.save_adapter(model, run / "best", module_name=hf_name, extra={"lm_head_bias": model.lm_head_bias})
+    (run / "args.json").write_text(json.dumps({"model": str(ckpt), "data": None, "n_series": 24, "seed": 3,
+                                               "scaling": "per-series", "percentile": 90.0, "scale_target": 1.0,
+                                               "decimals": 1, "context": 40, "lm_head_bias": True}))
+    res = evaluate.main(["--run", str(run), "--k", "6", "--h", "3", "--no-baselines", "--plots", "0"])
+    c = res["config"]
+    assert (c["n_series"], c["seed"], c["scaling"], c["decimals"], c["adapter"]) == (24, 3, "per-series", 1, str(run / "best"))
+    assert c["label"] == "run" and (run / "eval" / "results.json").is_file()
+    assert res["series"]["index"] == splits.split(24, seed=3).test.tolist()
+    args = evaluate.parse_args(["--run", str(run), "--k", "6", "--h", "3"])
+    traj, _, split, test = evaluate.load_series(args)
+    scaled = llmtime.Scaler.fit(traj[test], 90, 1.0, per_series=True).transform(traj[test])
+    expected = evaluate.cross_entropy(model.eval(), tok, scaled, args)["mean"]  # the unmerged in-memory model
+    assert res["cross_entropy"]["mean"] == pytest.approx(expected, rel=1e-5)
+    base = evaluate.main(["--run", str(run), "--no-adapter", "--k", "6", "--h", "3", "--no-baselines", "--plots", "0",
+                          "--out", str(tmp_path / "base")])
+    assert base["cross_entropy"]["mean"] != pytest.approx(expected, rel=1e-3)  # the adapter mattered
+
+
+def test_compare_reports_percent_improvement(tmp_path):
+    def result(label, mae, r2):
+        overall = {key: 1.0 for _, key in evaluate.OVERALL_ROWS} | {"mae": mae, "r2": r2}
+        step = {"mean": [mae], "se": [0.0]}
+        return {"config": {"label": label, "k": 5, "h": 1, "n_test": 2, "scaling": "global"}, "cross_entropy": {"mean": 2.0},
+                "results": {"model": {"overall": overall, "per_step": {"mae": {"prey": step, "predator": step}}}}}
+    for label, mae, r2 in (("base", 2.0, 0.5), ("tuned", 0.5, 0.75)):
+        (tmp_path / f"{label}.json").write_text(json.dumps(result(label, mae, r2)))
+    table = evaluate.compare([tmp_path / "base.json", tmp_path / "tuned.json"])
+    assert "| MAE | 2 | 0.5 | +75.0% |" in table and "| R2 | 0.5 | 0.75 | +50.0% |" in table
+    assert "not like for like" not in table
