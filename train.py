@@ -177,6 +177,16 @@ def evaluate(model, val, args, vocab_ids, autocast):
     return total / max(count, 1)
 
 
+def cpu_matmul_rate(n=1024, reps=8):
+    """This CPU's float32 matmul rate in FLOP/s (a fraction of a second to measure)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+
+
 def atomic_torch_save(obj, path):
     tmp = Path(str(path) + ".tmp")
     torch.save(obj, tmp)
@@ -307,8 +317,9 @@ def main(argv=None):
     print(f"{len(trainable)} trainable tensors, {n_params:,} parameters; {len(train_w.input_ids)} training windows of "
           f"{args.context} tokens, {len(val_w.input_ids)} validation; {full_step:.3g} FLOPs per full step, budget {args.flops_budget:.3g}")
     if args.device == "cpu" and cfg.n_layers >= 12:
-        est = full_step / 50e9  # this class of CPU sustains ~50 GFLOP/s in fp32
-        print(f"warning: training on CPU, roughly {est:.0f} s per step ({est * (args.steps - step) / 3600:.1f} h for the run); use a CUDA GPU for real runs.", file=sys.stderr)
+        est = full_step / cpu_matmul_rate()
+        print(f"warning: training on CPU, about {est:.0f} s per step at this CPU's matmul rate ({est * (args.steps - step) / 3600:.1f} h "
+              "for the run); use a CUDA GPU for real runs.", file=sys.stderr)
 
     from tqdm import tqdm
 

@@ -1,5 +1,7 @@
 """Parity with transformers on the real Qwen2.5 0.5B weights (QWEN_MIN_CHECKPOINT; skipped without)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -81,3 +83,23 @@ def test_real_tokenizer_digits_separators_and_chat_template(models, checkpoint):
     assert tok.chat_prompt(messages) == hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     text = prompts(tok)[0]
     assert tok.encode(text) == hf_tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_loading_does_not_need_twice_the_model_in_memory(checkpoint, tmp_path):
+    """Built on the meta device and filled tensor by tensor: peak memory is one float32 model plus
+    the memory-mapped bfloat16 file, not a random-initialised model and a loaded copy (> 2x)."""
+    import subprocess
+    import sys
+
+    script = ("import resource, sys, torch\n"
+              "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+              "from qwen_min import Qwen2\n"
+              "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+              "m = Qwen2.from_pretrained(sys.argv[1])\n"
+              "size = sum(p.numel() * p.element_size() for p in m.parameters())\n"
+              "print(size, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)\n")
+    out = subprocess.run([sys.executable, "-c", script, str(checkpoint)], capture_output=True, text=True, check=True,
+                         cwd=tmp_path, env={"PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    size, grown = map(float, out.stdout.split())
+    assert size > 1.9e9  # the float32 model really was loaded
+    assert grown < 1.75 * size
