@@ -29,7 +29,7 @@ import lora
 from data import llmtime, lotka_volterra, splits, windows
 from qwen_min import Qwen2, Tokenizer
 from qwen_min.loss import causal_lm_loss
-from qwen_min.weights import hf_name
+from qwen_min.weights import hf_name, resolve_checkpoint, save_pretrained
 
 LLMTIME_ALPHABET = "0123456789.,;"
 on_checkpoint = None  # called with the step after each checkpoint; tests use it to kill a run midway
@@ -77,6 +77,8 @@ def parse_args(argv=None):
     g.add_argument("--out", default=None, help="run folder (default: runs/<time>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    g.add_argument("--export-merged", action="store_true",
+                   help="at the end, also write the best adapter merged into a full checkpoint (<out>/merged) that transformers loads")
     args = p.parse_args(argv)
 
     bad = [t for t in args.targets.split(",") if t not in TARGET_NAMES]
@@ -204,6 +206,17 @@ def save_adapter(model, folder, args):
     shutil.rmtree(old, ignore_errors=True)
 
 
+def export_merged(run, args):
+    """The best adapter folded into the base weights, written as a Hugging Face checkpoint."""
+    if args.lm_head_bias:
+        print("note: --export-merged skipped: transformers' Qwen2 has no lm_head bias; use the adapter in best/.", file=sys.stderr)
+        return
+    model = Qwen2.from_pretrained(args.model, dtype=torch.float32, device="cpu")
+    lora.load_adapter(model, run / "best", module_name=hf_name)
+    save_pretrained(lora.merged_state_dict(model), model.config, run / "merged", copy_from=resolve_checkpoint(args.model))
+    print(f"merged checkpoint written to {run / 'merged'}")
+
+
 def append_jsonl(path, record):
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -240,7 +253,8 @@ def main(argv=None):
         if not state_file.is_file():
             raise SystemExit(f"error: {run} holds no state.pt to resume from; start the run without --resume.")
         saved = json.loads((run / "args.json").read_text())
-        args = argparse.Namespace(**(saved | {"resume": True, "no_progress": args.no_progress}))
+        args = argparse.Namespace(**(saved | {"resume": True, "no_progress": args.no_progress,
+                                              "export_merged": args.export_merged or saved.get("export_merged", False)}))
     elif state_file.exists():
         raise SystemExit(f"error: {run} already holds a run; pass --resume to continue it or choose another --out.")
     run.mkdir(parents=True, exist_ok=True)
@@ -377,6 +391,8 @@ def main(argv=None):
     bar.close()
     checkpoint()
     plot_losses(run, run / "loss.png")
+    if args.export_merged:
+        export_merged(run, args)
     summary = {"steps": step, "stop_reason": stop_reason, "best_val_loss": best_val, "flops_spent": spent,
                "flops_budget": args.flops_budget, "budget_used": spent / args.flops_budget, "run": str(run)}
     (run / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -71,6 +71,20 @@ def test_killed_and_resumed_run_ends_identical_to_an_uninterrupted_one(ckpt, tmp
         [r["loss"] for r in records(tmp_path / "whole", "train")] == [r["loss"] for r in records(tmp_path / "killed", "train")]
 
 
+def test_export_merged_checkpoint_loads_in_transformers(ckpt, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    run = tmp_path / "run"
+    train.main(run_args(ckpt, run, "--steps", "5", "--lr", "1e-2", "--export-merged"))
+    model = Qwen2.from_pretrained(ckpt)
+    lora.load_adapter(model, run / "best", module_name=hf_name)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(run / "merged", dtype=torch.float32).eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids)).abs().max().item() <= 1e-5
+        assert not torch.allclose(model(ids), Qwen2.from_pretrained(ckpt)(ids), atol=1e-4)  # the adapter mattered
+    assert (run / "merged" / "tokenizer.json").is_file()
+
+
 def test_flops_budget_ends_the_run_cleanly(ckpt, tmp_path):
     run = tmp_path / "run"
     probe = train.main(run_args(ckpt, tmp_path / "probe", "--steps", "1"))
