@@ -236,7 +236,7 @@ def plot_losses(run, path):
         ax.plot(*zip(*train), lw=0.8, alpha=0.7, label="train")
     if val:
         ax.plot(*zip(*val), "o-", label="validation")
-    ax.set(xlabel="step", ylabel="cross-entropy per token", yscale="log", title=run.name)
+    ax.set(xlabel="step", ylabel="cross-entropy per token", title=run.name)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -316,8 +316,8 @@ def main(argv=None):
         (run / "scaler.json").write_text(json.dumps(scaler.to_dict() | {"decimals": args.decimals, "split_seed": args.seed}))
         plan = flops.plan_run(cfg, args.steps, args.batch, args.context, lora_ranks, args.lm_head_bias, head_rows,
                               ATTENTION_KERNEL, val_every=args.eval_every, val_batches=len(eval_batches))
-        for kind in ("train", "eval"):
-            ledger.add(run.name, kind, plan[kind], source="plan", step=0)
+        ledger.add(run.name, "train", plan["train"], source="plan", step=0)
+        ledger.add(run.name, "eval", plan["eval"].coursework + eval_flops, source="plan", step=0)  # + the step-0 baseline
 
     def checkpoint():
         atomic_torch_save({"trainable": {n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
@@ -337,7 +337,24 @@ def main(argv=None):
 
     from tqdm import tqdm
 
+    def validate():
+        """Validation loss on the fixed subset; keeps the best adapter and checkpoints. True = stop early."""
+        nonlocal spent, best_val, bad_evals
+        val_loss = evaluate(model, val_w, args, vocab_ids, autocast)
+        spent += eval_flops
+        improved = val_loss < best_val
+        best_val, bad_evals = (val_loss, 0) if improved else (best_val, bad_evals + 1)
+        append_jsonl(run / "metrics.jsonl", {"kind": "val", "step": step, "val_loss": val_loss, "best": improved, "flops": spent})
+        ledger.add(run.name, "eval", eval_flops, step=step)
+        bar.write(f"step {step}: validation loss {val_loss:.4f}{' (best)' if improved else ''}")
+        if improved:
+            save_adapter(model, run / "best", args)
+        checkpoint()
+        return bool(args.patience) and bad_evals >= args.patience
+
     bar = tqdm(total=args.steps, initial=step, disable=args.no_progress, dynamic_ncols=True)
+    if step == 0 and not args.resume and eval_flops <= args.flops_budget:
+        validate()  # the base model's loss: the baseline every later evaluation must beat
     stop_reason = "steps"
     t_last = time.perf_counter()
     while step < args.steps:
@@ -372,22 +389,13 @@ def main(argv=None):
         bar.update(1)
 
         if is_eval:
-            val_loss = evaluate(model, val_w, args, vocab_ids, autocast)
-            spent += eval_flops
-            improved = val_loss < best_val
-            best_val, bad_evals = (val_loss, 0) if improved else (best_val, bad_evals + 1)
-            append_jsonl(run / "metrics.jsonl", {"kind": "val", "step": step, "val_loss": val_loss, "best": improved, "flops": spent})
-            ledger.add(run.name, "eval", eval_flops, step=step)
-            bar.write(f"step {step}: validation loss {val_loss:.4f}{' (best)' if improved else ''}")
-            if improved:
-                save_adapter(model, run / "best", args)
-            checkpoint()
+            stop = validate()
             t_last = time.perf_counter()
-            if args.patience and bad_evals >= args.patience:
-                stop_reason = "early stopping"
-                break
             if on_checkpoint is not None:
                 on_checkpoint(step)
+            if stop:
+                stop_reason = "early stopping"
+                break
     bar.close()
     checkpoint()
     plot_losses(run, run / "loss.png")

@@ -32,7 +32,7 @@ def test_training_lowers_the_loss_and_writes_every_output(ckpt, tmp_path):
     summary = train.main(run_args(ckpt, run, "--steps", "30", "--lr", "1e-2", "--lm-head-bias"))
     train_loss = [r["loss"] for r in records(run, "train")]
     val_loss = [r["val_loss"] for r in records(run, "val")]
-    assert len(train_loss) == 30 and len(val_loss) == 6
+    assert len(train_loss) == 30 and len(val_loss) == 7  # the base model at step 0, then every 5 steps
     assert sum(train_loss[-5:]) / 5 < 0.8 * sum(train_loss[:5]) / 5
     assert min(val_loss) < val_loss[0] and summary["best_val_loss"] == min(val_loss)
     for name in ("args.json", "scaler.json", "ledger.jsonl", "state.pt", "loss.png", "summary.json",
@@ -88,10 +88,18 @@ def test_export_merged_checkpoint_loads_in_transformers(ckpt, tmp_path):
 def test_flops_budget_ends_the_run_cleanly(ckpt, tmp_path):
     run = tmp_path / "run"
     probe = train.main(run_args(ckpt, tmp_path / "probe", "--steps", "1"))
-    per_step = probe["flops_spent"]  # one step plus its validation
+    per_step = probe["flops_spent"]  # one step and two validations (the base model's and the step's)
     summary = train.main(run_args(ckpt, run, "--steps", "50", "--flops-budget", str(7.5 * per_step)))
     assert summary["stop_reason"] == "flops budget" and 0 < summary["flops_spent"] <= 7.5 * per_step
     assert summary["steps"] >= 5 and (run / "adapter/adapter_model.safetensors").is_file()
+
+
+def test_early_stopping_after_patience_evaluations_without_improvement(ckpt, tmp_path):
+    run = tmp_path / "run"  # lr 1e-12: the adapter cannot improve on the base model's validation loss
+    summary = train.main(run_args(ckpt, run, "--steps", "50", "--lr", "1e-12", "--eval-every", "2", "--patience", "3"))
+    val = records(run, "val")
+    assert summary["stop_reason"] == "early stopping" and summary["steps"] == 6
+    assert [r["best"] for r in val] == [True, False, False, False]
 
 
 def test_numeric_vocabulary_loss_trains(ckpt, tmp_path):
