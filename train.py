@@ -32,7 +32,9 @@ from qwen_min.loss import causal_lm_loss
 from qwen_min.weights import hf_name, resolve_checkpoint, save_pretrained
 
 LLMTIME_ALPHABET = "0123456789.,;"
-on_checkpoint = None  # called with the step after each checkpoint; tests use it to kill a run midway
+on_step = None  # called with the step number after every step; tests use it to kill a run midway
+# Flags a --resume may change; every other flag is the saved run's.
+RESUMABLE = ("steps", "lr", "patience", "flops_budget", "device", "no_progress", "export_merged")
 # Training calls scaled_dot_product_attention with is_causal=True, which runs PyTorch's fused
 # (flash / memory-efficient) kernels on CPU and CUDA; flops.py counts their backward accordingly.
 ATTENTION_KERNEL = "fused"
@@ -80,6 +82,9 @@ def parse_args(argv=None):
     g.add_argument("--export-merged", action="store_true",
                    help="at the end, also write the best adapter merged into a full checkpoint (<out>/merged) that transformers loads")
     args = p.parse_args(argv)
+    for action in p._actions:  # parse again with no defaults: which flags did the user give?
+        action.default = argparse.SUPPRESS
+    args.given = sorted(vars(p.parse_args(argv)))
 
     bad = [t for t in args.targets.split(",") if t not in TARGET_NAMES]
     checks = [
@@ -102,6 +107,12 @@ def parse_args(argv=None):
         p.error("--resume needs --out, the folder of the run to continue")
     args.stride = args.stride or max(1, args.context // 2)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"unknown --device '{args.device}'; use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda was asked for, but this PyTorch sees no CUDA GPU")
     args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
     args.out = args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
     return args
@@ -126,6 +137,8 @@ def build_data(args, tok):
     val_scaled, _ = scaled(split.val)
     train = windows.dataset_windows(train_scaled, tok, args.context, args.stride, args.decimals, tok.pad_id)
     val = windows.dataset_windows(val_scaled, tok, args.context, args.context, args.decimals, tok.pad_id)
+    if len(val.input_ids) == 0:
+        raise SystemExit(f"error: the data hold {len(traj)} trajectories, too few for a validation split; use at least 4.")
     if len(train.input_ids) < args.batch:
         raise SystemExit(f"error: only {len(train.input_ids)} training windows for --batch {args.batch}; use more data or a smaller batch.")
     return train, val, scaler, split
@@ -211,6 +224,9 @@ def export_merged(run, args):
     if args.lm_head_bias:
         print("note: --export-merged skipped: transformers' Qwen2 has no lm_head bias; use the adapter in best/.", file=sys.stderr)
         return
+    if not (run / "best").is_dir():
+        print("note: --export-merged skipped: no validation finished, so there is no best adapter.", file=sys.stderr)
+        return
     model = Qwen2.from_pretrained(args.model, dtype=torch.float32, device="cpu")
     lora.load_adapter(model, run / "best", module_name=hf_name)
     save_pretrained(lora.merged_state_dict(model), model.config, run / "merged", copy_from=resolve_checkpoint(args.model))
@@ -243,6 +259,45 @@ def plot_losses(run, path):
     plt.close(fig)
 
 
+def resumed_args(args, run):
+    """The saved flags of the run in `run`, with the few a resume may change taken from `args`."""
+    try:
+        saved = json.loads((run / "args.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        raise SystemExit(f"error: {run}/args.json is missing or unreadable, so the run cannot be resumed; start a new run.") from None
+    changed = [k for k in args.given if k not in ("out", "resume") and getattr(args, k) != saved.get(k)]
+    refused = [k for k in changed if k not in RESUMABLE]
+    if refused:
+        raise SystemExit(f"error: --resume continues the saved run, so --{refused[0].replace('_', '-')} cannot change; "
+                         f"only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE)} can.")
+    merged = argparse.Namespace(**(saved | {k: getattr(args, k) for k in changed} | {"resume": True, "given": args.given}))
+    (run / "args.json").write_text(json.dumps({k: v for k, v in vars(merged).items() if k not in ("resume", "given")}, indent=2))
+    return merged
+
+
+def restore(state_file, model, optimizer, run):
+    """Loads the last checkpoint into model and optimizer; drops log lines written after it."""
+    state = torch.load(state_file, map_location="cpu", weights_only=False)  # RNG states must stay on the CPU
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in state["trainable"]:
+                p.copy_(state["trainable"][name])
+    optimizer.load_state_dict(state["optimizer"])  # moves its tensors to the parameters' device
+    torch.set_rng_state(state["rng"])
+    if state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    for path in (run / "metrics.jsonl", run / "ledger.jsonl"):
+        keep = []
+        for line in path.read_text().splitlines() if path.exists() else []:
+            try:
+                if json.loads(line)["step"] <= state["step"]:
+                    keep.append(line)
+            except (json.JSONDecodeError, KeyError):
+                pass  # a line half-written when the run was killed
+        path.write_text("".join(line + "\n" for line in keep))
+    return state
+
+
 # ---------------------------------------------------------------- main
 
 def main(argv=None):
@@ -252,11 +307,12 @@ def main(argv=None):
     if args.resume:
         if not state_file.is_file():
             raise SystemExit(f"error: {run} holds no state.pt to resume from; start the run without --resume.")
-        saved = json.loads((run / "args.json").read_text())
-        args = argparse.Namespace(**(saved | {"resume": True, "no_progress": args.no_progress,
-                                              "export_merged": args.export_merged or saved.get("export_merged", False)}))
+        args = resumed_args(args, run)
     elif state_file.exists():
         raise SystemExit(f"error: {run} already holds a run; pass --resume to continue it or choose another --out.")
+    else:  # a fresh start: logs of a run killed before its first checkpoint go
+        for name in ("metrics.jsonl", "ledger.jsonl"):
+            (run / name).unlink(missing_ok=True)
     run.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
 
@@ -291,28 +347,16 @@ def main(argv=None):
 
     eval_batches = [to_batch(val_w, idx, "cpu")[0].shape for idx in eval_indices(val_w, args)]
     eval_flops = sum(flops.forward(cfg, B, T - 1, lora_ranks, args.lm_head_bias, head_rows).coursework for B, T in eval_batches)
-    ledger = flops.Ledger(run / "ledger.jsonl", budget=args.flops_budget)
 
     # State: fresh, or restored exactly from the last checkpoint.
     step, best_val, bad_evals, spent = 0, float("inf"), 0, 0.0
     if args.resume:
-        state = torch.load(state_file, map_location=args.device, weights_only=False)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name in state["trainable"]:
-                    p.copy_(state["trainable"][name])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
-        if state["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        state = restore(state_file, model, optimizer, run)
         step, best_val, bad_evals, spent = state["step"], state["best_val"], state["bad_evals"], state["spent"]
-        for path in (run / "metrics.jsonl", ledger.path):  # drop records written after the checkpoint
-            keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-            path.write_text("".join(line + "\n" for line in keep))
-        ledger = flops.Ledger(ledger.path, budget=args.flops_budget)
         print(f"resuming {run} at step {step} (best validation loss {best_val:.4f})")
-    else:
-        (run / "args.json").write_text(json.dumps(vars(args), indent=2))
+    ledger = flops.Ledger(run / "ledger.jsonl", budget=args.flops_budget)  # on resume: the spending so far
+    if not args.resume:
+        (run / "args.json").write_text(json.dumps({k: v for k, v in vars(args).items() if k not in ("resume", "given")}, indent=2))
         (run / "scaler.json").write_text(json.dumps(scaler.to_dict() | {"decimals": args.decimals, "split_seed": args.seed}))
         plan = flops.plan_run(cfg, args.steps, args.batch, args.context, lora_ranks, args.lm_head_bias, head_rows,
                               ATTENTION_KERNEL, val_every=args.eval_every, val_batches=len(eval_batches))
@@ -356,8 +400,12 @@ def main(argv=None):
     if step == 0 and not args.resume and eval_flops <= args.flops_budget:
         validate()  # the base model's loss: the baseline every later evaluation must beat
     stop_reason = "steps"
+    if args.patience and bad_evals >= args.patience:  # a resumed run that had already stopped early
+        stop_reason, step_limit = "early stopping", step
+    else:
+        step_limit = args.steps
     t_last = time.perf_counter()
-    while step < args.steps:
+    while step < step_limit:
         is_eval = (step + 1) % args.eval_every == 0 or step + 1 == args.steps
         ids, labels = to_batch(train_w, batch_indices(step, len(train_w.input_ids), args.batch, args.seed), args.device)
         cost = step_cost(*ids.shape)
@@ -388,11 +436,11 @@ def main(argv=None):
         bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}", flops=f"{spent:.2e}")
         bar.update(1)
 
+        if on_step is not None:
+            on_step(step)
         if is_eval:
             stop = validate()
             t_last = time.perf_counter()
-            if on_checkpoint is not None:
-                on_checkpoint(step)
             if stop:
                 stop_reason = "early stopping"
                 break
@@ -410,4 +458,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as e:  # bad paths, files or flags: one sentence, no traceback
+        raise SystemExit(f"error: {e}") from None

@@ -25,7 +25,8 @@ def inject_lora(model: nn.Module, r: int, alpha: float = None, dropout: float = 
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if child_name in targets and isinstance(child, nn.Linear):
-                setattr(module, child_name, LoRALinear(child, r, alpha, dropout, init))
+                layer = LoRALinear(child, r, alpha, dropout, init).train(child.training)  # eval stays eval
+                setattr(module, child_name, layer)
                 wrapped.append(f"{name}.{child_name}" if name else child_name)
     if not wrapped:
         raise ValueError(f"No nn.Linear named {', '.join(targets)} in the model; check the LoRA target modules.")
@@ -50,12 +51,6 @@ def mark_only_lora_as_trainable(model: nn.Module, also=()) -> list:
     return trainable
 
 
-def lora_state_dict(model: nn.Module, also=()) -> dict:
-    """The trained parameters only: every lora_A / lora_B (and those named in `also`)."""
-    return {n: p.detach() for n, p in model.named_parameters()
-            if n.rsplit(".", 1)[-1] in ("lora_A", "lora_B") or n in also}
-
-
 def merge_lora(model: nn.Module):
     for m in lora_layers(model).values():
         m.merge()
@@ -70,19 +65,15 @@ def unmerge_lora(model: nn.Module):
 
 def merged_state_dict(model: nn.Module) -> dict:
     """The base model's state dict with every LoRA update folded into its weight, under the
-    original parameter names (`x.q_proj.weight`, not `x.q_proj.base.weight`). The model is
-    left as it was found (merged or not)."""
+    original parameter names (`x.q_proj.weight`, not `x.q_proj.base.weight`). The model itself
+    is not touched."""
     layers = lora_layers(model)
-    was_merged = {n: m.merged for n, m in layers.items()}
-    merge_lora(model)
-    try:
-        sd = {}
-        for name, t in model.state_dict().items():
-            if name.rsplit(".", 1)[-1] in ("lora_A", "lora_B"):
-                continue
-            sd[name.replace(".base.", ".")] = t.detach().clone()
-        return sd
-    finally:
-        for n, m in layers.items():
-            if not was_merged[n]:
-                m.unmerge()
+    sd = {}
+    for name, t in model.state_dict().items():
+        if name.rsplit(".", 1)[-1] in ("lora_A", "lora_B"):
+            continue
+        owner = name.rsplit(".base.", 1)[0] if ".base." in name else None
+        if owner in layers and name.endswith(".base.weight") and not layers[owner].merged:
+            t = t + layers[owner].delta_weight().to(t.dtype)
+        sd[name.replace(".base.", ".")] = t.detach().clone()
+    return sd

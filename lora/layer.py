@@ -7,6 +7,8 @@
 B starts at zero, so a fresh adapter leaves the model exactly as it was; only A and B (r * (in + out)
 numbers instead of in * out) are trained. `merge()` folds B A into W for fast inference and
 `unmerge()` takes it out again; both are explicit and idempotent (no side effect of `eval()`).
+A and B may be kept in float32 while a bfloat16 base computes in bfloat16 (mixed-precision
+training): the branch casts its input to their dtype and its output back.
 """
 
 import math
@@ -32,6 +34,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, dtype=w.dtype, device=w.device))  # (out, r)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self._weight_before_merge = None  # kept only for low-precision bases, where W + d - d != W
         self.reset_lora_parameters(init)
 
     def reset_lora_parameters(self, init: str = "kaiming_normal"):
@@ -61,20 +64,27 @@ class LoRALinear(nn.Module):
         y = self.base(x)
         if self.merged:
             return y
-        h = F.linear(self.dropout(x), self.lora_A) * self.scaling  # (..., r); scaling r numbers, not out
-        return y + F.linear(h, self.lora_B)
+        h = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A) * self.scaling  # (..., r); scale r numbers, not out
+        return y + F.linear(h, self.lora_B).to(y.dtype)
 
     @torch.no_grad()
     def merge(self):
         if not self.merged:
-            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+            w = self.base.weight
+            if w.dtype != torch.float32:  # bf16 rounding would make unmerge inexact: keep the original
+                self._weight_before_merge = w.clone()
+            w += self.delta_weight().to(w.dtype)
             self.merged = True
         return self
 
     @torch.no_grad()
     def unmerge(self):
         if self.merged:
-            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+            if self._weight_before_merge is not None:
+                self.base.weight.copy_(self._weight_before_merge)
+                self._weight_before_merge = None
+            else:
+                self.base.weight -= self.delta_weight()
             self.merged = False
         return self
 

@@ -55,6 +55,8 @@ def save_adapter(model, folder, module_name=lambda n: n, base_model_name_or_path
     _atomic_save(tensors, folder / WEIGHTS)
     if extra:
         _atomic_save({k: v.detach().contiguous().cpu() for k, v in extra.items()}, folder / EXTRA)
+    else:
+        (folder / EXTRA).unlink(missing_ok=True)  # never leave an earlier save's extras behind
     tmp = folder / (CONFIG + ".tmp")
     tmp.write_text(json.dumps(config, indent=2))
     os.replace(tmp, folder / CONFIG)
@@ -65,7 +67,10 @@ def read_adapter_config(folder) -> dict:
     folder = Path(folder)
     if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
         raise FileNotFoundError(f"{folder} is not a LoRA adapter folder: it needs {CONFIG} and {WEIGHTS}.")
-    config = json.loads((folder / CONFIG).read_text())
+    try:
+        config = json.loads((folder / CONFIG).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{folder / CONFIG} is not valid JSON ({e}).") from None
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{folder} holds a {config.get('peft_type')} adapter; only LoRA is supported.")
     for flag in ("use_dora", "fan_in_fan_out"):

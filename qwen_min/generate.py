@@ -124,4 +124,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as e:  # a bad path or file: one sentence, no traceback
+        raise SystemExit(f"error: {e}") from None

@@ -24,7 +24,7 @@ def causal_lm_loss(model, input_ids, labels, vocab_ids=None):
         real = targets != IGNORE_INDEX
         mapped = lookup[targets.clamp(min=0)]  # token id -> index into vocab_ids
         if (mapped[real] == IGNORE_INDEX).any():
-            raise ValueError("A label lies outside the restricted vocabulary; --vocab numeric needs LLMTIME text only.")
+            raise ValueError("A label lies outside the restricted vocabulary; restrict the loss only for text made of those tokens.")
         targets = torch.where(real, mapped, IGNORE_INDEX)
     logits = model.head(h, vocab_ids)  # (B, T-1, V) or (B, T-1, n)
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)

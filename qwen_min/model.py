@@ -188,7 +188,7 @@ class Qwen2(nn.Module):
         w, b = self.lm_head_weight, self.lm_head_bias
         if token_ids is not None:  # e.g. the digits and separators a forecast may contain
             w, b = w[token_ids], None if b is None else b[token_ids]
-        return F.linear(h, w, b)
+        return F.linear(h, w, None if b is None else b.to(h.dtype))  # a float32 trained bias on a bf16 model
 
     @staticmethod
     def _positions_and_mask(B, T, past, attention_mask, device):

@@ -107,8 +107,9 @@ def save_pretrained(state_dict: dict, cfg: Qwen2Config, folder, copy_from=None) 
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    (tmp / "config.json").write_text(json.dumps(cfg.to_hf_dict() | {"torch_dtype": "float32"}, indent=2))
     tensors = {hf_name(n): t.detach().contiguous().cpu() for n, t in state_dict.items()}
+    dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    (tmp / "config.json").write_text(json.dumps(cfg.to_hf_dict() | {"torch_dtype": dtype}, indent=2))
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     if copy_from is not None:
         for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):

@@ -42,8 +42,15 @@ def test_stop_tokens_end_a_row_and_pad_the_rest():
             k = ref.index(stop_id)
             assert row[:k + 1] == ref[:k + 1] and all(t == 0 for t in row[k + 1:])
         else:
-            assert row[:len(row)] == ref[:len(row)]
-    assert new.shape[1] <= 10
+            assert row == ref[:len(row)]
+
+
+def test_generation_ends_when_every_row_has_stopped():
+    model = random_model(tiny_config())
+    free = generate(model, ROWS, max_new_tokens=10, stop_token_ids=[])
+    third = free[:, -8].tolist()  # the 3rd new token of each row
+    out = generate(model, ROWS, max_new_tokens=10, stop_token_ids=third, pad_token_id=0)
+    assert out.shape[1] <= free.shape[1] - 7  # no row ran past its 3rd token, so neither did the batch
 
 
 def test_allowed_tokens_are_the_only_ones_produced():

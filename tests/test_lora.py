@@ -143,3 +143,54 @@ def test_merged_export_loads_in_transformers(tmp_path):
         assert (hf(IDS).logits - logits(model)).abs().max().item() <= 1e-5
     with pytest.raises(ValueError, match="no lm_head bias"):
         save_pretrained({"lm_head_bias": torch.zeros(1)}, model.config, tmp_path / "x")
+
+
+def test_float32_lora_on_bfloat16_base_with_and_without_autocast():
+    """Mixed precision as train.py runs it: bf16 base, float32 LoRA matrices (and head bias)."""
+    model = random_model(tiny_config(), lm_head_bias=True, dtype=torch.bfloat16)
+    inject_lora(model, r=4)
+    for p in [*model.parameters()]:
+        if p.dtype == torch.bfloat16 and p.dim() == 1 and p.shape[0] == 160:
+            p.data = p.data.float()  # the lm_head bias
+    for m in lora_layers(model).values():
+        m.lora_A.data, m.lora_B.data = m.lora_A.data.float(), m.lora_B.data.float()
+    randomise_lora(model)
+    plain = logits(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = logits(model)
+    assert plain.dtype == torch.bfloat16 and torch.isfinite(plain).all()
+    assert (plain.float() - auto.float()).abs().max().item() <= 0.05 * plain.float().abs().max().item()
+
+
+def test_bfloat16_merge_then_unmerge_restores_the_base_exactly():
+    model = random_model(tiny_config(), dtype=torch.bfloat16)
+    inject_lora(model, r=4)
+    randomise_lora(model)
+    before = {n: m.base.weight.clone() for n, m in lora_layers(model).items()}
+    merged = merged_state_dict(model)  # out of place: the model is not touched
+    assert all(torch.equal(m.base.weight, before[n]) for n, m in lora_layers(model).items())
+    assert not torch.equal(merged["layers.0.self_attn.q_proj.weight"], before["layers.0.self_attn.q_proj"])
+    merge_lora(model)
+    assert torch.equal(merged["layers.0.self_attn.q_proj.weight"], lora_layers(model)["layers.0.self_attn.q_proj"].base.weight)
+    unmerge_lora(model)
+    assert all(torch.equal(m.base.weight, before[n]) for n, m in lora_layers(model).items())
+
+
+def test_injected_layers_follow_the_model_mode():
+    model = random_model(tiny_config()).eval()
+    inject_lora(model, r=2, dropout=0.5)
+    randomise_lora(model)
+    assert not any(m.training for m in lora_layers(model).values())
+    assert torch.equal(logits(model), logits(model))  # no dropout at eval
+
+
+def test_rslora_adapter_from_peft_loads_with_its_scaling(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = random_model(tiny_config())
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_rslora=True, init_lora_weights=False)
+    peft_model = peft.get_peft_model(hf_twin(model), cfg).eval()
+    peft_model.save_pretrained(tmp_path / "rs")
+    load_adapter(model, tmp_path / "rs", module_name=hf_name)
+    assert next(iter(lora_layers(model).values())).scaling == pytest.approx(8 / 4 ** 0.5)
+    with torch.no_grad():
+        assert (peft_model(IDS).logits - logits(model)).abs().max().item() <= 1e-5

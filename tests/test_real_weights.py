@@ -54,7 +54,6 @@ def test_kv_cache_matches_full_forward(models):
     inc = torch.cat([pre] + steps, dim=1)
     # float32 rounding on logits of magnitude ~30 (different kernel shapes for 1 and T queries)
     assert (inc - full)[mask.bool()].abs().max().item() <= 1e-4
-    assert (inc - full)[:, -4:][mask[:, -4:].bool()].abs().max().item() <= 1e-4
 
 
 @pytest.mark.parametrize("batched", [False, True])

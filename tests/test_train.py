@@ -51,24 +51,54 @@ def test_training_lowers_the_loss_and_writes_every_output(ckpt, tmp_path):
 
 
 def test_killed_and_resumed_run_ends_identical_to_an_uninterrupted_one(ckpt, tmp_path, monkeypatch):
-    flags = ("--steps", "15", "--lr", "5e-3", "--dropout", "0.1", "--schedule", "cosine", "--warmup", "3")
-    train.main(run_args(ckpt, tmp_path / "whole", *flags))
+    flags = ("--steps", "15", "--lr", "5e-3", "--dropout", "0.1", "--schedule", "cosine", "--warmup", "3", "--lm-head-bias")
+    whole = train.main(run_args(ckpt, tmp_path / "whole", *flags))
 
     def kill(step):
-        if step == 10:
+        if step == 12:  # two steps after the checkpoint at step 10: their logs must be dropped on resume
             raise KeyboardInterrupt
-    monkeypatch.setattr(train, "on_checkpoint", kill)
+    monkeypatch.setattr(train, "on_step", kill)
     with pytest.raises(KeyboardInterrupt):
         train.main(run_args(ckpt, tmp_path / "killed", *flags))
-    monkeypatch.setattr(train, "on_checkpoint", None)
-    state = torch.load(tmp_path / "killed" / "state.pt", weights_only=False)
-    assert state["step"] == 10
-    train.main(["--out", str(tmp_path / "killed"), "--resume", "--no-progress"])
-    a = load_file(str(tmp_path / "whole/adapter/adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "killed/adapter/adapter_model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert records(tmp_path / "whole", "train") != [] and \
-        [r["loss"] for r in records(tmp_path / "whole", "train")] == [r["loss"] for r in records(tmp_path / "killed", "train")]
+    monkeypatch.setattr(train, "on_step", None)
+    assert torch.load(tmp_path / "killed" / "state.pt", weights_only=False)["step"] == 10
+    resumed = train.main(["--out", str(tmp_path / "killed"), "--resume", "--no-progress"])
+    for folder in ("adapter", "best"):
+        for name in ("adapter_model.safetensors", "extra_parameters.safetensors"):
+            a, b = (load_file(str(tmp_path / run / folder / name)) for run in ("whole", "killed"))
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for kind in ("train", "val"):
+        strip = lambda rs: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rs]
+        assert strip(records(tmp_path / "whole", kind)) == strip(records(tmp_path / "killed", kind))
+    ledgers = [(tmp_path / run / "ledger.jsonl").read_text().replace(f'"stage": "{run}"', "") for run in ("whole", "killed")]
+    assert ledgers[0] == ledgers[1] and ledgers[0].count("\n") == 2 + 15 + 4  # plan, steps, validations
+    assert whole["flops_spent"] == resumed["flops_spent"] and whole["best_val_loss"] == resumed["best_val_loss"]
+
+
+def test_resume_can_extend_a_run_but_not_change_what_it_is(ckpt, tmp_path, capsys):
+    run = tmp_path / "run"
+    train.main(run_args(ckpt, run, "--steps", "5"))
+    with pytest.raises(SystemExit, match="--rank cannot change"):
+        train.main(["--out", str(run), "--resume", "--rank", "2"])
+    summary = train.main(["--out", str(run), "--resume", "--steps", "10", "--no-progress"])
+    assert summary["steps"] == 10 and len(records(run, "train")) == 10
+    assert json.loads((run / "args.json").read_text())["steps"] == 10
+
+
+def test_resuming_an_early_stopped_run_trains_no_further(ckpt, tmp_path):
+    run = tmp_path / "run"
+    first = train.main(run_args(ckpt, run, "--steps", "50", "--lr", "1e-12", "--eval-every", "2", "--patience", "1"))
+    again = train.main(["--out", str(run), "--resume", "--no-progress"])
+    assert first["stop_reason"] == again["stop_reason"] == "early stopping"
+    assert again["steps"] == first["steps"] and again["flops_spent"] == first["flops_spent"]
+
+
+def test_bfloat16_precision_trains_with_float32_adapters(ckpt, tmp_path):
+    run = tmp_path / "run"
+    summary = train.main(run_args(ckpt, run, "--steps", "3", "--precision", "bf16", "--lr", "1e-2"))
+    assert summary["steps"] == 3 and all(r["loss"] == r["loss"] for r in records(run, "train"))  # finite, not NaN
+    tensors = load_file(str(run / "adapter/adapter_model.safetensors"))
+    assert all(t.dtype == torch.float32 for t in tensors.values())
 
 
 def test_export_merged_checkpoint_loads_in_transformers(ckpt, tmp_path):
@@ -115,11 +145,33 @@ def test_numeric_vocabulary_loss_trains(ckpt, tmp_path):
     (["--stride", "100"], "--stride"),
     (["--lr", "nan"], "--lr"),
     (["--resume"], "--resume needs --out"),
+    (["--device", "gpu"], "unknown --device"),
 ])
 def test_nonsense_flags_get_one_clear_error(flags, message, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--context", "48", *flags])
     assert message in capsys.readouterr().err
+
+
+def test_bad_paths_end_in_one_sentence_without_traceback(ckpt, tmp_path):
+    import subprocess
+    import sys
+
+    for flags, message in [(["--data", str(tmp_path / "missing.h5")], "missing.h5"),
+                           (["--model", str(tmp_path / "nowhere")], "does not exist")]:
+        out = subprocess.run([sys.executable, str(train.__file__), "--model", str(ckpt), "--out", str(tmp_path / "r"), *flags],
+                             capture_output=True, text=True)
+        assert out.returncode != 0 and "Traceback" not in out.stderr
+        assert out.stderr.startswith("error: ") and message in out.stderr and out.stderr.count("\n") == 1
+
+
+def test_too_few_trajectories_for_validation_is_refused(ckpt, tmp_path):
+    from data import lotka_volterra
+
+    traj, t = lotka_volterra.simulate(3, seed=0)
+    lotka_volterra.save(tmp_path / "three.h5", traj, t)
+    with pytest.raises(SystemExit, match="too few for a validation split"):
+        train.main(run_args(ckpt, tmp_path / "run", "--data", str(tmp_path / "three.h5")))
 
 
 def test_resume_without_a_run_and_overwriting_a_run_are_refused(ckpt, tmp_path):
