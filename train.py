@@ -329,9 +329,7 @@ def main(argv=None):
         p.data = p.data.float()
     model.train()
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    vocab_ids = torch.tensor(tok.encode(LLMTIME_ALPHABET), device=args.device) if args.vocab == "numeric" else None
-    if vocab_ids is not None and len(vocab_ids) != len(LLMTIME_ALPHABET):
-        raise SystemExit("error: this tokenizer does not give one token per digit and separator; use --vocab full.")
+    vocab_ids = torch.tensor(tok.character_ids(LLMTIME_ALPHABET), device=args.device) if args.vocab == "numeric" else None
 
     def autocast():
         return torch.autocast(device_type=torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.precision == "bf16")

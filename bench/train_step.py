@@ -76,7 +76,7 @@ def main():
     lora.inject_lora(ours, r=args.rank)
     ours_params = [ours.get_parameter(n) for n in lora.mark_only_lora_as_trainable(ours)]
     ours.train()
-    vocab_ids = torch.tensor(tok.encode(LLMTIME_ALPHABET), device=args.device) if args.vocab == "numeric" else None
+    vocab_ids = torch.tensor(tok.character_ids(LLMTIME_ALPHABET), device=args.device) if args.vocab == "numeric" else None
 
     ref = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device)
     ref = peft.get_peft_model(ref, peft.LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=["q_proj", "v_proj"],

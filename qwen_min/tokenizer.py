@@ -46,6 +46,16 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def character_ids(self, chars: str) -> list:
+        """The id of each character alone, e.g. of "0123456789.,;" for LLMTIME's digits and separators.
+
+        Encoding the string whole would not do: BPE merges neighbours (".," is one Qwen token)."""
+        ids = [self.encode(c) for c in chars]
+        bad = [c for c, i in zip(chars, ids) if len(i) != 1]
+        if bad:
+            raise ValueError(f"This tokenizer does not give the character(s) {''.join(bad)!r} one token each.")
+        return [i[0] for i in ids]
+
     def token_to_id(self, token: str):
         return self._tok.token_to_id(token)
 

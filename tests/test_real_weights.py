@@ -76,6 +76,10 @@ def test_real_tokenizer_digits_separators_and_chat_template(models, checkpoint):
     assert [tok.encode(c)[0] for c in "0123456789"] == list(range(15, 25))
     assert (tok.encode("."), tok.encode(","), tok.encode(";")) == ([13], [11], [26])
     assert len(tok.encode(LLMTIME)) == len(LLMTIME)  # one token per character
+    assert tok.character_ids("0123456789.,;") == list(range(15, 25)) + [13, 11, 26]
+    assert len(tok.encode("0123456789.,;")) == 12  # BPE merges ".," when they touch
+    with pytest.raises(ValueError, match="one token each"):
+        tok.character_ids("1\U0001d11e")  # the G clef is two byte-level tokens
     assert (tok.pad_id, tok.im_start_id, tok.eos_id) == (151643, 151644, 151645)
     hf_tok = transformers.AutoTokenizer.from_pretrained(checkpoint)
     messages = [{"role": "user", "content": "Forecast: " + LLMTIME}]

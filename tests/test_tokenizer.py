@@ -23,6 +23,12 @@ def test_encode_decode_and_special_tokens(tmp_path):
     assert tok.encode_batch(["1", "22"]) == [tok.encode("1"), tok.encode("22")]
 
 
+def test_character_ids_are_the_ids_of_each_character(tmp_path):
+    write_tokenizer(tmp_path / "tokenizer.json")
+    tok = Tokenizer.from_pretrained(tmp_path)
+    assert tok.character_ids("01;") == [tok.encode("0")[0], tok.encode("1")[0], tok.encode(";")[0]]
+
+
 def test_own_system_prompt_replaces_the_default():
     text = Tokenizer.chat_prompt([{"role": "system", "content": "S"}, {"role": "user", "content": "U"}], add_generation_prompt=False)
     assert text == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n"
