@@ -27,8 +27,7 @@ import torch
 
 from data import baselines, llmtime, lotka_volterra, metrics, splits, windows
 from data.forecast import forecast_tasks, read_forecast
-from qwen_min import KVCache, Qwen2, Tokenizer
-from qwen_min.generate import pad_left, sample
+from qwen_min import Qwen2, Tokenizer, generate
 from qwen_min.loss import causal_lm_loss
 
 LLMTIME_ALPHABET = "0123456789.,;"
@@ -202,56 +201,26 @@ def cross_entropy(model, tok, scaled, args):
 
 # ---------------------------------------------------------------- forecasting
 
-@torch.inference_mode()
 def generate_forecasts(model, prompts, h, max_new_tokens, sep_id, n_samples=1, temperature=0.0, top_k=None,
                        top_p=None, seed=None, allowed_token_ids=None, stop_token_ids=(), pad_id=0):
     """Continues each prompt until it has written h steps (h separators), a stop token, or max_new_tokens.
 
-    prompts: B token-id lists. One prefill per prompt; its KV cache rows are then copied to the
-    n_samples continuations. Rows that finish leave the batch, so the rest decode faster.
+    prompts: B token-id lists. One prefill per prompt, shared by its n_samples continuations.
     Returns new tokens (B, n_samples, n) int64, finished rows filled with pad_id.
     """
-    device = model.embed_tokens.weight.device
-    input_ids, mask = (t.to(device) for t in pad_left(prompts, pad_id))  # (B, T) each
-    B, T = input_ids.shape
-    allowed = None if allowed_token_ids is None else torch.as_tensor(list(allowed_token_ids), device=device)
-    stop = torch.as_tensor(list(stop_token_ids), dtype=torch.long, device=device)
-    generator = None if seed is None else torch.Generator(device).manual_seed(seed)
-
-    cache = KVCache.for_model(model, B, T + max_new_tokens)
-    hidden = model.body(input_ids, mask, cache)[:, -1:]  # prefill; (B, 1, D) at the last position
-    rows = torch.arange(B, device=device).repeat_interleave(n_samples)  # (R,) R = B * n_samples
-    cache.select(rows)
-    mask, hidden = mask[rows], hidden[rows]
-    R = len(rows)
-    out = torch.full((R, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    active = torch.arange(R, device=device)  # which of the R rows are still decoding
-    steps_done = torch.zeros(R, dtype=torch.long, device=device)
-    n = 0
-    for n in range(1, max_new_tokens + 1):
-        logits = model.head(hidden, allowed)[:, -1]  # (r, V) or (r, n_allowed)
-        token = sample(logits, temperature, top_k, top_p, generator)  # (r,)
-        token = allowed[token] if allowed is not None else token
-        out[active, n - 1] = token
-        steps_done[active] += token == sep_id
-        keep = (steps_done[active] < h) & ~torch.isin(token, stop)
-        if not keep.all():  # drop finished rows from the batch and the cache
-            kept = keep.nonzero().squeeze(1)
-            active, token, mask = active[kept], token[kept], mask[kept]
-            cache.select(kept)
-        if len(active) == 0 or n == max_new_tokens:
-            break
-        mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
-        hidden = model.body(token[:, None], mask, cache)  # (r, 1, D)
-    return out[:, :n].reshape(B, n_samples, n).cpu()
+    out = generate(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                   allowed_token_ids=allowed_token_ids, stop_token_ids=stop_token_ids, stop_after=(sep_id, h),
+                   num_samples=n_samples, pad_token_id=pad_id)  # (B * n_samples, T + n)
+    new = out[:, max(len(p) for p in prompts):]
+    return new.reshape(len(prompts), n_samples, -1).cpu()
 
 
 def alphabet_ids(tok):
     """The token ids of the 13 LLMTIME characters (one by one: BPE would merge e.g. '.,')."""
-    ids = [tok.encode(c) for c in LLMTIME_ALPHABET]
-    if any(len(i) != 1 for i in ids):
-        raise SystemExit("error: this tokenizer does not give one token per digit and separator; pass --unrestricted.")
-    return [i[0] for i in ids]
+    try:
+        return tok.character_ids(LLMTIME_ALPHABET)
+    except ValueError:
+        raise SystemExit("error: this tokenizer does not give one token per digit and separator; pass --unrestricted.") from None
 
 
 def token_budget(tasks, h):

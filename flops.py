@@ -6,7 +6,7 @@ same order, whose lines are the lines of that module's `forward`, counted:
     model.py                              flops.py
     RMSNorm.forward                       rms_norm(n, dim)
     RotaryEmbedding.forward               rotary_embedding()            (table lookup: free)
-    rotate_half, apply_rotary, repeat_kv  rotate_half, apply_rotary, repeat_kv
+    rotate_half, apply_rotary             rotate_half, apply_rotary
     F.scaled_dot_product_attention        scaled_dot_product_attention(B, H, T, S, hd)
     Attention.forward                     attention(cfg, B, T, S, lora)
     MLP.forward                           mlp(cfg, n, lora)
@@ -198,11 +198,6 @@ def apply_rotary(n: int, hd: int) -> Cost:
     return ops(mul=n * hd) + rotate_half(n, hd) + ops(mul=n * hd) + ops(add=n * hd)
 
 
-def repeat_kv() -> Cost:
-    """Each kv head shared by n_rep query heads: expand and reshape, a copy: free."""
-    return FREE
-
-
 def softmax(rows: int, n: int) -> Cost:
     """softmax over the last dim of (rows, n): max, subtract, exp, sum, divide."""
     return ops(cmp=rows * (n - 1), add=rows * n, exp=rows * n) + ops(add=rows * (n - 1), div=rows * n)
@@ -239,7 +234,7 @@ def attention(cfg, B: int, T: int, S: int = None, lora=None) -> Cost:
                  k_proj=projection(n, D, K * hd, True, lora.get("k_proj", 0)),
                  v_proj=projection(n, D, K * hd, True, lora.get("v_proj", 0)),
                  rotary=apply_rotary(B * H * T, hd) + apply_rotary(B * K * T, hd),  # q and k
-                 repeat_kv=repeat_kv(),  # (cache.update: a copy, free)
+                 # (cache.update is a copy, and enable_gqa reads each kv head in place: both free)
                  sdpa=scaled_dot_product_attention(B, H, T, S, hd),
                  o_proj=projection(n, H * hd, D, False, lora.get("o_proj", 0)))
 
@@ -376,7 +371,7 @@ def attention_backward(cfg, B, T, S=None, lora=None, grad_input=True, kernel="fu
     if not g_out:
         return FREE
     n_rep = H // K
-    sum_reps = ops(add=B * K * S * hd * (n_rep - 1))  # repeat_kv^T: each kv head's n_rep copies summed
+    sum_reps = ops(add=B * K * S * hd * (n_rep - 1))  # enable_gqa's backward: n_rep query heads' grads summed per kv head
 
     def proj(name, d_out, needed):
         return linear_backward(n, D, d_out, lora.get(name, 0), grad_input) if needed else FREE
@@ -387,7 +382,7 @@ def attention_backward(cfg, B, T, S=None, lora=None, grad_input=True, kernel="fu
                  inputs=ops(add=2 * n * D) if grad_input else FREE,  # dx from q, k, v summed
                  rotary=(apply_rotary_backward(B * H * T, hd) if g_q else FREE)
                  + (apply_rotary_backward(B * K * T, hd) if g_k else FREE),
-                 repeat_kv=(sum_reps if g_k else FREE) + (sum_reps if g_v else FREE),
+                 gqa_sum=(sum_reps if g_k else FREE) + (sum_reps if g_v else FREE),
                  sdpa=scaled_dot_product_attention_backward(B, H, T, S, hd, g_q, g_k, g_v, kernel) if g_y else FREE,
                  o_proj=linear_backward(n, H * hd, D, lora.get("o_proj", 0), g_y))
 

@@ -46,15 +46,20 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
 
 @torch.inference_mode()
 def generate(model, input_ids, max_new_tokens=64, attention_mask=None, temperature=0.0, top_k=None, top_p=None,
-             seed=None, allowed_token_ids=None, stop_token_ids=None, pad_token_id=None):
+             seed=None, allowed_token_ids=None, stop_token_ids=None, stop_after=None, num_samples=1, pad_token_id=None):
     """Continues each prompt by up to max_new_tokens tokens.
 
     input_ids: (B, T) tensor (left-padded, with attention_mask (B, T)) or a list of token-id lists.
     allowed_token_ids: if given, only these tokens can be produced (and only their logits are
         computed: a forecast needs 13 of the 151,936 output rows).
-    stop_token_ids: a row stops after producing one of these (default: the config's eos);
-        finished rows are filled with pad_token_id, and generation ends when all rows stop.
-    Returns (B, T + n_new) token ids: the prompts followed by the new tokens, like transformers.
+    stop_token_ids: a row ends after producing one of these (default: the config's eos).
+    stop_after: (token_id, n): a row also ends once it has produced token_id n times
+        (e.g. (id of ";", h): a forecast of h time steps).
+    num_samples: continuations per prompt, all from one prefill of it (its cache rows are copied).
+    Finished rows leave the batch (the rest decode faster) and are filled with pad_token_id;
+    generation ends when every row has finished.
+    Returns (B * num_samples, T + n_new) token ids, each prompt's samples in consecutive rows:
+    the prompts followed by the new tokens, like transformers.
     """
     cfg = model.config
     pad_token_id = cfg.bos_token_id if pad_token_id is None else pad_token_id
@@ -64,33 +69,44 @@ def generate(model, input_ids, max_new_tokens=64, attention_mask=None, temperatu
         raise ValueError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}.")
     device = model.embed_tokens.weight.device
     input_ids = input_ids.to(device)
-    if attention_mask is not None:
-        attention_mask = attention_mask.to(device)
-    stop = torch.as_tensor([cfg.eos_token_id] if stop_token_ids is None else list(stop_token_ids), device=device)
+    mask = None if attention_mask is None else attention_mask.to(device)
+    stop = torch.as_tensor([cfg.eos_token_id] if stop_token_ids is None else list(stop_token_ids), dtype=torch.long, device=device)
     allowed = None if allowed_token_ids is None else torch.as_tensor(list(allowed_token_ids), device=device)
     generator = None if seed is None else torch.Generator(device).manual_seed(seed)
 
     B, T = input_ids.shape
     cache = KVCache.for_model(model, B, T + max_new_tokens)
-    h = model.body(input_ids, attention_mask, cache)[:, -1:]  # prefill; (B, 1, D) for the last position
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    new_tokens = []
-    for step in range(max_new_tokens):
-        logits = model.head(h, allowed)[:, -1]  # (B, V) or (B, n_allowed)
-        token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
+    h = model.body(input_ids, mask, cache)[:, -1:]  # prefill; (B, 1, D) for the last position
+    if num_samples > 1:  # every sample of a prompt continues from the same prefill
+        rows = torch.arange(B, device=device).repeat_interleave(num_samples)  # (R,)
+        cache.select(rows)
+        input_ids, h, mask = input_ids[rows], h[rows], None if mask is None else mask[rows]
+    R = input_ids.shape[0]
+    new = torch.full((R, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    active = torch.arange(R, device=device)  # the rows still generating
+    counted = torch.zeros(R, dtype=torch.long, device=device)  # occurrences of stop_after's token
+    n = 0
+    for n in range(1, max_new_tokens + 1):
+        logits = model.head(h, allowed)[:, -1]  # (r, V) or (r, n_allowed)
+        token = sample(logits, temperature, top_k, top_p, generator)  # (r,)
         if allowed is not None:
             token = allowed[token]
-        token = token.masked_fill(finished, pad_token_id)
-        new_tokens.append(token)
-        finished |= torch.isin(token, stop)
-        if finished.all() or step == max_new_tokens - 1:
+        new[active, n - 1] = token
+        done = torch.isin(token, stop)
+        if stop_after is not None:
+            counted[active] += token == stop_after[0]
+            done |= counted[active] >= stop_after[1]
+        if done.any():  # finished rows leave the batch and the cache
+            keep = (~done).nonzero().squeeze(1)
+            active, token = active[keep], token[keep]
+            mask = None if mask is None else mask[keep]
+            cache.select(keep)
+        if len(active) == 0 or n == max_new_tokens:
             break
-        if attention_mask is not None:
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
-        h = model.body(token[:, None], attention_mask, cache)  # decode one token: (B, 1, D)
-    if not new_tokens:
-        return input_ids
-    return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
+        h = model.body(token[:, None], mask, cache)  # decode one token: (r, 1, D)
+    return torch.cat([input_ids, new[:, :n]], dim=1)
 
 
 def main(argv=None):

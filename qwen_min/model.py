@@ -63,13 +63,6 @@ def apply_rotary(x, cos, sin):  # x: (B, H, T, hd); cos, sin: (B, 1, T, hd)
     return x * cos + rotate_half(x) * sin
 
 
-def repeat_kv(x, n_rep: int):  # (B, K, S, hd) -> (B, K * n_rep, S, hd): each kv head serves n_rep query heads
-    if n_rep == 1:
-        return x
-    B, K, S, hd = x.shape
-    return x[:, :, None].expand(B, K, n_rep, S, hd).reshape(B, K * n_rep, S, hd)
-
-
 class Attention(nn.Module):
     """Grouped-query self-attention: H query heads share K key/value heads; q, k, v have biases."""
 
@@ -91,10 +84,10 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:  # store the K new keys/values, get back all S so far
             k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, hd)
-        n_rep = self.n_heads // self.n_kv_heads
-        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # (B, H, S, hd)
-        # softmax(q k^T / sqrt(hd) + mask) v; PyTorch accumulates the softmax in float32.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, H, T, hd)
+        # softmax(q k^T / sqrt(hd) + mask) v, the softmax accumulated in float32. enable_gqa: query
+        # head h reads kv head h // (H / K) in place; copying the K heads out to H (transformers'
+        # repeat_kv) would move 7x the cache through memory at every decoding step.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)  # (B, H, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H * hd)
         return self.o_proj(y)
 

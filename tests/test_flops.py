@@ -77,9 +77,12 @@ def training_step(model, B, T, head_rows=None):
     return run
 
 
-def fused_sdpa(q, k, v, attn_mask=None, is_causal=False):
-    """The memory-efficient kernel, which has a meta implementation, in place of the math path."""
+def fused_sdpa(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False):
+    """The memory-efficient kernel, which has a meta implementation, in place of the math path.
+    It needs as many kv heads as query heads, so grouped kv heads are copied out (free)."""
     assert attn_mask is None
+    n_rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
     return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, is_causal=is_causal)[0]
 
 

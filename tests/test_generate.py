@@ -97,3 +97,25 @@ def test_command_line_generates_from_a_checkpoint_folder(tmp_path, capsys):
     assert 0 < len(out) <= 8  # one character per token in the tiny tokenizer, specials skipped
     with pytest.raises(SystemExit):
         main(["--model", str(folder), "--prompt", "x", "--top-p", "1.5"])
+
+
+def test_samples_share_one_prefill_and_greedy_samples_agree():
+    model = random_model(tiny_config())
+    greedy = generate(model, ROWS, max_new_tokens=8, stop_token_ids=[])
+    three = generate(model, ROWS, max_new_tokens=8, num_samples=3, stop_token_ids=[])
+    assert three.shape == (9, greedy.shape[1]) and torch.equal(three, greedy.repeat_interleave(3, dim=0))
+    hot = generate(model, ROWS, max_new_tokens=8, num_samples=4, temperature=2.0, seed=0, stop_token_ids=[])
+    assert len({tuple(r) for r in hot[:4, -8:].tolist()}) > 1  # samples of one prompt differ
+    assert all(torch.equal(hot[i, :-8], hot[4 * (i // 4), :-8]) for i in range(12))  # and share its prompt
+
+
+def test_stop_after_ends_a_row_at_its_nth_occurrence_of_a_token():
+    model = random_model(tiny_config())
+    free = generate(model, ROWS, max_new_tokens=12, stop_token_ids=[])[:, -12:]
+    target = free[0, 0].item()  # row 0 produces this first, so it ends after its 2nd occurrence
+    out = generate(model, ROWS, max_new_tokens=12, stop_token_ids=[], stop_after=(target, 2), pad_token_id=0)
+    new = out[:, len(ROWS[0]):]  # the longest prompt sets the padded width
+    for row, ref in zip(new.tolist(), free.tolist()):
+        hits = [i for i, t in enumerate(ref) if t == target]
+        end = hits[1] + 1 if len(hits) >= 2 else len(row)
+        assert row[:end] == ref[:end] and all(t == 0 for t in row[end:])
