@@ -27,7 +27,9 @@ import torch
 
 from data import baselines, llmtime, lotka_volterra, metrics, splits, windows
 from data.forecast import forecast_tasks, read_forecast
+import flops
 from qwen_min import Qwen2, Tokenizer, generate
+from qwen_min.generate import produced_lengths
 from qwen_min.loss import causal_lm_loss
 
 LLMTIME_ALPHABET = "0123456789.,;"
@@ -41,7 +43,8 @@ PRESETS = {
 }
 DEFAULTS = dict(model="Qwen/Qwen2.5-0.5B-Instruct", data=None, n_series=1000, seed=0, k=50, h=50, scaling="global",
                 percentile=95.0, scale_target=10.0, decimals=2, context=512, lm_head_bias=False)
-RUN_KEYS = ("model", "data", "n_series", "seed", "scaling", "percentile", "scale_target", "decimals", "context", "lm_head_bias")
+# What makes the test split and the encoding: a run's values of these cannot be overridden.
+RUN_FIXED = ("data", "n_series", "seed", "scaling", "percentile", "scale_target", "decimals")
 
 
 def parse_args(argv=None):
@@ -99,7 +102,14 @@ def resolve(args, p):
         run = Path(args.run)
         if not (run / "args.json").is_file():
             p.error(f"{run} holds no args.json; pass a train.py run folder to --run")
-        run_args = json.loads((run / "args.json").read_text())
+        try:
+            run_args = json.loads((run / "args.json").read_text())
+        except json.JSONDecodeError:
+            p.error(f"{run}/args.json is not valid JSON; is {run} a train.py run folder?")
+        changed = [k for k in RUN_FIXED if getattr(args, k) is not None and getattr(args, k) != run_args.get(k)]
+        if changed:
+            p.error(f"--{changed[0].replace('_', '-')} differs from the run's; its test split and encoding are fixed "
+                    "by the run (train.py's args.json), so evaluate it without that flag")
         if args.adapter is None and not args.no_adapter:
             args.adapter = str(run / "best") if (run / "best").is_dir() else str(run / "adapter")
     preset = PRESETS.get(args.preset, {})
@@ -124,6 +134,10 @@ def resolve(args, p):
         (args.top_p is None or 0 < args.top_p <= 1, "--top-p must be in (0, 1]"),
         (args.top_k is None or args.top_k >= 1, "--top-k must be at least 1"),
         (args.limit is None or args.limit >= 1, "--limit must be at least 1"),
+        (0 < args.percentile <= 100 and args.scale_target > 0, "need 0 < --percentile <= 100 and --scale-target > 0"),
+        (args.seed >= 0 and args.n_series >= 1, "--seed must be >= 0 and --n-series >= 1"),
+        (args.context >= 2, "--context must be at least 2 tokens"),
+        (args.plots >= 0 and args.lv_iterations >= 0, "--plots and --lv-iterations must be >= 0"),
     ]
     for ok, message in checks:
         if not ok:
@@ -187,7 +201,7 @@ def scalers(args, traj, split, test):
 def cross_entropy(model, tok, scaled, args):
     """Mean next-token cross-entropy over windows of the scaled test series (N, T, 2), full vocabulary."""
     w = windows.dataset_windows(scaled, tok, args.context, args.context, args.decimals, tok.pad_id)
-    total, count = 0.0, 0
+    total, count, spent = 0.0, 0, 0.0
     for start in range(0, len(w.input_ids), args.batch):
         rows = slice(start, start + args.batch)
         n_real = int(w.attention_mask[rows].sum(1).max())  # cut trailing all-padding columns
@@ -196,7 +210,8 @@ def cross_entropy(model, tok, scaled, args):
         tokens = int((labels[:, 1:] != -100).sum())
         total += causal_lm_loss(model, ids, labels).item() * tokens
         count += tokens
-    return {"mean": total / max(count, 1), "tokens": count, "windows": len(w.input_ids)}
+        spent += flops.forward(model.config, ids.shape[0], ids.shape[1] - 1, lm_head_bias=model.lm_head_bias is not None).coursework
+    return {"mean": total / max(count, 1), "tokens": count, "windows": len(w.input_ids), "flops": spent}
 
 
 # ---------------------------------------------------------------- forecasting
@@ -230,29 +245,35 @@ def token_budget(tasks, h):
 
 
 def forecast(model, tok, tasks, scaler, args):
-    """Tasks -> samples (N, S, h, 2) in original units, repair counts, generated-token count."""
+    """Tasks -> samples (N, S, h, 2) in original units, repair counts, generated tokens and their FLOPs."""
     sep_id = tok.encode(";")[0]
     allowed = None if args.unrestricted else alphabet_ids(tok)
     per_batch = max(1, args.batch // args.samples)
     longest = max(len(t.prompt_ids) for t in tasks)
     max_new = min(token_budget(tasks, args.h), model.config.max_seq_len - longest)  # RoPE tables end at max_seq_len
-    if max_new < args.h:
+    if max_new < token_budget(tasks, args.h):
         raise SystemExit(f"error: prompts of {longest} tokens leave no room for {args.h} steps in the model's {model.config.max_seq_len} positions; lower --k or --h.")
     values = np.zeros((len(tasks), args.samples, args.h, 2))
-    repairs, repaired, n_tokens = Counter(), 0, 0
+    repairs, repaired, n_tokens, spent = Counter(), 0, 0, 0.0
     for start in range(0, len(tasks), per_batch):
         batch = tasks[start:start + per_batch]
-        new = generate_forecasts(model, [t.prompt_ids.tolist() for t in batch], args.h, max_new, sep_id, args.samples,
+        prompts = [t.prompt_ids.tolist() for t in batch]
+        new = generate_forecasts(model, prompts, args.h, max_new, sep_id, args.samples,
                                  args.temperature, args.top_k, args.top_p, args.sample_seed + start, allowed,
                                  tok.stop_ids, tok.pad_id)  # (b, S, n)
-        n_tokens += int((new != tok.pad_id).sum())
+        lengths = produced_lengths(new.flatten(0, 1), tok.stop_ids, (sep_id, args.h))  # rows leave when done
+        n = new.shape[2]
+        spent += flops.generate(model.config, len(batch), max(map(len, prompts)), n, None if allowed is None else len(allowed),
+                                lm_head_bias=model.lm_head_bias is not None, samples=args.samples,
+                                active=[sum(length > j for length in lengths) for j in range(n)]).coursework
+        n_tokens += sum(lengths)
         for i, task in enumerate(batch):
             for s in range(args.samples):
                 text = tok.decode(new[i, s].tolist())
                 values[start + i, s], decoded = read_forecast(text, task, scaler, args.decimals)
                 repairs.update(decoded.issues)
                 repaired += decoded.n_repaired > 0
-    return values, {"forecasts_repaired": repaired, "forecasts": len(tasks) * args.samples, "by_kind": dict(repairs)}, n_tokens
+    return values, {"forecasts_repaired": repaired, "forecasts": len(tasks) * args.samples, "by_kind": dict(repairs)}, n_tokens, spent
 
 
 # ---------------------------------------------------------------- metrics, tables, plots
@@ -314,6 +335,9 @@ def markdown(res):
     t = res["timing"]
     lines += ["", f"time: {t['total_s']:.1f} s (cross-entropy {t['cross_entropy_s']:.1f} s, forecasts {t['forecast_s']:.1f} s "
               f"for {res['tokens_generated']} tokens, baselines {t['baselines_s']:.1f} s)"]
+    f = res.get("flops")
+    if f:
+        lines.append(f"FLOPs (flops.py, coursework convention): cross-entropy {f['cross_entropy']:.3g}, forecasts {f['generate']:.3g}")
     return "\n".join(lines)
 
 
@@ -364,7 +388,15 @@ def plot(res, out, n_series):
 
 def compare(paths):
     """Markdown: the model of each results.json side by side, % improvement over the first."""
-    runs = [json.loads(Path(p).read_text()) for p in paths]
+    runs = []
+    for path in paths:
+        try:
+            r = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError):
+            r = None
+        if not isinstance(r, dict) or "label" not in r.get("config", {}) or "model" not in r.get("results", {}):
+            raise SystemExit(f"error: {path} is not a results.json written by evaluate.py.")
+        runs.append(r)
     names = [r["config"]["label"] for r in runs]
     head = f"| metric | {names[0]} | " + " | ".join(f"{n} | vs {names[0]}" for n in names[1:]) + " |"
     lines = [head, "|---" * (2 * len(runs)) + "|"]
@@ -388,9 +420,10 @@ def compare(paths):
     for s in sorted({t for t in TABLE_STEPS if t <= h} | {h}):
         for sp in metrics.SPECIES:
             row(f"step {s} {sp} MAE", [r["results"]["model"]["per_step"]["mae"][sp]["mean"][s - 1] for r in runs])
-    protocols = {(r["config"]["k"], r["config"]["h"], r["config"]["n_test"], r["config"]["scaling"]) for r in runs}
-    if len(protocols) > 1:
-        lines.append("\nwarning: the files differ in k, h, test series or scaling; the numbers are not like for like.")
+    protocol = lambda r: (json.dumps([r["config"].get(k) for k in ("k", "h", "scaling", "data", "seed", "n_series", "decimals")]),
+                          json.dumps(r.get("series", {}).get("index")))
+    if len({protocol(r) for r in runs}) > 1:
+        lines.append("\nwarning: the files differ in k, h, data, split, test series or scaling; the numbers are not like for like.")
     return "\n".join(lines)
 
 
@@ -417,7 +450,7 @@ def main(argv=None):
         print(f"cross-entropy {ce['mean']:.4f} ({timing['cross_entropy_s']:.1f} s); forecasting {len(tasks)} series...", file=sys.stderr)
 
     t0 = time.perf_counter()
-    samples, repairs, n_tokens = forecast(model, tok, tasks, prompt_scaler, args)  # (N, S, h, 2)
+    samples, repairs, n_tokens, generate_flops = forecast(model, tok, tasks, prompt_scaler, args)  # (N, S, h, 2)
     timing["forecast_s"] = time.perf_counter() - t0
     point = np.median(samples, axis=1)  # (N, h, 2); the sample itself when S = 1
     truth = np.stack([t.target for t in tasks])  # (N, h, 2)
@@ -440,6 +473,7 @@ def main(argv=None):
         "results": {name: score(f, truth, samples if name == "model" else None) for name, f in forecasts.items()},
         "repairs": repairs,
         "tokens_generated": n_tokens,
+        "flops": {"cross_entropy": ce["flops"] if ce else 0.0, "generate": generate_flops},
         "timing": timing,
         "series": {"index": test, "context": context, "target": truth, "forecasts": forecasts,
                    "quantiles": {"levels": QUANTILES, "values": np.quantile(samples, QUANTILES, axis=1)} if args.samples > 1 else None},
@@ -448,6 +482,11 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(res))
+    if args.run:  # the run's FLOP ledger gets what its evaluation spent, beside its training
+        ledger = flops.Ledger(Path(args.run) / "ledger.jsonl")
+        # step -1: not a training step, so a later --resume of the run keeps these lines
+        ledger.add(f"{args.label} evaluation", "eval", res["flops"]["cross_entropy"], step=-1)
+        ledger.add(f"{args.label} evaluation", "generate", res["flops"]["generate"], step=-1)
     print(markdown(res))
     if args.plots:
         plot(res, out, args.plots)
@@ -456,4 +495,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as e:  # bad paths, files or flags: one sentence, no traceback
+        raise SystemExit(f"error: {e}") from None

@@ -498,21 +498,26 @@ def coursework_estimate(step: Cost) -> Cost:
 # ---------------------------------------------------------------- generation (qwen_min/generate.py)
 
 
-def generate(cfg, B, prompt_tokens, new_tokens, head_rows=None, kv_cache=True, lm_head_bias=False, lora=None) -> Cost:
-    """Producing new_tokens tokens after prompt_tokens, B rows at once.
+def generate(cfg, B, prompt_tokens, new_tokens, head_rows=None, kv_cache=True, lm_head_bias=False, lora=None,
+             samples=1, active=None) -> Cost:
+    """Producing new_tokens tokens after prompt_tokens, B prompts at once.
 
     With the KV cache (qwen_min.generate): prefill the prompt, the head on its last position
     only, then one token per step attending to all keys so far (the last token is never fed
     back). Without it: the whole sequence so far through the body for every new token.
     head_rows: output rows computed per token (13 when decoding is restricted to LLMTIME).
-    Sampling (argmax, top-k, ...) is not counted. `lora` for unmerged adapters; merged: None.
+    samples: continuations per prompt, all from one prefill (the prefill runs B rows, the rest
+    B * samples). active: how many rows produce each new token (default all, every time); a row
+    that has finished leaves the batch. Sampling (argmax, top-k, ...) is not counted. `lora`
+    for unmerged adapters; merged: None.
     """
     P, N = prompt_tokens, new_tokens
-    heads = N * head(cfg, B, head_rows, lm_head_bias)
+    active = list(active) if active is not None else [B * samples] * N
+    heads = sum((head(cfg, r, head_rows, lm_head_bias) for r in active), FREE)
     if not kv_cache:
-        return group(forward=sum((body(cfg, B, P + i, P + i, lora) for i in range(N)), FREE), lm_head=heads)
+        return group(forward=sum((body(cfg, r, P + i, P + i, lora) for i, r in enumerate(active)), FREE), lm_head=heads)
     return group(prefill=body(cfg, B, P, P, lora),
-                 decode=sum((body(cfg, B, 1, P + i, lora) for i in range(1, N)), FREE),
+                 decode=sum((body(cfg, active[i], 1, P + i, lora) for i in range(1, N)), FREE),  # rows that go on
                  lm_head=heads)
 
 
@@ -615,7 +620,7 @@ class Ledger:
             try:
                 e = json.loads(line)
                 e["flops"] = float(e["flops"])
-                if e["kind"] not in cls.KINDS or e["source"] not in cls.SOURCES:
+                if not isinstance(e.get("stage"), str) or e["kind"] not in cls.KINDS or e["source"] not in cls.SOURCES:
                     raise KeyError("kind")
             except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                 raise ValueError(f"{path}, line {i}: not a ledger entry (need stage, kind, source, flops).") from None

@@ -106,7 +106,9 @@ def encode(values, decimals=2, trailing_sep=False):
     values = np.asarray(values, dtype=np.float64)
     if values.ndim != 2 or values.shape[1] != 2:
         raise ValueError(f"encode takes values shaped (n, 2) (prey, predator per step), got {values.shape}.")
-    if not np.isfinite(values).all() or (values < 0).any() or (values >= 10**MAX_INT_DIGITS).any():
+    values = values + 0.0  # -0.0 -> 0.0: a '-' is not in the LLMTIME alphabet
+    too_big = np.round(values, decimals) >= 10**MAX_INT_DIGITS  # 9999.996 would be written 10000.00
+    if not np.isfinite(values).all() or (values < 0).any() or too_big.any():
         raise ValueError(f"encode takes finite values in [0, {10**MAX_INT_DIGITS}); scale the data with Scaler first.")
     text = ";".join(f"{a:.{decimals}f},{b:.{decimals}f}" for a, b in values)
     return text + ";" if trailing_sep else text

@@ -109,6 +109,21 @@ def generate(model, input_ids, max_new_tokens=64, attention_mask=None, temperatu
     return torch.cat([input_ids, new[:, :n]], dim=1)
 
 
+def produced_lengths(new_tokens, stop_token_ids=(), stop_after=None):
+    """How many of each row's new tokens (R, n) generate really produced, by its stopping rules
+    (the rest is padding): the row's last token is its first stop token, or stop_after's n-th."""
+    stops, lengths = set(stop_token_ids), []
+    for row in new_tokens.tolist():
+        length, seen = len(row), 0
+        for j, t in enumerate(row):
+            seen += stop_after is not None and t == stop_after[0]
+            if t in stops or (stop_after is not None and seen >= stop_after[1]):
+                length = j + 1
+                break
+        lengths.append(length)
+    return lengths
+
+
 def main(argv=None):
     from .model import Qwen2
     from .tokenizer import Tokenizer

@@ -150,3 +150,9 @@ def test_scaler_refuses_all_zero_data():
     data[1] = 0
     with pytest.raises(ValueError, match="cannot be scaled"):
         llmtime.Scaler.fit(data, per_series=True)
+
+
+def test_encode_checks_what_it_writes():
+    assert llmtime.encode(np.array([[-0.0, 1.0]]), 2) == "0.00,1.00"  # never a '-' the alphabet lacks
+    with pytest.raises(ValueError, match="finite values in"):
+        llmtime.encode(np.array([[9999.996, 1.0]]), 2)  # would be written 10000.00: five integer digits

@@ -137,6 +137,33 @@ def test_run_folder_gives_model_adapter_data_and_scaling(ckpt, tok, tmp_path):
     base = evaluate.main(["--run", str(run), "--no-adapter", "--k", "6", "--h", "3", "--no-baselines", "--plots", "0",
                           "--out", str(tmp_path / "base")])
     assert base["cross_entropy"]["mean"] != pytest.approx(expected, rel=1e-3)  # the adapter mattered
+    ledger = [json.loads(line) for line in (run / "ledger.jsonl").read_text().splitlines()]
+    assert [(e["stage"], e["kind"]) for e in ledger] == [("run evaluation", "eval"), ("run evaluation", "generate"),
+                                                         ("base evaluation", "eval"), ("base evaluation", "generate")]
+    assert ledger[0]["flops"] == res["flops"]["cross_entropy"] > 0 and ledger[1]["flops"] == res["flops"]["generate"] > 0
+    with pytest.raises(SystemExit):  # the run fixes its split: another seed would test on training series
+        evaluate.parse_args(["--run", str(run), "--seed", "4"])
+
+
+def test_generation_flops_count_only_rows_still_generating(ckpt, tmp_path):
+    few = evaluate.main(["--model", str(ckpt), *FAST, "--no-ce", "--no-baselines", "--out", str(tmp_path / "a")])
+    more = evaluate.main(["--model", str(ckpt), *FAST[:4], "--h", "8", *FAST[6:], "--no-ce", "--no-baselines",
+                          "--out", str(tmp_path / "b")])
+    assert 0 < few["flops"]["generate"] < more["flops"]["generate"] and few["flops"]["cross_entropy"] == 0
+
+
+@pytest.mark.parametrize("flags", [["--scale-target", "0"], ["--percentile", "150"], ["--seed", "-1"], ["--context", "1"],
+                                   ["--plots", "-1"]])
+def test_nonsense_flags_get_one_clear_error(flags, capsys):
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(flags)
+    assert "error:" in capsys.readouterr().err
+
+
+def test_compare_refuses_files_that_are_not_results(tmp_path):
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(SystemExit, match="not a results.json"):
+        evaluate.compare([tmp_path / "bad.json", tmp_path / "missing.json"])
 
 
 def test_compare_reports_percent_improvement(tmp_path):

@@ -18,6 +18,7 @@ from flops import Cost, Ledger
 from lora.inject import inject_lora, mark_only_lora_as_trainable
 from lora.layer import LoRALinear
 from qwen_min import Qwen2, Qwen2Config, generate
+from qwen_min.generate import produced_lengths
 from qwen_min.loss import causal_lm_loss
 from tests.conftest import random_model, tiny_config
 
@@ -225,6 +226,22 @@ def test_training_step_with_fused_attention(monkeypatch, cfg, lora, T):
     assert cost.matmul == total
     assert cost["layers.0.self_attn"].matmul == per_module["layers.0.self_attn"]
     assert cost.matmul > flops.forward_backward(cfg, 2, T, lora, lm_head_bias=True, kernel="math").matmul
+
+
+def test_generation_with_samples_and_finished_rows_equals_flop_counter():
+    """One prefill shared by 3 samples per prompt; rows leave the batch at their 2nd token 7."""
+    cfg = tiny_config()
+    model = random_model(cfg)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
+    kw = dict(max_new_tokens=10, temperature=1.5, seed=0, num_samples=3, stop_token_ids=[], stop_after=(7, 2),
+              allowed_token_ids=[7, 8, 9])
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        out = generate(model, prompts, **kw)
+    lengths = produced_lengths(out[:, 7:], [], (7, 2))
+    n = out.shape[1] - 7
+    active = [sum(length > j for length in lengths) for j in range(n)]
+    assert len(set(lengths)) > 1 and active[-1] < 6  # rows really finished at different steps
+    assert fc.get_total_flops() == flops.generate(cfg, 2, 7, n, 3, samples=3, active=active).matmul
 
 
 def test_generation_with_kv_cache_equals_flop_counter():
