@@ -14,7 +14,8 @@ same order, whose lines are the lines of that module's `forward`, counted:
     Qwen2.body / head / forward           body(...), head(...), qwen2(...)
     LoRALinear.forward (lora/layer.py)    lora_linear(n, d_in, d_out, r)
 
-Each returns a `Cost` holding two views of one count:
+Each returns a `Cost`: two views of one count (matmul, coursework), the primitives the
+coursework view weighs, and the named parts:
 
     cost.matmul      what torch.utils.flop_counter.FlopCounterMode reports: 2 m n k per matrix
                      product (attention as its batched products), nothing else. Tests prove it

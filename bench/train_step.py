@@ -48,6 +48,8 @@ def batches(tok, args):
     scaled = llmtime.Scaler.fit(traj).transform(traj)
     w = windows.dataset_windows(scaled, tok, args.context, args.context, 2, tok.pad_id)
     n = args.warmup + args.steps
+    if len(w.input_ids) < n * args.batch:
+        raise SystemExit(f"error: only {len(w.input_ids)} windows of {args.context} tokens for {n} steps of batch {args.batch}; lower --steps or --context.")
     ids = torch.from_numpy(w.input_ids[: n * args.batch]).view(n, args.batch, args.context)
     labels = torch.from_numpy(w.labels[: n * args.batch]).view(n, args.batch, args.context)  # -100 on padding
     return list(zip(ids.to(args.device), labels.to(args.device)))

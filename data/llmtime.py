@@ -75,6 +75,8 @@ class Scaler:
         """The level broadcastable against x; rows picks trajectories of a per-series fit."""
         if not self.per_series:
             return self.level
+        if rows is None and x.ndim != 3:
+            raise ValueError(f"a per-series scaler needs trajectories shaped (N, T, 2), or rows= naming whose scales to use; got {x.shape}.")
         level = self.level if rows is None else self.level[rows]
         if level.ndim == 0:
             return level

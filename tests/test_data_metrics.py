@@ -95,6 +95,7 @@ def test_lotka_volterra_fit_recovers_the_equations_and_forecasts_them():
     assert np.abs(first / params - 1).max() < 0.3  # finite differences on a coarse grid: a rough start
     fitted, start = baselines.fit_lotka_volterra(traj[:, :50], times[:50], iterations=200)
     assert np.abs(fitted / params - 1).max() < 0.01
-    forecast = lotka_volterra.integrate(fitted, start, times, substeps=8)[:, 50:]  # what lotka_volterra() returns
+    forecast = baselines.lotka_volterra(traj[:, :50], times, 20, iterations=200)  # (4, 20, 2): steps 50..69
+    assert forecast.shape == (4, 20, 2)
     error = metrics.point_metrics(forecast, traj[:, 50:])["mae"]
     assert error < 0.01 and error < 0.05 * metrics.point_metrics(baselines.persistence(traj[:, :50], 20), traj[:, 50:])["mae"]
