@@ -5,7 +5,8 @@ import torch
 
 from conftest import hf_twin, random_model, tiny_config, write_checkpoint
 from qwen_min import generate
-from qwen_min.generate import main, pad_left, sample
+from qwen_min.__main__ import main
+from qwen_min.generate import pad_left, sample
 
 ROWS = [[5, 6, 7, 8, 9, 10, 11, 12], [20, 21, 22], [30, 31, 32, 33, 34]]
 
