@@ -36,7 +36,9 @@ on_step = None  # called with the step number after every step; tests use it to 
 # Flags a --resume may change; every other flag is the saved run's.
 RESUMABLE = ("steps", "lr", "patience", "flops_budget", "device", "no_progress", "export_merged")
 # Training calls scaled_dot_product_attention with is_causal=True, which runs PyTorch's fused
-# (flash / memory-efficient) kernels on CPU and CUDA; flops.py counts their backward accordingly.
+# flash kernels on CPU and, in bf16, on CUDA; flops.py counts their backward accordingly. (fp32 on
+# CUDA with grouped kv heads may fall back to the math kernel, which flops.py counts as
+# kernel="math": about 1% fewer FLOPs per step at 512 tokens. Not yet checked on a GPU.)
 ATTENTION_KERNEL = "fused"
 TARGET_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 
