@@ -16,8 +16,9 @@ kind in `Decoded.issues`:
 2. The text is cut at each ';' into steps. Empty steps (";;", a leading ';') are skipped
    ("empty_step"). The empty piece after a final ';' is normal and not counted.
 3. "truncated_step": the last step, when no ';' follows it, is dropped if it is
-   unfinished: fewer than two values, a last value that is not a number ("2.7,1."), or,
-   when `decimals` is given, a last value with fewer decimals than that ("2.734,1.9").
+   unfinished: fewer than two values, a second value that is not a number ("2.7,1."), or,
+   when `decimals` is given, a second value with fewer decimals than that ("2.734,1.9").
+   Fields after the second do not matter here ("2.7,1.9,3" keeps 2.7,1.9; rule 4).
    Generation is usually cut off mid-step; a complete last step is kept.
 4. "extra_value": fields after the second in a step are dropped.
 5. A value is a plain decimal number: 1 to 4 digits, optionally '.' and digits. An
@@ -169,10 +170,10 @@ def decode(text, n_steps=None, decimals=None, fill=0.0):
 
 
 def _unfinished(fields, decimals):
-    """Whether the fields of a last, unterminated step look cut off."""
-    if len(fields) < 2 or not _NUMBER.fullmatch(fields[-1]):
+    """Whether the fields of a last, unterminated step look cut off (its first two values decide)."""
+    if len(fields) < 2 or not _NUMBER.fullmatch(fields[1]):
         return True
-    return decimals is not None and len(fields[-1].partition(".")[2]) < decimals
+    return decimals is not None and len(fields[1].partition(".")[2]) < decimals
 
 
 def _fill_gaps(values, fill):

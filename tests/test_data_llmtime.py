@@ -156,3 +156,8 @@ def test_encode_checks_what_it_writes():
     assert llmtime.encode(np.array([[-0.0, 1.0]]), 2) == "0.00,1.00"  # never a '-' the alphabet lacks
     with pytest.raises(ValueError, match="finite values in"):
         llmtime.encode(np.array([[9999.996, 1.0]]), 2)  # would be written 10000.00: five integer digits
+
+
+def test_an_unterminated_last_step_with_an_extra_field_keeps_its_two_values():
+    d = llmtime.decode("1.00,2.00;3.00,4.00,5", decimals=2)
+    assert d.values.tolist() == [[1.0, 2.0], [3.0, 4.0]] and d.issues == {"extra_value": 1}
