@@ -32,7 +32,6 @@ from qwen_min import Qwen2, Tokenizer, generate
 from qwen_min.generate import produced_lengths
 from qwen_min.loss import causal_lm_loss
 
-LLMTIME_ALPHABET = "0123456789.,;"
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 TABLE_STEPS = (1, 5, 10, 20, 30, 40, 49, 50)  # report A's steps (1, 10, 30, 49) and a few more
 # The published protocols (REFERENCE.md). A run's own scaling wins over a preset's: the model
@@ -233,7 +232,7 @@ def generate_forecasts(model, prompts, h, max_new_tokens, sep_id, n_samples=1, t
 def alphabet_ids(tok):
     """The token ids of the 13 LLMTIME characters (one by one: BPE would merge e.g. '.,')."""
     try:
-        return tok.character_ids(LLMTIME_ALPHABET)
+        return tok.character_ids(llmtime.ALPHABET)
     except ValueError:
         raise SystemExit("error: this tokenizer does not give one token per digit and separator; pass --unrestricted.") from None
 

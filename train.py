@@ -31,7 +31,6 @@ from qwen_min import Qwen2, Tokenizer
 from qwen_min.loss import causal_lm_loss
 from qwen_min.weights import hf_name, resolve_checkpoint, save_pretrained
 
-LLMTIME_ALPHABET = "0123456789.,;"
 on_step = None  # called with the step number after every step; tests use it to kill a run midway
 # Flags a --resume may change; every other flag is the saved run's.
 RESUMABLE = ("steps", "lr", "patience", "flops_budget", "device", "no_progress", "export_merged")
@@ -331,7 +330,7 @@ def main(argv=None):
         p.data = p.data.float()
     model.train()
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    vocab_ids = torch.tensor(tok.character_ids(LLMTIME_ALPHABET), device=args.device) if args.vocab == "numeric" else None
+    vocab_ids = torch.tensor(tok.character_ids(llmtime.ALPHABET), device=args.device) if args.vocab == "numeric" else None
 
     def autocast():
         return torch.autocast(device_type=torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
@@ -339,7 +338,7 @@ def main(argv=None):
     # FLOPs from the FLOP model, for the batch shapes really run (trailing padding is cut off).
     cfg = model.config
     lora_ranks = flops.lora_targets(args.targets, args.rank)
-    head_rows = len(LLMTIME_ALPHABET) if args.vocab == "numeric" else None
+    head_rows = len(llmtime.ALPHABET) if args.vocab == "numeric" else None
 
     @functools.lru_cache(maxsize=None)
     def step_cost(B, T):  # the loss feeds T - 1 tokens and scores T - 1 labels

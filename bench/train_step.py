@@ -24,7 +24,6 @@ import lora  # noqa: E402
 from data import llmtime, lotka_volterra, windows  # noqa: E402
 from qwen_min import Qwen2, Tokenizer  # noqa: E402
 from qwen_min.loss import causal_lm_loss  # noqa: E402
-from train import LLMTIME_ALPHABET  # noqa: E402
 
 
 def matmul_peak(dtype, device, n=2048, reps=10):
@@ -78,7 +77,7 @@ def main():
     lora.inject_lora(ours, r=args.rank)
     ours_params = [ours.get_parameter(n) for n in lora.mark_only_lora_as_trainable(ours)]
     ours.train()
-    vocab_ids = torch.tensor(tok.character_ids(LLMTIME_ALPHABET), device=args.device) if args.vocab == "numeric" else None
+    vocab_ids = torch.tensor(tok.character_ids(llmtime.ALPHABET), device=args.device) if args.vocab == "numeric" else None
 
     ref = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device)
     ref = peft.get_peft_model(ref, peft.LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=["q_proj", "v_proj"],
@@ -116,7 +115,7 @@ def main():
 
     tokens = args.batch * args.context
     lora_ranks = flops.lora_targets("q,v", args.rank)
-    head_rows = len(LLMTIME_ALPHABET) if args.vocab == "numeric" else None
+    head_rows = len(llmtime.ALPHABET) if args.vocab == "numeric" else None
     ours_flops = flops.train_step(ours.config, args.batch, args.context - 1, lora_ranks, head_rows=head_rows, kernel="fused").matmul
     ref_flops = flops.train_step(ours.config, args.batch, args.context, lora_ranks, kernel="fused").matmul
     peak = matmul_peak(dtype, args.device)

@@ -40,6 +40,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+ALPHABET = "0123456789.,;"  # every character LLMTIME text is made of (and all a forecast may contain)
 MAX_INT_DIGITS = 4  # scaled values are O(10); a longer number is a model failure
 _NUMBER = re.compile(r"\d{1,%d}(?:\.\d+)?" % MAX_INT_DIGITS)
 _NOT_ALPHABET = re.compile(r"[^0-9.,;]")
