@@ -34,7 +34,7 @@ from qwen_min.loss import causal_lm_loss
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 TABLE_STEPS = (1, 5, 10, 20, 30, 40, 49, 50)  # report A's steps (1, 10, 30, 49) and a few more
-# The published protocols (REFERENCE.md). A run's own scaling wins over a preset's: the model
+# The published protocols (docs/reference.md). A run's own scaling wins over a preset's: the model
 # only reads the encoding it was trained on.
 PRESETS = {
     "tutt": dict(k=50, h=50, scaling="global", percentile=95.0, scale_target=10.0, decimals=2),
@@ -51,7 +51,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("model")
     g.add_argument("--run", help="a train.py run folder: its model, adapter (best/), data, split and scaling")
     g.add_argument("--model", help=f"checkpoint folder or hub id (default: the run's, else {DEFAULTS['model']})")
-    g.add_argument("--adapter", help="LoRA adapter folder, ours or peft's (default: RUN/best, else none)")
+    g.add_argument("--adapter", help="LoRA adapter folder, ours or peft's (default: RUN/best, else RUN/adapter, else none)")
     g.add_argument("--no-adapter", action="store_true", help="evaluate the base model even with --run")
     g.add_argument("--lm-head-bias", action="store_true", default=None, help="the model has an lm_head bias (in the adapter)")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
@@ -95,7 +95,8 @@ def parse_args(argv=None):
 
 
 def resolve(args, p):
-    """Fills unset flags: explicit flag > the run's args.json > the preset > DEFAULTS."""
+    """Fills unset flags: explicit flag > the run's args.json > the preset > DEFAULTS. With --run, the
+    flags that make its split and encoding (RUN_FIXED) cannot differ from the run's."""
     run_args = {}
     if args.run:
         run = Path(args.run)

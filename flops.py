@@ -22,7 +22,7 @@ coursework view weighs, and the named parts:
                      equal to FlopCounterMode on the real modules, difference 0.
     cost.ops         primitive operations {add, mul, div, cmp, exp, log, sqrt}: a matmul
                      (m x n)(n x p) is m n p mul + m p (n - 1) add (so m p (2n - 1) in all).
-    cost.coursework  ops weighted by the coursework convention (REFERENCE.md): exp, log, sqrt
+    cost.coursework  ops weighted by the coursework convention (docs/reference.md): exp, log, sqrt
                      (and sin, cos, which the model never runs) 10; everything else 1.
     cost.parts       the named pieces (module names, as in model.py) the total is made of;
                      cost["layers.0.self_attn.q_proj"] picks one. Costs add (pieces merged by
@@ -40,7 +40,7 @@ Conventions where the model leaves a choice (see docs/flops.md):
 - Backward counts only what autograd runs: frozen weights get no weight gradient; an input
   gets a gradient only when something upstream needs one (layer 0's projections do not).
   Attention's backward depends on the kernel. kernel="fused" (the default: what training with
-  is_causal=True runs, on CUDA and on CPU): the flash / memory-efficient kernels recompute the
+  is_causal=True runs, on CPU and in bf16 on CUDA): the flash / memory-efficient kernels recompute the
   scores and return all of dq, dk, dv. kernel="math": PyTorch's math path, autograd through the
   reference, each gradient only when needed (what runs on the meta device). On CPU the fused
   kernel is invisible to FlopCounterMode (it counts 0): measure on the meta device, or under
@@ -77,7 +77,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PRIMITIVES = ("add", "mul", "div", "cmp", "exp", "log", "sqrt")
-WEIGHTS = {"add": 1, "mul": 1, "div": 1, "cmp": 1, "exp": 10, "log": 10, "sqrt": 10}  # REFERENCE.md
+WEIGHTS = {"add": 1, "mul": 1, "div": 1, "cmp": 1, "exp": 10, "log": 10, "sqrt": 10}  # docs/reference.md
 BUDGET = 1e17  # the coursework's total
 NUMERIC_ROWS = 13  # LLMTIME's alphabet: 0-9 . , ;
 

@@ -7,8 +7,9 @@
 The recipe: load the model, inject LoRA, turn trajectories into token windows, then loop
 (batch -> loss -> backward -> AdamW step), validating every --eval-every steps, keeping the best
 adapter, stopping early or before the FLOP budget runs out. Everything a run makes lands in its
-folder (--out): args.json, scaler.json, metrics.jsonl, ledger.jsonl (FLOPs spent), state.pt
-(for --resume), adapter/ and best/ (peft format), loss.png and summary.json.
+folder (--out): args.json, scaler.json, metrics.jsonl, ledger.jsonl (FLOPs planned and spent),
+state.pt (for --resume), adapter/ and best/ (peft format), loss.png, summary.json, and with
+--export-merged merged/ (a checkpoint transformers loads).
 """
 
 import argparse

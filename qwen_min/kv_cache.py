@@ -1,7 +1,7 @@
 """A static key/value cache: preallocated once, filled left to right during generation.
 
-Only the n_kv_heads key/value heads are stored (2 for Qwen2.5-0.5B), not the n_heads copies
-that attention expands them to: 7x less memory. `length` counts the slots filled so far;
+Only the n_kv_heads key/value heads are stored (2 for Qwen2.5-0.5B), 7x less than one per query
+head: attention reads each kv head in place for the query heads that share it (enable_gqa). `length` counts the slots filled so far;
 the model writes a step's keys at slots [length, length + T) and then advances `length`.
 """
 

@@ -9,7 +9,7 @@ Shapes: B batch, T new tokens, S keys (cached + new), D dim, H query heads, K kv
 hd head_dim, F hidden_dim, V vocab_size. Module and parameter names follow the Hugging Face
 checkpoint (without its `model.` prefix), so weights load by name. The numerics (where to
 upcast to float32) follow transformers' Qwen2 so logits agree to float32 rounding; see
-REFERENCE.md. Loading, caching and generation live in their own modules.
+docs/reference.md. Loading, caching and generation live in their own modules.
 """
 
 import torch
