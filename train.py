@@ -376,8 +376,8 @@ def main(argv=None):
           f"{args.context} tokens, {len(val_w.input_ids)} validation; {full_step:.3g} FLOPs per full step, budget {args.flops_budget:.3g}")
     if args.device == "cpu" and cfg.n_layers >= 12:
         est = full_step / cpu_matmul_rate()
-        print(f"warning: training on CPU, about {est:.0f} s per step at this CPU's matmul rate ({est * (args.steps - step) / 3600:.1f} h "
-              "for the run); use a CUDA GPU for real runs.", file=sys.stderr)
+        print(f"warning: training on CPU: at least {est:.0f} s per step at this CPU's matmul rate (measured runs take about 1.5x "
+              f"that), {est * (args.steps - step) / 3600:.1f} h or more for the run; use a CUDA GPU for real runs.", file=sys.stderr)
 
     from tqdm import tqdm
 
