@@ -183,7 +183,8 @@ def load_series(args):
 def scalers(args, traj, split, test):
     """(scaler for the forecast prompts, scaler for the cross-entropy windows) of the test series.
 
-    Global: fit on the train split, as in training (== the run's scaler.json). Per series:
+    Global: the run's scaler.json when evaluating a run, else fit on the train split, as in
+    training (the two agree: a run's split and scaling flags cannot be overridden). Per series:
     prompts use scales fit on each context window only (the future stays unseen); the
     cross-entropy windows cover whole series, so their scales are fit on whole series, as
     train.py does for its validation windows.
@@ -191,7 +192,11 @@ def scalers(args, traj, split, test):
     fit = lambda data, per: llmtime.Scaler.fit(data, args.percentile, args.scale_target, per)
     if args.scaling == "per-series":
         return fit(traj[test, : args.k], True), fit(traj[test], True)
-    scaler = fit(traj[split.train], False)
+    saved = Path(args.run) / "scaler.json" if args.run else None
+    if saved is not None and saved.is_file():
+        scaler = llmtime.Scaler.from_dict(json.loads(saved.read_text()))
+    else:
+        scaler = fit(traj[split.train], False)
     return scaler, scaler
 
 

@@ -100,6 +100,20 @@ def test_presets_and_flags_resolve_in_order():
         evaluate.parse_args(["--samples", "5", "--temperature", "0"])
 
 
+def test_a_runs_global_scaler_is_read_from_its_scaler_json(ckpt, tmp_path):
+    import train
+
+    run = tmp_path / "run"
+    train.main(["--model", str(ckpt), "--n-series", "12", "--context", "48", "--steps", "1", "--eval-batches", "1",
+                "--out", str(run), "--no-progress"])
+    args = evaluate.parse_args(["--run", str(run), "--k", "6", "--h", "3"])
+    traj, _, split, test = evaluate.load_series(args)
+    prompt, ce = evaluate.scalers(args, traj, split, test)
+    saved = json.loads((run / "scaler.json").read_text())
+    assert prompt is ce and float(prompt.level) == pytest.approx(saved["level"], rel=1e-12)
+    assert float(prompt.level) == pytest.approx(np.percentile(traj[split.train], 95), rel=1e-12)  # same as a refit
+
+
 def test_per_series_prompts_are_scaled_on_the_context_only():
     args = evaluate.parse_args(["--preset", "wang", "--n-series", "20"])
     traj, _, split, test = evaluate.load_series(args)
