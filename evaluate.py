@@ -30,7 +30,7 @@ from data.forecast import forecast_tasks, read_forecast
 import flops
 from qwen_min import Qwen2, Tokenizer, generate
 from qwen_min.generate import produced_lengths
-from qwen_min.loss import causal_lm_loss
+from qwen_min.loss import mean_cross_entropy
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 TABLE_STEPS = (1, 5, 10, 20, 30, 40, 49, 50)  # report A's steps (1, 10, 30, 49) and a few more
@@ -206,17 +206,12 @@ def scalers(args, traj, split, test):
 def cross_entropy(model, tok, scaled, args):
     """Mean next-token cross-entropy over windows of the scaled test series (N, T, 2), full vocabulary."""
     w = windows.dataset_windows(scaled, tok, args.context, args.context, args.decimals, tok.pad_id)
-    total, count, spent = 0.0, 0, 0.0
-    for start in range(0, len(w.input_ids), args.batch):
-        rows = slice(start, start + args.batch)
-        n_real = int(w.attention_mask[rows].sum(1).max())  # cut trailing all-padding columns
-        ids = torch.from_numpy(w.input_ids[rows, :n_real]).to(args.device)
-        labels = torch.from_numpy(w.labels[rows, :n_real]).to(args.device)
-        tokens = int((labels[:, 1:] != -100).sum())
-        total += causal_lm_loss(model, ids, labels).item() * tokens
-        count += tokens
-        spent += flops.forward(model.config, ids.shape[0], ids.shape[1] - 1, lm_head_bias=model.lm_head_bias is not None).coursework
-    return {"mean": total / max(count, 1), "tokens": count, "windows": len(w.input_ids), "flops": spent}
+    batches = [tuple(torch.from_numpy(a).to(args.device) for a in windows.batch(w, slice(start, start + args.batch)))
+               for start in range(0, len(w.input_ids), args.batch)]
+    mean, tokens = mean_cross_entropy(model, batches)
+    spent = sum(flops.forward(model.config, ids.shape[0], ids.shape[1] - 1, lm_head_bias=model.lm_head_bias is not None).coursework
+                for ids, _ in batches)  # the loss feeds T - 1 tokens
+    return {"mean": mean, "tokens": tokens, "windows": len(w.input_ids), "flops": spent}
 
 
 # ---------------------------------------------------------------- forecasting
@@ -255,8 +250,8 @@ def forecast(model, tok, tasks, scaler, args):
     allowed = None if args.unrestricted else alphabet_ids(tok)
     per_batch = max(1, args.batch // args.samples)
     longest = max(len(t.prompt_ids) for t in tasks)
-    max_new = min(token_budget(tasks, args.h), model.config.max_seq_len - longest)  # RoPE tables end at max_seq_len
-    if max_new < token_budget(tasks, args.h):
+    max_new = token_budget(tasks, args.h)
+    if longest + max_new > model.config.max_seq_len:  # the RoPE tables end there
         raise SystemExit(f"error: prompts of {longest} tokens leave no room for {args.h} steps in the model's {model.config.max_seq_len} positions; lower --k or --h.")
     values = np.zeros((len(tasks), args.samples, args.h, 2))
     repairs, repaired, n_tokens, spent = Counter(), 0, 0, 0.0

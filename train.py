@@ -29,7 +29,7 @@ import flops
 import lora
 from data import llmtime, lotka_volterra, splits, windows
 from qwen_min import Qwen2, Tokenizer
-from qwen_min.loss import causal_lm_loss
+from qwen_min.loss import causal_lm_loss, mean_cross_entropy
 from qwen_min.weights import hf_name, resolve_checkpoint, save_pretrained
 
 on_step = None  # called with the step number after every step; tests use it to kill a run midway
@@ -156,10 +156,7 @@ def batch_indices(step, n_windows, batch, seed):
 
 def to_batch(w, idx, device):
     """Windows rows idx -> (input_ids, labels) tensors on the device, trailing all-padding columns cut."""
-    n_real = int(w.attention_mask[idx].sum(1).max())
-    ids = torch.from_numpy(w.input_ids[idx, :n_real]).to(device)
-    labels = torch.from_numpy(w.labels[idx, :n_real]).to(device)
-    return ids, labels
+    return tuple(torch.from_numpy(a).to(device) for a in windows.batch(w, idx))
 
 
 # ---------------------------------------------------------------- schedule, evaluation, checkpoints
@@ -179,19 +176,10 @@ def eval_indices(val, args):
     return [np.arange(start, min(n, start + args.batch)) for start in range(0, n, args.batch)]
 
 
-@torch.no_grad()
 def evaluate(model, val, args, vocab_ids, autocast):
     """Mean token cross-entropy over the first --eval-batches batches of validation windows."""
-    model.eval()
-    total, count = 0.0, 0
-    for idx in eval_indices(val, args):
-        ids, labels = to_batch(val, idx, args.device)
-        with autocast():
-            loss = causal_lm_loss(model, ids, labels, vocab_ids)
-        tokens = int((labels[:, 1:] != -100).sum())
-        total, count = total + loss.item() * tokens, count + tokens
-    model.train()
-    return total / max(count, 1)
+    batches = (to_batch(val, idx, args.device) for idx in eval_indices(val, args))
+    return mean_cross_entropy(model, batches, vocab_ids, autocast)[0]
 
 
 def cpu_matmul_rate(n=1024, reps=8):

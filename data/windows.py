@@ -61,6 +61,13 @@ class Windows(NamedTuple):
     trajectory: np.ndarray
 
 
+def batch(w, rows):
+    """Windows rows (indices or a slice) -> input_ids, labels (b, L'): the columns that are padding
+    in every one of these rows cut off, so a batch of short windows costs no padded compute."""
+    n_real = int(w.attention_mask[rows].sum(1).max())
+    return w.input_ids[rows, :n_real], w.labels[rows, :n_real]
+
+
 def token_ids(text, tokenizer):
     """text -> (n,) int64 ids, no special tokens added."""
     ids = tokenizer.encode(text)

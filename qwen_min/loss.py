@@ -8,6 +8,8 @@ text is made of): only those rows of the output layer are computed, which skips 
 151,936 x 896 head. Every label must then be one of those tokens.
 """
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 
@@ -28,3 +30,21 @@ def causal_lm_loss(model, input_ids, labels, vocab_ids=None):
         targets = torch.where(real, mapped, IGNORE_INDEX)
     logits = model.head(h, vocab_ids)  # (B, T-1, V) or (B, T-1, n)
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
+@torch.no_grad()
+def mean_cross_entropy(model, batches, vocab_ids=None, autocast=nullcontext):
+    """Cross-entropy per scored token over (input_ids, labels) batches -> (mean, n_tokens).
+
+    Each batch's mean is weighted by its scored tokens, so batches of different sizes count alike
+    per token. The model runs in eval mode and is left in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for input_ids, labels in batches:
+        with autocast():
+            loss = causal_lm_loss(model, input_ids, labels, vocab_ids)
+        tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())
+        total, count = total + loss.item() * tokens, count + tokens
+    model.train(was_training)
+    return total / max(count, 1), count

@@ -56,9 +56,6 @@ class Tokenizer:
             raise ValueError(f"This tokenizer does not give the character(s) {''.join(bad)!r} one token each.")
         return [i[0] for i in ids]
 
-    def token_to_id(self, token: str):
-        return self._tok.token_to_id(token)
-
     @staticmethod
     def chat_prompt(messages, add_generation_prompt: bool = True) -> str:
         """The plain form of Qwen2.5's chat template (no tools).

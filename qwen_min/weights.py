@@ -10,10 +10,13 @@ model, not two.
 """
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .config import Qwen2Config
 
@@ -96,11 +99,6 @@ def save_pretrained(state_dict: dict, cfg: Qwen2Config, folder, copy_from=None) 
     """Writes a checkpoint transformers loads: config.json and model.safetensors (our parameter
     names, prefixed as transformers expects), plus the tokenizer files of `copy_from` if given.
     Written to a temporary folder first and renamed, so a crash leaves no half checkpoint."""
-    import os
-    import shutil
-
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     if "lm_head_bias" in state_dict:
         raise ValueError("transformers' Qwen2 has no lm_head bias, so a model trained with one cannot be exported in its layout; keep the adapter instead.")
