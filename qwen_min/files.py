@@ -1,0 +1,111 @@
+"""Files that survive a kill at any instant, and a lock that makes a folder one process's.
+
+A file is written beside its destination under a temporary name and renamed over it: on POSIX a
+rename within a folder is atomic, so a reader (or a resumed run) sees the old file or the new one,
+never half of either. A folder is swapped the same way in two renames; `recover_folder` finishes
+or undoes a swap that a kill interrupted. Temporary names end in `.tmp` and `.old`, so leftovers
+are recognisable and `clean_leftovers` can remove them.
+"""
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+from pathlib import Path
+
+from .errors import UserError
+
+TMP, OLD = ".tmp", ".old"
+
+
+def atomic_write(path, write) -> Path:
+    """Calls write(tmp_path) to fill a temporary file, flushes it to disk, then renames it to path."""
+    path = Path(path)
+    tmp = path.with_name(path.name + TMP)
+    write(tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def atomic_write_text(path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def atomic_write_json(path, obj) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2))
+
+
+def atomic_folder(folder, write) -> Path:
+    """Calls write(tmp_folder) to fill a fresh temporary folder, then swaps it in for `folder`.
+
+    Two renames: folder -> folder.old, folder.tmp -> folder. A kill between them leaves no
+    `folder` but a complete `folder.tmp`; `recover_folder` finishes the swap.
+    """
+    folder = Path(folder)
+    tmp, old = folder.with_name(folder.name + TMP), folder.with_name(folder.name + OLD)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    (tmp / ".complete").touch()  # written last: a .tmp folder without it was interrupted mid-write
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    (folder / ".complete").unlink()
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def recover_folder(folder) -> None:
+    """Brings `folder` back to one whole version after a kill inside `atomic_folder`."""
+    folder = Path(folder)
+    tmp, old = folder.with_name(folder.name + TMP), folder.with_name(folder.name + OLD)
+    if not folder.exists():
+        if (tmp / ".complete").is_file():  # killed between the two renames: the new version is whole
+            os.replace(tmp, folder)
+        elif old.exists():  # killed while the new version was being written: keep the previous one
+            os.replace(old, folder)
+    (folder / ".complete").unlink(missing_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def clean_leftovers(folder) -> list:
+    """Removes the temporary files a killed atomic_write left in `folder`; returns their names."""
+    removed = []
+    for path in Path(folder).glob("*" + TMP):
+        if path.is_file():
+            path.unlink()
+            removed.append(path.name)
+    return removed
+
+
+class FolderLock:
+    """An exclusive lock on `folder`, held while the object is open (use it in a `with` block).
+
+    It is an flock on `folder/.lock`: the operating system releases it when the process ends,
+    however it ends, so a killed run never leaves a stale lock behind.
+    """
+
+    def __init__(self, folder):
+        self.path = Path(folder) / ".lock"
+        self.file = None
+
+    def __enter__(self):
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            self.file.close()
+            if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise UserError(f"{self.path.parent} is in use by another qwen-min process; wait for it to end "
+                                "or choose another folder.") from None
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.file.fileno(), fcntl.LOCK_UN)
+        self.file.close()
