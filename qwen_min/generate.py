@@ -5,10 +5,35 @@
 Rows of different lengths are left-padded: every row's last prompt token then sits in the same
 column, so each decode step appends one column for the whole batch. The attention mask keeps
 padding out of attention and out of the RoPE positions (see Qwen2._positions_and_mask).
+
+Decoding follows a checkpoint's generation_config.json the way transformers' `generate` does
+(transformers 5.24, generation/utils.py and logits_process.py):
+- Where the settings come from. transformers attaches the file to the model at load time and
+  starts every `generate` from it; keyword arguments override it field by field. Here
+  `GenerationConfig.from_pretrained(folder)` reads it and `generate(..., generation_config=gc)`
+  uses it (or `model.generation_config`, if the loader attached one); every keyword that is not
+  None overrides it. `use_generation_config=False` ignores any config: greedy, no penalty, stop at
+  the model config's eos, unless keywords say otherwise. Two differences from transformers' API:
+  None means "not given", so top_k=0 and top_p=1.0 switch those filters off; and a temperature
+  passed without do_sample decides alone (0 greedy, > 0 sampling), as this function always has.
+- The order, each step, on float32 logits: the repetition penalty; then, only when sampling,
+  temperature, top-k, top-p, and one torch.multinomial draw. Greedy takes the argmax of the
+  penalised logits; temperature, top-k and top-p never touch greedy decoding.
+- The repetition penalty (CTRL, Keskar et al. 2019) reaches every token of the row: the prompt
+  and the tokens generated so far, each once however often it occurred, but not the left
+  padding (transformers 5 skips the columns before the attention mask's first 1).
+- allowed_token_ids computes only the allowed columns of the head. The penalty and the filters
+  act on those columns, which decodes as transformers does with a prefix_allowed_tokens_fn that
+  allows the same set: masking the others to -inf commutes with the penalty (it is per token)
+  and leaves top-k and top-p among the allowed tokens.
+With the same seed, sampling draws the same tokens as transformers as long as no row has
+finished: finished rows leave our batch, while transformers keeps drawing for them, which
+shifts the random stream for the rest.
 """
 
 import torch
 
+from .generation_config import GenerationConfig
 from .kv_cache import KVCache
 
 
@@ -26,31 +51,85 @@ def pad_left(rows, pad_id):
 
 
 def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
-    """logits (B, V) -> token indices (B,). temperature 0 is greedy (argmax)."""
+    """logits (B, V) -> token indices (B,). temperature 0 is greedy (argmax).
+
+    The filters run in transformers' order and form (temperature, then top-k, then top-p; top_k 0
+    or None and top_p 1.0 are off), and the draw is one torch.multinomial over the rows, as in
+    transformers: with the same seed and the same logits both draw the same tokens.
+    """
     if temperature <= 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
+    if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1) the k-th largest logit
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # the tokens before this one already reach p
+        ascending, order = logits.sort(dim=-1)  # (B, V) smallest first
+        tail = ascending.softmax(-1).cumsum(-1)  # probability of this token and all smaller ones
+        drop = tail <= 1 - top_p  # the larger tokens alone already reach top_p
+        drop[:, -1] = False  # the most likely token always stays
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def tokens_seen(input_ids, attention_mask, vocab_size):
+    """(B, T) prompts -> (B, V) bool: which tokens each row already holds (its padding excluded)."""
+    seen = torch.zeros(input_ids.shape[0], vocab_size, dtype=torch.bool, device=input_ids.device)
+    real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    rows, cols = real.nonzero(as_tuple=True)
+    seen[rows, input_ids[rows, cols]] = True
+    return seen
+
+
+def penalize_repeats(logits, seen, penalty):
+    """CTRL's repetition penalty (Keskar et al. 2019) as transformers applies it: the logit of every
+    token already in the row, prompt included, is divided by penalty if positive and multiplied by
+    it if negative, once however often the token occurred. logits (B, V) float, seen (B, V) bool."""
+    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def decoding(model, generation_config=None, use_generation_config=True, do_sample=None, temperature=None,
+             top_k=None, top_p=None, repetition_penalty=None, stop_token_ids=None, pad_token_id=None):
+    """The settings one generate call decodes with: each keyword given (not None) wins, the rest come
+    from generation_config, else the model's own `generation_config` attribute if it has one, else
+    the neutral GenerationConfig (greedy, no penalty). use_generation_config=False ignores both configs.
+    Returns a GenerationConfig with eos_token_id (the stop ids) and pad_token_id filled in."""
+    base = GenerationConfig()
+    if use_generation_config:
+        base = generation_config or getattr(model, "generation_config", None) or base
+    if do_sample is None:  # an explicit temperature decides, as it always has here: 0 is greedy
+        do_sample = base.do_sample if temperature is None else temperature > 0
+    temperature = base.temperature if temperature is None else temperature
+    if do_sample and not temperature > 0:
+        raise ValueError(f"Sampling needs a temperature > 0, got {temperature}; pass do_sample=False for greedy decoding.")
+    penalty = base.repetition_penalty if repetition_penalty is None else float(repetition_penalty)
+    if not penalty > 0:
+        raise ValueError(f"repetition_penalty must be > 0 (1.0 is none), got {penalty}.")
+    if stop_token_ids is None:
+        stop_token_ids = base.eos_token_id if base.eos_token_id is not None else [model.config.eos_token_id]
+    if pad_token_id is None:
+        pad_token_id = base.pad_token_id if base.pad_token_id is not None else model.config.bos_token_id
+    return GenerationConfig(do_sample=do_sample, temperature=temperature,
+                            top_k=base.top_k if top_k is None else top_k, top_p=base.top_p if top_p is None else top_p,
+                            repetition_penalty=penalty, eos_token_id=tuple(stop_token_ids), pad_token_id=pad_token_id)
+
+
 @torch.inference_mode()
-def generate(model, input_ids, max_new_tokens=64, attention_mask=None, temperature=0.0, top_k=None, top_p=None,
-             seed=None, allowed_token_ids=None, stop_token_ids=None, stop_after=None, num_samples=1, pad_token_id=None):
+def generate(model, input_ids, max_new_tokens=64, attention_mask=None, temperature=None, top_k=None, top_p=None,
+             seed=None, allowed_token_ids=None, stop_token_ids=None, stop_after=None, num_samples=1, pad_token_id=None,
+             repetition_penalty=None, do_sample=None, generation_config=None, use_generation_config=True):
     """Continues each prompt by up to max_new_tokens tokens.
 
     input_ids: (B, T) tensor (left-padded, with attention_mask (B, T)) or a list of token-id lists.
+    Decoding settings (see `decoding`): do_sample, temperature (0 = greedy), top_k, top_p,
+        repetition_penalty, stop_token_ids and pad_token_id; those left None come from
+        generation_config (a GenerationConfig), else model.generation_config, else greedy with no
+        penalty, stopping at the model config's eos. use_generation_config=False: keywords only.
     allowed_token_ids: if given, only these tokens can be produced (and only their logits are
         computed: a forecast needs 13 of the 151,936 output rows).
-    stop_token_ids: a row ends after producing one of these (default: the config's eos).
+    stop_token_ids: a row ends after producing one of these.
     stop_after: (token_id, n): a row also ends once it has produced token_id n times
         (e.g. (id of ";", h): a forecast of h time steps).
     num_samples: continuations per prompt, all from one prefill of it (its cache rows are copied).
@@ -60,35 +139,47 @@ def generate(model, input_ids, max_new_tokens=64, attention_mask=None, temperatu
     the prompts followed by the new tokens, like transformers.
     """
     cfg = model.config
-    pad_token_id = cfg.bos_token_id if pad_token_id is None else pad_token_id
+    s = decoding(model, generation_config, use_generation_config, do_sample, temperature, top_k, top_p,
+                 repetition_penalty, stop_token_ids, pad_token_id)
     if isinstance(input_ids, (list, tuple)):
-        input_ids, attention_mask = pad_left(input_ids, pad_token_id)
+        input_ids, attention_mask = pad_left(input_ids, s.pad_token_id)
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}.")
+    B, T = input_ids.shape
+    if T + max_new_tokens > cfg.max_seq_len:
+        raise ValueError(f"{T} prompt tokens plus max_new_tokens={max_new_tokens} exceed the model's {cfg.max_seq_len} positions; generate fewer tokens or shorten the prompt.")
     device = model.embed_tokens.weight.device
     input_ids = input_ids.to(device)
     mask = None if attention_mask is None else attention_mask.to(device)
-    stop = torch.as_tensor([cfg.eos_token_id] if stop_token_ids is None else list(stop_token_ids), dtype=torch.long, device=device)
+    stop = torch.as_tensor(s.eos_token_id, dtype=torch.long, device=device)
     allowed = None if allowed_token_ids is None else torch.as_tensor(list(allowed_token_ids), device=device)
     generator = None if seed is None else torch.Generator(device).manual_seed(seed)
+    temperature = s.temperature if s.do_sample else 0.0  # sample() reads 0 as greedy
 
-    B, T = input_ids.shape
     cache = KVCache.for_model(model, B, T + max_new_tokens)
     h = model.body(input_ids, mask, cache)[:, -1:]  # prefill; (B, 1, D) for the last position
+    seen = None  # (B, V or n_allowed): tokens each row holds, in the columns the head computes
+    if s.repetition_penalty != 1.0:
+        seen = tokens_seen(input_ids, mask, cfg.vocab_size)
+        seen = seen if allowed is None else seen[:, allowed]
     if num_samples > 1:  # every sample of a prompt continues from the same prefill
         rows = torch.arange(B, device=device).repeat_interleave(num_samples)  # (R,)
         cache.select(rows)
         input_ids, h, mask = input_ids[rows], h[rows], None if mask is None else mask[rows]
+        seen = None if seen is None else seen[rows]
     R = input_ids.shape[0]
-    new = torch.full((R, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    new = torch.full((R, max_new_tokens), s.pad_token_id, dtype=torch.long, device=device)
     active = torch.arange(R, device=device)  # the rows still generating
     counted = torch.zeros(R, dtype=torch.long, device=device)  # occurrences of stop_after's token
     n = 0
     for n in range(1, max_new_tokens + 1):
-        logits = model.head(h, allowed)[:, -1]  # (r, V) or (r, n_allowed)
-        token = sample(logits, temperature, top_k, top_p, generator)  # (r,)
-        if allowed is not None:
-            token = allowed[token]
+        logits = model.head(h, allowed)[:, -1].float()  # (r, V) or (r, n_allowed); processed in float32 as transformers does
+        if seen is not None:
+            logits = penalize_repeats(logits, seen, s.repetition_penalty)
+        column = sample(logits, temperature, s.top_k, s.top_p, generator)  # (r,)
+        if seen is not None:
+            seen[torch.arange(len(column), device=device), column] = True
+        token = column if allowed is None else allowed[column]
         new[active, n - 1] = token
         done = torch.isin(token, stop)
         if stop_after is not None:
@@ -98,6 +189,7 @@ def generate(model, input_ids, max_new_tokens=64, attention_mask=None, temperatu
             keep = (~done).nonzero().squeeze(1)
             active, token = active[keep], token[keep]
             mask = None if mask is None else mask[keep]
+            seen = None if seen is None else seen[keep]
             cache.select(keep)
         if len(active) == 0 or n == max_new_tokens:
             break

@@ -1,12 +1,15 @@
 """qwen_min.generate: KV-cached batched generation against transformers and its own options."""
 
+import json
+
 import pytest
 import torch
 
 from conftest import hf_twin, random_model, tiny_config, write_checkpoint
-from qwen_min import generate
+from qwen_min import GenerationConfig, Tokenizer, generate
 from qwen_min.__main__ import main
-from qwen_min.generate import pad_left, sample
+from qwen_min.errors import UserError, run_cli
+from qwen_min.generate import pad_left, penalize_repeats, sample, tokens_seen
 
 ROWS = [[5, 6, 7, 8, 9, 10, 11, 12], [20, 21, 22], [30, 31, 32, 33, 34]]
 
@@ -120,3 +123,219 @@ def test_stop_after_ends_a_row_at_its_nth_occurrence_of_a_token():
         hits = [i for i, t in enumerate(ref) if t == target]
         end = hits[1] + 1 if len(hits) >= 2 else len(row)
         assert row[:end] == ref[:end] and all(t == 0 for t in row[end:])
+
+
+# ---------------------------------------------------------------- generation_config.json, as transformers honours it
+
+QWEN_FILE = {"bos_token_id": 151643, "pad_token_id": 151643, "do_sample": True, "eos_token_id": [151645, 151643],
+             "repetition_penalty": 1.1, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "transformers_version": "4.37.0"}
+
+
+def config_folder(tmp_path, fields, name="ckpt"):
+    """A folder holding only generation_config.json with these fields, read by us and by transformers."""
+    folder = tmp_path / name
+    folder.mkdir(exist_ok=True)
+    (folder / "generation_config.json").write_text(json.dumps(fields))
+    return folder
+
+
+def hf_generate(hf, folder, ids, mask, max_new_tokens, **kwargs):
+    """transformers' generate starting from the folder's generation_config.json, as from_pretrained would set it."""
+    import transformers
+
+    hf.generation_config = transformers.GenerationConfig.from_pretrained(folder)
+    return hf.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, **kwargs)
+
+
+def test_qwen_generation_config_file_is_read_with_transformers_defaults(tmp_path):
+    gc = GenerationConfig.from_pretrained(config_folder(tmp_path, QWEN_FILE))
+    assert gc == GenerationConfig(do_sample=True, temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.1,
+                                  eos_token_id=(151645, 151643), pad_token_id=151643)
+    # fields a file leaves out take transformers' global defaults (top_k 50), a missing file is neutral
+    assert GenerationConfig.from_pretrained(config_folder(tmp_path, {"do_sample": True}, "bare")).top_k == 50
+    assert GenerationConfig.from_pretrained(tmp_path) == GenerationConfig(do_sample=False, repetition_penalty=1.0, top_k=None)
+
+
+def test_repeated_tokens_penalised_once_prompt_included_padding_excluded():
+    ids = torch.tensor([[4, 4, 2, 3, 2], [1, 2, 3, 0, 0]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])  # row 0's two 4s are left padding
+    seen = tokens_seen(ids, mask, vocab_size=6)
+    assert seen.tolist() == [[False, False, True, True, False, False], [True, True, True, True, False, False]]
+    logits = torch.tensor([[2.0, -2.0, 3.0, -0.5, 1.0, 0.0]])
+    penalized = penalize_repeats(logits, torch.tensor([[True, True, True, True, False, False]]), 2.0)
+    assert penalized.tolist() == [[1.0, -4.0, 1.5, -1.0, 1.0, 0.0]]  # positive / 2, negative * 2, unseen unchanged
+
+
+@pytest.mark.parametrize("penalty", [1.1, 1.5])
+@pytest.mark.parametrize("rows", [ROWS[:1], ROWS], ids=["single", "batched"])
+def test_greedy_with_repetition_penalty_equals_transformers(tmp_path, penalty, rows):
+    model = random_model(tiny_config(eos_token_id=999))
+    hf = hf_twin(model)
+    ids, mask = pad_left(rows, pad_id=0)
+    free = hf.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False, pad_token_id=0, eos_token_id=None)
+    # A stop id the last row produces mid-way without the penalty, so stopping is exercised too (when it comes).
+    fields = {"do_sample": False, "repetition_penalty": penalty, "eos_token_id": [free[-1, -15].item(), 150],
+              "pad_token_id": 0, "temperature": 0.7, "top_k": 20, "top_p": 0.8}
+    folder = config_folder(tmp_path, fields)
+    ours = generate(model, ids, 30, attention_mask=mask, generation_config=GenerationConfig.from_pretrained(folder))
+    theirs = hf_generate(hf, folder, ids, mask, 30)
+    assert ours.tolist() == theirs.tolist()
+    unpenalized = generate(model, ids, 30, attention_mask=mask, use_generation_config=False, stop_token_ids=[])
+    assert torch.equal(unpenalized, free)
+    penalized = generate(model, ids, 30, attention_mask=mask, repetition_penalty=penalty, stop_token_ids=[], pad_token_id=0)
+    changed = (penalized != free).sum().item()
+    assert changed >= (5 if penalty == 1.5 else 1)  # the penalty visibly changes tokens
+    # A config attached to the model, as transformers' from_pretrained attaches it, is used the same way.
+    model.generation_config = GenerationConfig.from_pretrained(folder)
+    assert generate(model, ids, 30, attention_mask=mask).tolist() == theirs.tolist()
+
+
+def test_padding_is_not_penalised_as_in_transformers(tmp_path):
+    """Pad with the token the short row would write first: penalising padding would change that row."""
+    model = random_model(tiny_config(eos_token_id=999))
+    hf = hf_twin(model)
+    free = generate(model, [ROWS[1]], 1, use_generation_config=False, stop_token_ids=[])
+    pad = free[0, -1].item()
+    assert pad not in ROWS[1]
+    ids, mask = pad_left(ROWS, pad_id=pad)
+    folder = config_folder(tmp_path, {"repetition_penalty": 3.0, "pad_token_id": pad})
+    ours = generate(model, ids, 12, attention_mask=mask, generation_config=GenerationConfig.from_pretrained(folder))
+    assert ours.tolist() == hf_generate(hf, folder, ids, mask, 12).tolist()
+    assert ours[1, ids.shape[1]].item() == pad  # the padded row still writes it first
+
+
+def test_penalty_with_allowed_tokens_equals_transformers_prefix_allowed_tokens_fn():
+    model = random_model(tiny_config(eos_token_id=999))
+    allowed = [3, 17, 42, 99, 120, 150]
+    ids, mask = pad_left(ROWS, pad_id=0)
+    ours = generate(model, ids, 25, attention_mask=mask, allowed_token_ids=allowed, repetition_penalty=1.5,
+                    stop_token_ids=[], pad_token_id=0)
+    theirs = hf_twin(model).generate(ids, attention_mask=mask, max_new_tokens=25, do_sample=False, repetition_penalty=1.5,
+                                     prefix_allowed_tokens_fn=lambda batch, prefix: allowed, pad_token_id=0, eos_token_id=None)
+    assert ours.tolist() == theirs.tolist()
+    assert len(set(ours[0, -25:].tolist())) > 1  # repeats were penalised away from one favourite
+
+
+@pytest.mark.parametrize("fields", [
+    {"do_sample": True, "temperature": 0.7, "top_k": 20, "top_p": 0.8, "repetition_penalty": 1.1, "pad_token_id": 0},
+    {"do_sample": True, "temperature": 1.3},  # transformers' default top_k 50 applies (vocab 160)
+], ids=["qwen", "defaults"])
+def test_sampling_from_the_config_equals_transformers_token_for_token(tmp_path, fields):
+    """Our sampler filters in transformers' order and form and draws with one torch.multinomial per
+    step over the same rows, so with the same seed the draws are the same tokens (no row finishes:
+    the model's eos is outside the vocabulary)."""
+    model = random_model(tiny_config(eos_token_id=999))
+    hf = hf_twin(model)
+    ids, mask = pad_left(ROWS, pad_id=0)
+    folder = config_folder(tmp_path, fields)
+    gc = GenerationConfig.from_pretrained(folder)
+    greedy = generate(model, ids, 30, attention_mask=mask, use_generation_config=False, pad_token_id=0)
+    for seed in (0, 1):
+        ours = generate(model, ids, 30, attention_mask=mask, generation_config=gc, seed=seed, pad_token_id=0)
+        torch.manual_seed(seed)
+        assert ours.tolist() == hf_generate(hf, folder, ids, mask, 30, pad_token_id=0).tolist()
+        assert not torch.equal(ours, greedy)
+    # num_samples from one shared prefill = transformers' num_return_sequences; a keyword overrides the config
+    ours = generate(model, ids, 20, attention_mask=mask, generation_config=gc, seed=7, num_samples=3, temperature=2.0,
+                    pad_token_id=0)
+    torch.manual_seed(7)
+    theirs = hf_generate(hf, folder, ids, mask, 20, num_return_sequences=3, temperature=2.0, pad_token_id=0)
+    assert ours.tolist() == theirs.tolist()
+
+
+def test_config_turned_off_or_overridden_decodes_greedy_without_penalty(tmp_path):
+    model = random_model(tiny_config(eos_token_id=999))
+    hf = hf_twin(model)
+    ids, mask = pad_left(ROWS, pad_id=0)
+    model.generation_config = GenerationConfig.from_pretrained(config_folder(tmp_path, QWEN_FILE | {"eos_token_id": 150, "pad_token_id": 0}))
+    plain = hf.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, repetition_penalty=1.0,
+                        pad_token_id=0, eos_token_id=None)
+    off = generate(model, ids, 20, attention_mask=mask, use_generation_config=False, pad_token_id=0)
+    assert off.tolist() == plain.tolist()
+    # evaluate.py's clean protocol: temperature 0 and penalty 1.0 given explicitly win over the config
+    assert generate(model, ids, 20, attention_mask=mask, temperature=0.0, repetition_penalty=1.0, stop_token_ids=[]).tolist() == plain.tolist()
+    # the report presets: greedy over the full vocabulary with penalty 1.1, config off
+    preset = generate(model, ids, 20, attention_mask=mask, use_generation_config=False, repetition_penalty=1.1, pad_token_id=0)
+    theirs = hf.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, repetition_penalty=1.1,
+                         pad_token_id=0, eos_token_id=None)
+    assert preset.tolist() == theirs.tolist() and preset.tolist() != plain.tolist()
+
+
+@pytest.mark.parametrize("text, says", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "JSON object"),
+    (b"\xff\xfe\x00garbage", "not valid JSON"),
+    ('{"do_sample": "yes"}', "'do_sample' must be true or false"),
+    ('{"temperature": "hot"}', "'temperature' must be a number"),
+    ('{"temperature": -1}', "'temperature' must be"),
+    ('{"do_sample": true, "temperature": 0}', "'temperature' must be"),
+    ('{"top_k": -1}', "'top_k' must be an integer"),
+    ('{"top_k": 2.5}', "'top_k' must be an integer"),
+    ('{"top_p": 0}', "'top_p' must be a number in (0, 1]"),
+    ('{"top_p": 1.5}', "'top_p' must be a number in (0, 1]"),
+    ('{"repetition_penalty": 0}', "'repetition_penalty' must be a number > 0"),
+    ('{"repetition_penalty": -1.1}', "'repetition_penalty' must be a number > 0"),
+    ('{"repetition_penalty": NaN}', "'repetition_penalty' must be a number"),
+    ('{"repetition_penalty": true}', "'repetition_penalty' must be a number"),
+    ('{"eos_token_id": "</s>"}', "'eos_token_id' must be"),
+    ('{"eos_token_id": []}', "'eos_token_id' must be"),
+    ('{"pad_token_id": -3}', "'pad_token_id' must be"),
+    ('{"num_beams": 4}', "does not implement"),
+    ('{"no_repeat_ngram_size": 3}', "does not implement"),
+])
+def test_bad_generation_config_files_get_one_sentence(tmp_path, text, says):
+    path = tmp_path / "generation_config.json"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(UserError) as e:
+        GenerationConfig.from_pretrained(tmp_path)
+    message = str(e.value)
+    assert says in message and str(path) in message and "\n" not in message and message.endswith(".")
+
+
+def test_max_new_tokens_past_the_positions_is_refused():
+    model = random_model(tiny_config())  # 256 positions
+    with pytest.raises(ValueError, match="exceed the model's 256 positions"):
+        generate(model, ROWS, max_new_tokens=250)
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--max-new-tokens", "300"], "--max-new-tokens 300 after a 8-token prompt runs past the model's 256 positions"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--temperature", "nan"], "--temperature must be >= 0"),
+    (["--top-k", "-2"], "--top-k must be >= 0"),
+    (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--repetition-penalty", "0"], "--repetition-penalty must be a number > 0"),
+    (["--repetition-penalty", "inf"], "--repetition-penalty must be a number > 0"),
+    (["--seed", "-1"], "--seed must be between"),
+    (["--device", "nonsense"], "--device 'nonsense' is not a torch device"),
+    (["--prompt", ""], "--prompt is empty"),
+    (["--bad-config"], "'repetition_penalty' must be a number > 0"),
+    (["--model", "/no/such/folder"], "does not exist"),
+])
+def test_command_line_refuses_bad_input_in_one_sentence(tmp_path, capsys, extra, says):
+    folder = write_checkpoint(random_model(tiny_config(vocab_size=96)), tmp_path / "ckpt")
+    if extra == ["--bad-config"]:
+        (folder / "generation_config.json").write_text('{"repetition_penalty": 0}')
+        extra = []
+    argv = ["--model", str(folder), "--prompt", "1.2,3.4;"] + extra
+    with pytest.raises(SystemExit) as e:
+        run_cli(main, argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and says in err and "Traceback" not in err
+
+
+def test_command_line_honours_the_generation_config_unless_told_not_to(tmp_path, capsys):
+    model = random_model(tiny_config(vocab_size=96, eos_token_id=999))
+    folder = write_checkpoint(model, tmp_path / "ckpt")
+    (folder / "generation_config.json").write_text(json.dumps({"repetition_penalty": 1.5, "pad_token_id": 0}))
+    tok = Tokenizer.from_pretrained(folder)
+    ids = torch.tensor([tok.encode("1.2,3.4;")])
+    hf = hf_twin(model)
+    with_penalty = hf_generate(hf, folder, ids, None, 20, eos_token_id=tok.stop_ids)
+    without = hf.generate(ids, max_new_tokens=20, do_sample=False, repetition_penalty=1.0, eos_token_id=tok.stop_ids, pad_token_id=0)
+    expected = [tok.decode(out[0, ids.shape[1]:].tolist()) for out in (with_penalty, without)]
+    assert expected[0] != expected[1]
+    for flags, want in (([], expected[0]), (["--no-generation-config"], expected[1]), (["--repetition-penalty", "1"], expected[1])):
+        main(["--model", str(folder), "--prompt", "1.2,3.4;", "--max-new-tokens", "20"] + flags)
+        assert capsys.readouterr().out == want + "\n"
