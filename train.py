@@ -10,6 +10,12 @@ adapter, stopping early or before the FLOP budget runs out. Everything a run mak
 folder (--out): args.json, scaler.json, metrics.jsonl, ledger.jsonl (FLOPs planned and spent),
 state.pt (for --resume), adapter/ and best/ (peft format), loss.png, summary.json, and with
 --export-merged merged/ (a checkpoint transformers loads).
+
+The run folder survives a kill at any instant. Every file is written whole and renamed into
+place (qwen_min/files.py); state.pt is the commit point: it holds the trained tensors, the best
+ones, the optimizer and the RNG, and adapter/ and best/ are rewritten from it on --resume, so
+they always agree with the state that continues. Log lines written after it are dropped on
+resume. A lock makes the folder one process's for the whole run.
 """
 
 import argparse
@@ -17,9 +23,11 @@ import functools
 import json
 import math
 import os
+import pickle
 import shutil
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +36,10 @@ import torch
 import flops
 import lora
 from data import llmtime, lotka_volterra, splits, windows
-from qwen_min import Qwen2, Tokenizer
+from qwen_min import Qwen2, Qwen2Config, Tokenizer
+from qwen_min.errors import UserError, run_cli
+from qwen_min.files import (FolderLock, append_jsonl, atomic_folder, atomic_write, atomic_write_json, atomic_write_text,
+                            clean_leftovers, recover_folder, sync)
 from qwen_min.loss import causal_lm_loss, mean_cross_entropy
 from qwen_min.weights import hf_name, resolve_checkpoint, save_pretrained
 
@@ -41,9 +52,13 @@ RESUMABLE = ("steps", "lr", "patience", "flops_budget", "device", "no_progress",
 # kernel="math": about 1% fewer FLOPs per step at 512 tokens. Not yet checked on a GPU.)
 ATTENTION_KERNEL = "fused"
 TARGET_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+# What a run folder may hold; a fresh start clears these (args.json is replaced, not removed).
+RUN_FILES = ("scaler.json", "metrics.jsonl", "ledger.jsonl", "state.pt", "loss.png", "summary.json")
+RUN_FOLDERS = ("adapter", "best", "merged")
+STATE_KEYS = {"step", "trainable", "best", "optimizer", "rng", "cuda_rng", "best_val", "bad_evals", "spent"}
 
 
-def parse_args(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description="LoRA fine-tuning of Qwen2.5 on Lotka-Volterra trajectories (LLMTIME text).")
     g = p.add_argument_group("model and LoRA")
     g.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct", help="checkpoint folder or hub id")
@@ -59,7 +74,7 @@ def parse_args(argv=None):
     g.add_argument("--scaling", default="global", choices=["global", "per-series"])
     g.add_argument("--percentile", type=float, default=95.0)
     g.add_argument("--scale-target", type=float, default=10.0, help="the percentile maps to this value")
-    g.add_argument("--context", type=int, default=512, help="tokens per training window")
+    g.add_argument("--context", type=int, default=512, help="tokens per training window (at most the model's positions)")
     g.add_argument("--stride", type=int, default=None, help="window stride (default: context / 2)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=1e-4)
@@ -83,28 +98,46 @@ def parse_args(argv=None):
     g.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     g.add_argument("--export-merged", action="store_true",
                    help="at the end, also write the best adapter merged into a full checkpoint (<out>/merged) that transformers loads")
+    return p
+
+
+def flag_problem(args):
+    """The first flag whose value makes no sense, as a sentence; None when all are sound."""
+    finite = math.isfinite
+    bad = [t for t in args.targets.split(",") if t not in TARGET_NAMES]
+    checks = [
+        (args.rank >= 1, "--rank must be at least 1"),
+        (args.alpha is None or (args.alpha > 0 and finite(args.alpha)), "--alpha must be a positive number (the LoRA scale is alpha / rank)"),
+        (0 <= args.dropout < 1, "--dropout must be in [0, 1)"),
+        (not bad, f"unknown --targets {bad}; choose from {','.join(TARGET_NAMES)}"),
+        (args.n_series >= 4, "--n-series must be at least 4 (train, validation and test need trajectories)"),
+        (0 < args.percentile <= 100 and 0 < args.scale_target and finite(args.scale_target),
+         "need 0 < --percentile <= 100 and a positive, finite --scale-target"),
+        (args.context >= 8, "--context must be at least 8 tokens"),
+        (args.stride is None or 1 <= args.stride <= args.context, "--stride must be in 1..--context"),
+        (args.lr > 0 and finite(args.lr), "--lr must be a positive number"),
+        (args.batch >= 1, "--batch must be at least 1"),
+        (args.steps >= 1, "--steps must be at least 1"),
+        (args.weight_decay >= 0 and finite(args.weight_decay), "--weight-decay must be a number >= 0"),
+        (args.warmup >= 0, "--warmup must be 0 or more steps (a negative warm-up would make the learning rate negative)"),
+        (args.grad_clip >= 0 and finite(args.grad_clip), "--grad-clip must be a number >= 0 (0 = off)"),
+        (args.eval_every >= 1 and args.eval_batches >= 1, "--eval-every and --eval-batches must be at least 1"),
+        (args.patience >= 0, "--patience must be 0 (never stop early) or a number of evaluations"),
+        (args.flops_budget > 0, "--flops-budget must be positive"),
+        (args.seed >= 0, "--seed must be 0 or more"),
+    ]
+    return next((message for ok, message in checks if not ok), None)
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     for action in p._actions:  # parse again with no defaults: which flags did the user give?
         action.default = argparse.SUPPRESS
     args.given = sorted(vars(p.parse_args(argv)))
-
-    bad = [t for t in args.targets.split(",") if t not in TARGET_NAMES]
-    checks = [
-        (args.rank >= 1, "--rank must be at least 1"),
-        (args.lr > 0 and math.isfinite(args.lr), "--lr must be a positive number"),
-        (args.batch >= 1 and args.steps >= 1, "--batch and --steps must be at least 1"),
-        (args.context >= 8, "--context must be at least 8 tokens"),
-        (args.stride is None or 1 <= args.stride <= args.context, "--stride must be in 1..--context"),
-        (not bad, f"unknown --targets {bad}; choose from {','.join(TARGET_NAMES)}"),
-        (args.eval_every >= 1 and args.eval_batches >= 1, "--eval-every and --eval-batches must be at least 1"),
-        (args.flops_budget > 0, "--flops-budget must be positive"),
-        (0 <= args.dropout < 1, "--dropout must be in [0, 1)"),
-        (0 < args.percentile <= 100 and args.scale_target > 0, "need 0 < --percentile <= 100 and --scale-target > 0"),
-        (args.n_series >= 4, "--n-series must be at least 4 (train, validation and test need trajectories)"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            p.error(message)
+    problem = flag_problem(args)
+    if problem:
+        p.error(problem)
     if args.resume and not args.out:
         p.error("--resume needs --out, the folder of the run to continue")
     args.stride = args.stride or max(1, args.context // 2)
@@ -122,13 +155,20 @@ def parse_args(argv=None):
 
 # ---------------------------------------------------------------- data
 
-def build_data(args, tok):
+def build_data(args, tok, cfg):
     """Trajectories -> split -> scaler (fit on train) -> token windows for train and validation."""
+    if args.context > cfg.max_seq_len:
+        raise UserError(f"--context {args.context} is longer than the {cfg.max_seq_len} positions of --model {args.model}; "
+                        f"use --context {cfg.max_seq_len} or less.")
     if args.data:
         traj, _ = lotka_volterra.load(args.data)
     else:
         traj, _ = lotka_volterra.simulate(args.n_series, seed=args.seed)
     split = splits.split(len(traj), seed=args.seed)
+    need = (len(split.train) + len(split.val)) * args.context * 3 * 8  # at least one window of 3 int64 rows per series
+    if need > physical_memory() / 2:
+        raise UserError(f"token windows of --context {args.context} for {len(split.train) + len(split.val)} trajectories "
+                        f"would take over {need / 2**30:.0f} GiB of memory; use a shorter --context or less data.")
     per_series = args.scaling == "per-series"
 
     def scaled(rows):  # per-series scales are fit on each series itself; global on the train split
@@ -140,10 +180,18 @@ def build_data(args, tok):
     train = windows.dataset_windows(train_scaled, tok, args.context, args.stride, args.decimals, tok.pad_id)
     val = windows.dataset_windows(val_scaled, tok, args.context, args.context, args.decimals, tok.pad_id)
     if len(val.input_ids) == 0:
-        raise SystemExit(f"error: the data hold {len(traj)} trajectories, too few for a validation split; use at least 4.")
+        raise UserError(f"the data hold {len(traj)} trajectories, too few for a validation split; use at least 4.")
     if len(train.input_ids) < args.batch:
-        raise SystemExit(f"error: only {len(train.input_ids)} training windows for --batch {args.batch}; use more data or a smaller batch.")
+        raise UserError(f"only {len(train.input_ids)} training windows for --batch {args.batch}; use more data or a smaller batch.")
     return train, val, scaler, split
+
+
+def physical_memory():
+    """This machine's memory in bytes (infinite where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return math.inf
 
 
 def batch_indices(step, n_windows, batch, seed):
@@ -159,7 +207,7 @@ def to_batch(w, idx, device):
     return tuple(torch.from_numpy(a).to(device) for a in windows.batch(w, idx))
 
 
-# ---------------------------------------------------------------- schedule, evaluation, checkpoints
+# ---------------------------------------------------------------- schedule, evaluation, checks
 
 def learning_rate(step, args):
     if args.schedule == "constant":
@@ -192,21 +240,200 @@ def cpu_matmul_rate(n=1024, reps=8):
     return 2 * n ** 3 * reps / (time.perf_counter() - t)
 
 
-def atomic_torch_save(obj, path):
-    tmp = Path(str(path) + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def nonfinite(model, trained):
+    """Names of the model's trained (or frozen) parameters holding NaN or inf."""
+    return [n for n, p in model.named_parameters() if p.requires_grad == trained and not torch.isfinite(p).all()]
 
 
-def save_adapter(model, folder, args):
+def why_not_finite(model, what, step, args):
+    """One sentence on why `what` (a loss) is NaN or inf: damaged base weights, or the learning rate."""
+    frozen, trained = nonfinite(model, False), nonfinite(model, True)
+    if frozen:
+        return f"{what} at step {step}: the base weights of --model {args.model} hold NaN or inf (e.g. {frozen[0]}); repair or replace the checkpoint."
+    resume = "--resume with a lower --lr continues from the last checkpoint"
+    if trained:
+        return f"{what} at step {step}: the LoRA weights hold NaN or inf (e.g. {trained[0]}) after too large updates; {resume}."
+    if step == 0:
+        return f"{what} before any update, with finite weights: the model overflows on this data; try --precision fp32."
+    return f"{what} at step {step} with finite weights: the updates have grown too large; {resume}."
+
+
+# ---------------------------------------------------------------- the run folder
+
+def make_run_folder(run):
+    """Creates --out; True if it was not there, so that a start failing early can remove it again."""
+    if run.exists() and not run.is_dir():
+        raise UserError(f"--out {run} is a file, not a folder; choose a folder for the run.")
+    try:
+        run.mkdir(parents=True)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as e:
+        raise UserError(f"cannot create the run folder --out {run} ({e.strerror}); choose another place.") from None
+
+
+def tidy(run):
+    """Leftovers of a kill at any instant: folder swaps finished or undone, temporary files removed."""
+    for name in RUN_FOLDERS:
+        recover_folder(run / name)
+    shutil.rmtree(run / "merged.tmp.partial", ignore_errors=True)  # save_pretrained's own temporary folder
+    clean_leftovers(run)
+
+
+def clear_run(run):
+    """A fresh start in a folder holding no checkpoint: what an earlier start wrote goes."""
+    for name in RUN_FILES:
+        (run / name).unlink(missing_ok=True)
+    for name in RUN_FOLDERS:
+        shutil.rmtree(run / name, ignore_errors=True)
+
+
+def read_json_object(path, what):
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is unreadable or not JSON ({type(e).__name__}); {what}.") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} holds a JSON {type(obj).__name__}, not the object train.py writes; {what}.")
+    return obj
+
+
+def saved_flag_problem(saved, parser):
+    """What is wrong with a saved args.json's flags (a missing key, a wrong type); None when sound."""
+    for a in parser._actions:
+        if a.dest in ("help", "resume"):
+            continue
+        if a.dest not in saved:
+            return f"lacks the flag '{a.dest}'"
+        v, want = saved[a.dest], a.type or str
+        if a.nargs == 0:  # a switch
+            ok = isinstance(v, bool)
+        elif v is None:
+            ok = a.default is None
+        else:
+            ok = (type(v) is int if want is int else type(v) in (int, float) if want is float else type(v) is str) \
+                and (a.choices is None or v in a.choices)
+        if not ok:
+            return f"gives '{a.dest}' the value {v!r}, which train.py never writes"
+    return flag_problem(argparse.Namespace(**saved))
+
+
+def resumed_args(args, run):
+    """The saved flags of the run in `run`, with the few a resume may change taken from `args`."""
+    fix = "restore it or start a new run in another folder"
+    saved = read_json_object(run / "args.json", fix)
+    problem = saved_flag_problem(saved, build_parser())
+    if problem:
+        raise UserError(f"{run / 'args.json'}: {problem}; {fix}.")
+    changed = [k for k in args.given if k not in ("out", "resume") and getattr(args, k) != saved.get(k)]
+    refused = [k for k in changed if k not in RESUMABLE]
+    if refused:
+        raise UserError(f"--resume continues the saved run, so --{refused[0].replace('_', '-')} cannot change; "
+                        f"only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE)} can.")
+    return argparse.Namespace(**(saved | {k: getattr(args, k) for k in changed} | {"out": args.out, "resume": True, "given": args.given}))
+
+
+def save_adapter(model, folder, args, tensors=None):
+    """Writes the model's adapter to `folder` (peft format, swapped in whole), or `tensors`' if given."""
+    params = dict(model.named_parameters())
+    current = {n: params[n].detach().clone() for n in tensors or {}}
     extra = {"lm_head_bias": model.lm_head_bias} if model.lm_head_bias is not None else None
-    tmp, old = Path(str(folder) + ".tmp"), Path(str(folder) + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    lora.save_adapter(model, tmp, module_name=hf_name, base_model_name_or_path=args.model, extra=extra)
-    if Path(folder).exists():
-        os.replace(folder, old)  # a crash from here on leaves the previous adapter in .old
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    try:
+        with torch.no_grad():
+            for n, t in (tensors or {}).items():
+                params[n].copy_(t)
+        atomic_folder(folder, lambda tmp: lora.save_adapter(model, tmp, module_name=hf_name, base_model_name_or_path=args.model, extra=extra))
+    finally:
+        with torch.no_grad():
+            for n, t in current.items():
+                params[n].copy_(t)
+
+
+def write_adapters(model, run, state, args):
+    """adapter/ and best/ as the committed state says (best/ only once a validation has run)."""
+    save_adapter(model, run / "adapter", args)
+    if state["best"] is None:
+        shutil.rmtree(run / "best", ignore_errors=True)
+    else:
+        save_adapter(model, run / "best", args, state["best"])
+
+
+def commit(run, state):
+    """Writes state.pt, the commit point of a checkpoint: first the logs it counts on reach the disk."""
+    for name in ("metrics.jsonl", "ledger.jsonl"):
+        if (run / name).exists():
+            sync(run / name)
+    atomic_write(run / "state.pt", lambda tmp: torch.save(state, tmp))
+
+
+def load_state(run, model):
+    """The checkpoint in run/state.pt, loaded as tensors and plain data only (never arbitrary objects)."""
+    path = run / "state.pt"
+    fix = "delete it and pass --resume to start the run over from its args.json, or choose another --out"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # RNG states must stay on the CPU
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as e:
+        raise UserError(f"{path} is damaged or holds more than tensors and plain data ({type(e).__name__}); {fix}.") from None
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    def fits(tensors):
+        return isinstance(tensors, dict) and tensors.keys() == trained.keys() and all(
+            isinstance(t, torch.Tensor) and t.shape == trained[n].shape for n, t in tensors.items())
+    if not (isinstance(state, dict) and STATE_KEYS <= state.keys() and fits(state["trainable"])
+            and (state["best"] is None or fits(state["best"])) and isinstance(state["rng"], torch.Tensor)):
+        raise UserError(f"{path} is not a checkpoint of this run (its keys or tensors do not fit the model); {fix}.")
+    return state
+
+
+def restore(state, model, optimizer, run):
+    """Loads a checkpoint into model and optimizer; drops log lines written after it."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in state["trainable"]:
+                p.copy_(state["trainable"][name])
+    try:
+        optimizer.load_state_dict(state["optimizer"])  # moves its tensors to the parameters' device
+        torch.set_rng_state(state["rng"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise UserError(f"{run / 'state.pt'} holds an optimizer or RNG state that does not fit this run ({type(e).__name__}); "
+                        "delete it and pass --resume to start the run over from its args.json.") from None
+    if state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    for path in (run / "metrics.jsonl", run / "ledger.jsonl"):
+        if path.exists():
+            keep = [line for line in path.read_text().splitlines() if logged_step(line) <= state["step"]]
+            atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+def logged_step(line):
+    """The step of a log line; infinite for a line a kill cut short, so that it is dropped."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
+def plot_losses(run, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").exists() else []
+    rows = [json.loads(line) for line in lines if logged_step(line) < math.inf]
+    train = [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
+    val = [(r["step"], r["val_loss"]) for r in rows if r["kind"] == "val"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), lw=0.8, alpha=0.7, label="train")
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation")
+    ax.set(xlabel="step", ylabel="cross-entropy per token", title=run.name)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
 
 
 def export_merged(run, args):
@@ -219,73 +446,9 @@ def export_merged(run, args):
         return
     model = Qwen2.from_pretrained(args.model, dtype=torch.float32, device="cpu")
     lora.load_adapter(model, run / "best", module_name=hf_name)
-    save_pretrained(lora.merged_state_dict(model), model.config, run / "merged", copy_from=resolve_checkpoint(args.model))
+    merged = lora.merged_state_dict(model)
+    atomic_folder(run / "merged", lambda tmp: save_pretrained(merged, model.config, tmp, copy_from=resolve_checkpoint(args.model)))
     print(f"merged checkpoint written to {run / 'merged'}")
-
-
-def append_jsonl(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def plot_losses(run, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
-    train = [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
-    val = [(r["step"], r["val_loss"]) for r in rows if r["kind"] == "val"]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), lw=0.8, alpha=0.7, label="train")
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation")
-    ax.set(xlabel="step", ylabel="cross-entropy per token", title=run.name)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def resumed_args(args, run):
-    """The saved flags of the run in `run`, with the few a resume may change taken from `args`."""
-    try:
-        saved = json.loads((run / "args.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        raise SystemExit(f"error: {run}/args.json is missing or unreadable, so the run cannot be resumed; start a new run.") from None
-    changed = [k for k in args.given if k not in ("out", "resume") and getattr(args, k) != saved.get(k)]
-    refused = [k for k in changed if k not in RESUMABLE]
-    if refused:
-        raise SystemExit(f"error: --resume continues the saved run, so --{refused[0].replace('_', '-')} cannot change; "
-                         f"only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE)} can.")
-    merged = argparse.Namespace(**(saved | {k: getattr(args, k) for k in changed} | {"resume": True, "given": args.given}))
-    (run / "args.json").write_text(json.dumps({k: v for k, v in vars(merged).items() if k not in ("resume", "given")}, indent=2))
-    return merged
-
-
-def restore(state_file, model, optimizer, run):
-    """Loads the last checkpoint into model and optimizer; drops log lines written after it."""
-    state = torch.load(state_file, map_location="cpu", weights_only=False)  # RNG states must stay on the CPU
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name in state["trainable"]:
-                p.copy_(state["trainable"][name])
-    optimizer.load_state_dict(state["optimizer"])  # moves its tensors to the parameters' device
-    torch.set_rng_state(state["rng"])
-    if state["cuda_rng"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    for path in (run / "metrics.jsonl", run / "ledger.jsonl"):
-        keep = []
-        for line in path.read_text().splitlines() if path.exists() else []:
-            try:
-                if json.loads(line)["step"] <= state["step"]:
-                    keep.append(line)
-            except (json.JSONDecodeError, KeyError):
-                pass  # a line half-written when the run was killed
-        path.write_text("".join(line + "\n" for line in keep))
-    return state
 
 
 # ---------------------------------------------------------------- main
@@ -293,24 +456,38 @@ def restore(state_file, model, optimizer, run):
 def main(argv=None):
     args = parse_args(argv)
     run = Path(args.out)
-    state_file = run / "state.pt"
-    if args.resume:
-        if not state_file.is_file():
-            raise SystemExit(f"error: {run} holds no state.pt to resume from; start the run without --resume.")
+    created = make_run_folder(run)
+    with FolderLock(run):
+        try:
+            return train(args, run)
+        except BaseException:
+            if created and not (run / "args.json").exists():  # a start that failed before writing anything leaves no folder
+                shutil.rmtree(run, ignore_errors=True)
+            raise
+
+
+def train(args, run):
+    """The run in `run`, whose lock the caller holds: build, restore or start, loop, report."""
+    tidy(run)
+    resuming = args.resume and (run / "state.pt").is_file()
+    if args.resume:  # without state.pt (killed before its first checkpoint) the run starts over from args.json
+        if not (run / "args.json").is_file():
+            raise UserError(f"{run} holds no run to resume (no args.json); start it without --resume.")
         args = resumed_args(args, run)
-    elif state_file.exists():
-        raise SystemExit(f"error: {run} already holds a run; pass --resume to continue it or choose another --out.")
-    else:  # a fresh start: logs of a run killed before its first checkpoint go
-        for name in ("metrics.jsonl", "ledger.jsonl"):
-            (run / name).unlink(missing_ok=True)
-    run.mkdir(parents=True, exist_ok=True)
+    elif (run / "state.pt").exists():
+        raise UserError(f"{run} already holds a run; pass --resume to continue it or choose another --out.")
     torch.manual_seed(args.seed)
 
     # Build: tokenizer, data, model with LoRA.
+    cfg = Qwen2Config.from_json(resolve_checkpoint(args.model) / "config.json")
     tok = Tokenizer.from_pretrained(args.model)
-    train_w, val_w, scaler, split = build_data(args, tok)
+    train_w, val_w, scaler, split = build_data(args, tok, cfg)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     model = Qwen2.from_pretrained(args.model, dtype=dtype, device=args.device, lm_head_bias=args.lm_head_bias)
+    broken = nonfinite(model, trained=False)
+    if broken:
+        raise UserError(f"--model {args.model} holds NaN or inf in {broken[0]}{f' and {len(broken) - 1} more tensors' if len(broken) > 1 else ''}; "
+                        "the checkpoint is damaged: restore or download it again.")
     targets = [TARGET_NAMES[t] for t in args.targets.split(",")]
     lora.inject_lora(model, r=args.rank, alpha=args.alpha, dropout=args.dropout, targets=targets)
     trainable = lora.mark_only_lora_as_trainable(model, also=("lm_head_bias",))
@@ -325,7 +502,6 @@ def main(argv=None):
         return torch.autocast(device_type=torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
     # FLOPs from the FLOP model, for the batch shapes really run (trailing padding is cut off).
-    cfg = model.config
     lora_ranks = flops.lora_targets(args.targets, args.rank)
     head_rows = len(llmtime.ALPHABET) if args.vocab == "numeric" else None
 
@@ -335,31 +511,45 @@ def main(argv=None):
 
     eval_batches = [to_batch(val_w, idx, "cpu")[0].shape for idx in eval_indices(val_w, args)]
     eval_flops = sum(flops.forward(cfg, B, T - 1, lora_ranks, args.lm_head_bias, head_rows).coursework for B, T in eval_batches)
+    full_step = step_cost(args.batch, args.context).coursework
+    first_step = full_step + (eval_flops if args.eval_every == 1 or args.steps == 1 else 0)  # with its validation
+    if not resuming and args.flops_budget < first_step:
+        raise UserError(f"--flops-budget {args.flops_budget:.3g} is smaller than one training step ({first_step:.3g} FLOPs at "
+                        f"--batch {args.batch} --context {args.context}, {args.flops_budget / first_step:.2g} of it); "
+                        f"raise it to at least {first_step:.3g}.")
 
-    # State: fresh, or restored exactly from the last checkpoint.
-    step, best_val, bad_evals, spent = 0, float("inf"), 0, 0.0
-    if args.resume:
-        state = restore(state_file, model, optimizer, run)
-        step, best_val, bad_evals, spent = state["step"], state["best_val"], state["bad_evals"], state["spent"]
+    # State: restored exactly from the last checkpoint, or fresh (and then the folder is the new run's).
+    step, best_val, bad_evals, spent, best = 0, float("inf"), 0, 0.0, None
+    if resuming:
+        state = load_state(run, model)
+        restore(state, model, optimizer, run)
+        write_adapters(model, run, state, args)  # a kill may have left them behind or ahead of state.pt
+        step, best_val, bad_evals, spent, best = (state[k] for k in ("step", "best_val", "bad_evals", "spent", "best"))
         print(f"resuming {run} at step {step} (best validation loss {best_val:.4f})")
+    else:
+        clear_run(run)
+    atomic_write_json(run / "args.json", {k: v for k, v in vars(args).items() if k not in ("resume", "given")})  # with a resume's changes
     ledger = flops.Ledger(run / "ledger.jsonl", budget=args.flops_budget)  # on resume: the spending so far
-    if not args.resume:
-        (run / "args.json").write_text(json.dumps({k: v for k, v in vars(args).items() if k not in ("resume", "given")}, indent=2))
-        (run / "scaler.json").write_text(json.dumps(scaler.to_dict() | {"decimals": args.decimals, "split_seed": args.seed}))
+    if not resuming:
+        atomic_write_json(run / "scaler.json", scaler.to_dict() | {"decimals": args.decimals, "split_seed": args.seed})
         plan = flops.plan_run(cfg, args.steps, args.batch, args.context, lora_ranks, args.lm_head_bias, head_rows,
                               ATTENTION_KERNEL, val_every=args.eval_every, val_batches=len(eval_batches))
         ledger.add(run.name, "train", plan["train"], source="plan", step=0)
         ledger.add(run.name, "eval", plan["eval"].coursework + eval_flops, source="plan", step=0)  # + the step-0 baseline
 
+    saved_step = step if resuming else None
+
     def checkpoint():
-        atomic_torch_save({"trainable": {n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
-                           "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "step": step,
-                           "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                           "best_val": best_val, "bad_evals": bad_evals, "spent": spent}, state_file)
-        save_adapter(model, run / "adapter", args)
+        nonlocal saved_step
+        state = {"step": step, "trainable": {n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
+                 "best": best, "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                 "best_val": best_val, "bad_evals": bad_evals, "spent": spent}
+        commit(run, state)
+        write_adapters(model, run, state, args)
+        saved_step = step
 
     n_params = sum(p.numel() for p in params)
-    full_step = step_cost(args.batch, args.context).coursework
     print(f"{len(trainable)} trainable tensors, {n_params:,} parameters; {len(train_w.input_ids)} training windows of "
           f"{args.context} tokens, {len(val_w.input_ids)} validation; {full_step:.3g} FLOPs per full step, budget {args.flops_budget:.3g}")
     if args.device == "cpu" and cfg.n_layers >= 12:
@@ -371,21 +561,23 @@ def main(argv=None):
 
     def validate():
         """Validation loss on the fixed subset; keeps the best adapter and checkpoints. True = stop early."""
-        nonlocal spent, best_val, bad_evals
+        nonlocal spent, best_val, bad_evals, best
         val_loss = evaluate(model, val_w, args, vocab_ids, autocast)
+        if not math.isfinite(val_loss):
+            raise UserError(why_not_finite(model, f"the validation loss became {val_loss}", step, args))
         spent += eval_flops
         improved = val_loss < best_val
         best_val, bad_evals = (val_loss, 0) if improved else (best_val, bad_evals + 1)
+        if improved:
+            best = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         append_jsonl(run / "metrics.jsonl", {"kind": "val", "step": step, "val_loss": val_loss, "best": improved, "flops": spent})
         ledger.add(run.name, "eval", eval_flops, step=step)
         bar.write(f"step {step}: validation loss {val_loss:.4f}{' (best)' if improved else ''}")
-        if improved:
-            save_adapter(model, run / "best", args)
         checkpoint()
         return bool(args.patience) and bad_evals >= args.patience
 
     bar = tqdm(total=args.steps, initial=step, disable=args.no_progress, dynamic_ncols=True)
-    if step == 0 and not args.resume and eval_flops <= args.flops_budget:
+    if step == 0 and not resuming and eval_flops + first_step <= args.flops_budget:
         validate()  # the base model's loss: the baseline every later evaluation must beat
     stop_reason = "steps"
     if args.patience and bad_evals >= args.patience:  # a resumed run that had already stopped early
@@ -406,8 +598,7 @@ def main(argv=None):
         with autocast():
             loss = causal_lm_loss(model, ids, labels, vocab_ids)
         if not torch.isfinite(loss):
-            checkpoint()
-            raise SystemExit(f"error: the loss became {loss.item()} at step {step}; lower --lr (the last good state is saved in {run}).")
+            raise UserError(why_not_finite(model, f"the loss became {loss.item()}", step, args))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if args.grad_clip > 0:
@@ -433,20 +624,18 @@ def main(argv=None):
                 stop_reason = "early stopping"
                 break
     bar.close()
-    checkpoint()
+    if saved_step != step:
+        checkpoint()
     plot_losses(run, run / "loss.png")
     if args.export_merged:
         export_merged(run, args)
     summary = {"steps": step, "stop_reason": stop_reason, "best_val_loss": best_val, "flops_spent": spent,
                "flops_budget": args.flops_budget, "budget_used": spent / args.flops_budget, "run": str(run)}
-    (run / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_json(run / "summary.json", summary)
     print(f"done after {step} steps ({stop_reason}): best validation loss {best_val:.4f}, "
           f"{spent:.3g} FLOPs ({100 * spent / args.flops_budget:.2f}% of the budget); adapter in {run / 'best'}")
     return summary
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as e:  # bad paths, files or flags: one sentence, no traceback
-        raise SystemExit(f"error: {e}") from None
+    run_cli(main)

@@ -4,7 +4,8 @@ A file is written beside its destination under a temporary name and renamed over
 rename within a folder is atomic, so a reader (or a resumed run) sees the old file or the new one,
 never half of either. A folder is swapped the same way in two renames; `recover_folder` finishes
 or undoes a swap that a kill interrupted. Temporary names end in `.tmp` and `.old`, so leftovers
-are recognisable and `clean_leftovers` can remove them.
+are recognisable and `clean_leftovers` can remove them. Logs are appended one whole line per
+write (`append_jsonl`); a kill can cut only the last line short, and readers skip such a line.
 """
 
 import errno
@@ -24,9 +25,9 @@ def atomic_write(path, write) -> Path:
     path = Path(path)
     tmp = path.with_name(path.name + TMP)
     write(tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
+    sync(tmp)
     os.replace(tmp, path)
+    _sync_folder(path.parent)  # the rename itself reaches the disk
     return path
 
 
@@ -36,6 +37,28 @@ def atomic_write_text(path, text: str) -> Path:
 
 def atomic_write_json(path, obj) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2))
+
+
+def append_jsonl(path, record) -> None:
+    """Appends `record` as one JSON line, in a single write."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def sync(path) -> None:
+    """Flushes a file's data to the disk, so that what was written survives a power cut."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_folder(folder) -> None:
+    try:
+        sync(folder)
+    except OSError:  # some file systems cannot fsync a folder; the rename is still atomic
+        pass
 
 
 def atomic_folder(folder, write) -> Path:
@@ -49,11 +72,15 @@ def atomic_folder(folder, write) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     write(tmp)
+    for path in tmp.rglob("*"):
+        if path.is_file():
+            sync(path)
     (tmp / ".complete").touch()  # written last: a .tmp folder without it was interrupted mid-write
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
         os.replace(folder, old)
     os.replace(tmp, folder)
+    _sync_folder(folder.parent)
     (folder / ".complete").unlink()
     shutil.rmtree(old, ignore_errors=True)
     return folder

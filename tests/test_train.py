@@ -10,6 +10,7 @@ import lora
 import train
 from conftest import random_model, tiny_config, write_checkpoint
 from qwen_min import Qwen2
+from qwen_min.errors import UserError
 from qwen_min.weights import hf_name
 
 
@@ -61,7 +62,7 @@ def test_killed_and_resumed_run_ends_identical_to_an_uninterrupted_one(ckpt, tmp
     with pytest.raises(KeyboardInterrupt):
         train.main(run_args(ckpt, tmp_path / "killed", *flags))
     monkeypatch.setattr(train, "on_step", None)
-    assert torch.load(tmp_path / "killed" / "state.pt", weights_only=False)["step"] == 10
+    assert torch.load(tmp_path / "killed" / "state.pt", weights_only=True)["step"] == 10
     resumed = train.main(["--out", str(tmp_path / "killed"), "--resume", "--no-progress"])
     for folder in ("adapter", "best"):
         for name in ("adapter_model.safetensors", "extra_parameters.safetensors"):
@@ -78,7 +79,7 @@ def test_killed_and_resumed_run_ends_identical_to_an_uninterrupted_one(ckpt, tmp
 def test_resume_can_extend_a_run_but_not_change_what_it_is(ckpt, tmp_path, capsys):
     run = tmp_path / "run"
     train.main(run_args(ckpt, run, "--steps", "5"))
-    with pytest.raises(SystemExit, match="--rank cannot change"):
+    with pytest.raises(UserError, match="--rank cannot change"):
         train.main(["--out", str(run), "--resume", "--rank", "2"])
     summary = train.main(["--out", str(run), "--resume", "--steps", "10", "--no-progress"])
     assert summary["steps"] == 10 and len(records(run, "train")) == 10
@@ -159,7 +160,7 @@ def test_bad_paths_end_in_one_sentence_without_traceback(ckpt, tmp_path):
 
     for flags, message in [(["--data", str(tmp_path / "missing.h5")], "missing.h5"),
                            (["--model", str(tmp_path / "nowhere")], "does not exist")]:
-        out = subprocess.run([sys.executable, str(train.__file__), "--model", str(ckpt), "--out", str(tmp_path / "r"), *flags],
+        out = subprocess.run([sys.executable, str(train.__file__), "--model", str(ckpt), "--context", "48", "--out", str(tmp_path / "r"), *flags],
                              capture_output=True, text=True)
         assert out.returncode != 0 and "Traceback" not in out.stderr
         assert out.stderr.startswith("error: ") and message in out.stderr and out.stderr.count("\n") == 1
@@ -170,13 +171,13 @@ def test_too_few_trajectories_for_validation_is_refused(ckpt, tmp_path):
 
     traj, t = lotka_volterra.simulate(3, seed=0)
     lotka_volterra.save(tmp_path / "three.h5", traj, t)
-    with pytest.raises(SystemExit, match="too few for a validation split"):
+    with pytest.raises(UserError, match="too few for a validation split"):
         train.main(run_args(ckpt, tmp_path / "run", "--data", str(tmp_path / "three.h5")))
 
 
 def test_resume_without_a_run_and_overwriting_a_run_are_refused(ckpt, tmp_path):
-    with pytest.raises(SystemExit, match="no state.pt"):
+    with pytest.raises(UserError, match="no state.pt"):
         train.main(["--out", str(tmp_path / "nothing"), "--resume"])
     train.main(run_args(ckpt, tmp_path / "run", "--steps", "1"))
-    with pytest.raises(SystemExit, match="already holds a run"):
+    with pytest.raises(UserError, match="already holds a run"):
         train.main(run_args(ckpt, tmp_path / "run", "--steps", "1"))
