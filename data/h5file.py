@@ -3,8 +3,10 @@
     trajectories   (N, T, 2) float32   [..., 0] prey, [..., 1] predator; finite, >= 0
     time           (T,)      float64   increasing
 
-`load` checks all of that and fails with a DataFileError whose message is one sentence
-saying what was wrong and what to do, so a bad file never ends in a traceback from h5py.
+`load` checks all of that and fails with a DataFileError (a qwen_min.errors.UserError) whose
+message is one sentence saying what was wrong and what to do, so a bad file never ends in a
+traceback from h5py. Shapes and dtypes are checked before any data is read, so a file that
+declares a huge dataset is refused without allocating it.
 """
 
 from pathlib import Path
@@ -12,8 +14,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from qwen_min.errors import UserError
 
-class DataFileError(ValueError):
+MAX_VALUES = 1 << 28  # 2 GB of float64; the coursework file holds 200,000 values
+
+
+class DataFileError(UserError):
     """A trajectory file that is missing or does not follow the coursework layout."""
 
 
@@ -36,28 +42,35 @@ def load(path):
     message for every way the file can be wrong.
     """
     path = Path(path)
+    if path.is_dir():
+        raise DataFileError(f"{path} is a folder; pass the path of an h5 file with 'trajectories' and 'time' datasets.")
     if not path.is_file():
         raise DataFileNotFoundError(
             f"No data file at {path}; pass the path of an h5 file, or leave it out to use simulated data."
         )
     if not h5py.is_hdf5(path):
         raise DataFileError(f"{path} is not an HDF5 file; pass an .h5 file with 'trajectories' and 'time' datasets.")
-    with h5py.File(path, "r") as f:
-        for name in ("trajectories", "time"):
-            if not isinstance(f.get(name), h5py.Dataset):
-                raise DataFileError(f"{path} has no '{name}' dataset; it needs 'trajectories' (N, T, 2) and 'time' (T,).")
-        trajectories, time = np.asarray(f["trajectories"][()]), np.asarray(f["time"][()])
-    _check(path, trajectories, time)
+    try:
+        with h5py.File(path, "r") as f:
+            for name in ("trajectories", "time"):
+                if not isinstance(f.get(name), h5py.Dataset):
+                    raise DataFileError(f"{path} has no '{name}' dataset; it needs 'trajectories' (N, T, 2) and 'time' (T,).")
+            _check_layout(path, f["trajectories"], f["time"])
+            trajectories, time = np.asarray(f["trajectories"][()]), np.asarray(f["time"][()])
+    except OSError as e:  # h5py's error for a file cut short or damaged inside
+        raise DataFileError(f"{path} is a damaged HDF5 file ({e}); write it again or restore it.") from None
+    _check_values(path, trajectories, time)
     return trajectories.astype(np.float32), time.astype(np.float64)
 
 
-def _check(path, trajectories, time):
-    """Raise DataFileError unless the two arrays follow the layout."""
+def _check_layout(path, trajectories, time):
+    """Raise DataFileError unless the datasets' dtypes and shapes follow the layout (nothing is read)."""
     if not np.issubdtype(trajectories.dtype, np.floating) or not np.issubdtype(time.dtype, np.floating):
         raise DataFileError(
             f"{path}: 'trajectories' and 'time' must hold floats, not {trajectories.dtype} and {time.dtype}; rewrite them as float32 / float64."
         )
-    if trajectories.ndim != 3 or trajectories.shape[2] != 2 or 0 in trajectories.shape:
+    shape = trajectories.shape or ()  # None for an HDF5 null dataspace
+    if len(shape) != 3 or shape[2] != 2 or 0 in shape:
         raise DataFileError(
             f"{path}: 'trajectories' has shape {trajectories.shape}, expected (N, T, 2) with N, T >= 1 and prey, predator last; fix the file's layout."
         )
@@ -65,6 +78,13 @@ def _check(path, trajectories, time):
         raise DataFileError(
             f"{path}: 'time' has shape {time.shape} but trajectories have {trajectories.shape[1]} steps; make 'time' one value per step."
         )
+    if trajectories.size > MAX_VALUES:
+        raise DataFileError(f"{path}: 'trajectories' holds {trajectories.size} values, more than qwen-min reads ({MAX_VALUES}); "
+                            "split the file or keep fewer trajectories.")
+
+
+def _check_values(path, trajectories, time):
+    """Raise DataFileError unless the values are finite, populations >= 0 and time increasing."""
     if not (np.isfinite(trajectories).all() and np.isfinite(time).all()):
         raise DataFileError(f"{path} contains NaN or inf values; remove or repair those trajectories.")
     if not (np.diff(time) > 0).all():

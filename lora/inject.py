@@ -7,6 +7,8 @@ path) is in `targets` is wrapped in a LoRALinear. Qwen2's names are q_proj, k_pr
 
 import torch.nn as nn
 
+from qwen_min.errors import UserError
+
 from .layer import LoRALinear
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")
@@ -19,8 +21,11 @@ def inject_lora(model: nn.Module, r: int, alpha: float = None, dropout: float = 
     targets = tuple(targets)
     refused = [t for t in targets if t in TIED_HEAD_NAMES]
     if refused:
-        raise ValueError(f"LoRA on {refused[0]} is refused: Qwen2.5's output head is tied to the token embedding, "
+        raise UserError(f"LoRA on {refused[0]} is refused: Qwen2.5's output head is tied to the token embedding, "
                          "so adapting it would also change the input embedding (and merging would clobber it).")
+    unknown = sorted(set(targets) - linear_names(model))
+    if unknown:
+        raise UserError(f"The model has no nn.Linear named {', '.join(unknown)}; choose LoRA targets from {', '.join(sorted(linear_names(model)))}.")
     wrapped = []
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
@@ -28,9 +33,13 @@ def inject_lora(model: nn.Module, r: int, alpha: float = None, dropout: float = 
                 layer = LoRALinear(child, r, alpha, dropout, init).train(child.training)  # eval stays eval
                 setattr(module, child_name, layer)
                 wrapped.append(f"{name}.{child_name}" if name else child_name)
-    if not wrapped:
-        raise ValueError(f"No nn.Linear named {', '.join(targets)} in the model; check the LoRA target modules.")
     return wrapped
+
+
+def linear_names(model: nn.Module) -> set:
+    """The own names (last part of the dotted path) of the model's nn.Linear layers not yet wrapped in LoRA."""
+    wrapped = {n + ".base" for n in lora_layers(model)}
+    return {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in wrapped}
 
 
 def lora_layers(model: nn.Module) -> dict:

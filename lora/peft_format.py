@@ -12,26 +12,29 @@ peft has no slot for) go to `extra_parameters.safetensors` beside them, which pe
 """
 
 import json
-import os
+import math
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from .inject import inject_lora, lora_layers
+from qwen_min.errors import UserError
+from qwen_min.files import atomic_folder
+from qwen_min.weights import read_safetensors
+
+from .inject import inject_lora, linear_names, lora_layers
 
 PEFT_PREFIX = "base_model.model."
 CONFIG, WEIGHTS, EXTRA = "adapter_config.json", "adapter_model.safetensors", "extra_parameters.safetensors"
-
-
-def _atomic_save(tensors: dict, path: Path):
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
+MAX_RANK = 4096
 
 
 def save_adapter(model, folder, module_name=lambda n: n, base_model_name_or_path=None, extra=None):
-    """Writes the model's LoRA layers (and `extra` {name: tensor}) to `folder` in peft's format."""
+    """Writes the model's LoRA layers (and `extra` {name: tensor}) to `folder` in peft's format.
+
+    The folder is the adapter's alone: it is written beside its place and swapped in whole
+    (qwen_min.files.atomic_folder), so a kill leaves the previous adapter or the new one, and
+    files of an earlier save (an extra_parameters file the new one lacks) never linger."""
     layers = lora_layers(model)
     if not layers:
         raise ValueError("The model has no LoRA layers to save.")
@@ -39,7 +42,10 @@ def save_adapter(model, folder, module_name=lambda n: n, base_model_name_or_path
     if len({(m.r, m.alpha) for m in layers.values()}) != 1:
         raise ValueError("peft's format needs one rank and alpha for all LoRA layers.")
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    foreign = sorted(p.name for p in folder.iterdir() if p.name not in (CONFIG, WEIGHTS, EXTRA, "README.md")) if folder.is_dir() else []
+    if foreign:
+        raise UserError(f"{folder} holds files that are not an adapter's ({', '.join(foreign[:3])}), which saving an adapter "
+                        "there would delete; choose a new or adapter-only folder.")
     tensors = {}
     for name, m in layers.items():
         key = PEFT_PREFIX + module_name(name)
@@ -52,63 +58,79 @@ def save_adapter(model, folder, module_name=lambda n: n, base_model_name_or_path
         "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
         "modules_to_save": None, "inference_mode": True,
     }
-    _atomic_save(tensors, folder / WEIGHTS)
-    if extra:
-        _atomic_save({k: v.detach().contiguous().cpu() for k, v in extra.items()}, folder / EXTRA)
-    else:
-        (folder / EXTRA).unlink(missing_ok=True)  # never leave an earlier save's extras behind
-    tmp = folder / (CONFIG + ".tmp")
-    tmp.write_text(json.dumps(config, indent=2))
-    os.replace(tmp, folder / CONFIG)
-    return folder
+
+    def write(tmp):
+        save_file(tensors, str(tmp / WEIGHTS))
+        if extra:
+            save_file({k: v.detach().contiguous().cpu() for k, v in extra.items()}, str(tmp / EXTRA))
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2))
+    return atomic_folder(folder, write)
 
 
 def read_adapter_config(folder) -> dict:
+    """adapter_config.json of `folder`, checked: a LoRA adapter qwen-min can load (one rank, one alpha)."""
     folder = Path(folder)
     if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
-        raise FileNotFoundError(f"{folder} is not a LoRA adapter folder: it needs {CONFIG} and {WEIGHTS}.")
+        raise UserError(f"{folder} is not a LoRA adapter folder: it needs {CONFIG} and {WEIGHTS}.")
+    path = folder / CONFIG
     try:
-        config = json.loads((folder / CONFIG).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{folder / CONFIG} is not valid JSON ({e}).") from None
+        config = json.loads(path.read_text())
+    except ValueError as e:  # not UTF-8, or not JSON
+        raise UserError(f"{path} is not valid JSON ({str(e)[:80]}); save the adapter again.") from None
+
+    def refuse(problem):
+        return UserError(f"{path} {problem}; pass an adapter saved by qwen-min or peft's LoRA.")
+    if not isinstance(config, dict):
+        raise refuse(f"holds a {type(config).__name__}, not a JSON object")
     if config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{folder} holds a {config.get('peft_type')} adapter; only LoRA is supported.")
+        raise refuse(f"describes a {config.get('peft_type')} adapter, and qwen-min loads LoRA only")
     for flag in ("use_dora", "fan_in_fan_out"):
         if config.get(flag):
-            raise ValueError(f"{folder}/{CONFIG} sets {flag}, which qwen-min's LoRA does not implement.")
+            raise refuse(f"sets {flag}, which qwen-min's LoRA does not implement")
     if config.get("rank_pattern") or config.get("alpha_pattern"):
-        raise ValueError(f"{folder}/{CONFIG} gives per-module ranks or alphas; qwen-min needs one rank and alpha.")
-    return config
+        raise refuse("gives per-module ranks or alphas, and qwen-min needs one rank and alpha")
+    r, alpha, targets = config.get("r"), config.get("lora_alpha", config.get("r")), config.get("target_modules")
+    if type(r) is not int or not 1 <= r <= MAX_RANK:
+        raise refuse(f"gives the rank r = {r!r}, not a whole number from 1 to {MAX_RANK}")
+    if type(alpha) not in (int, float) or not (math.isfinite(alpha) and alpha > 0):
+        raise refuse(f"gives lora_alpha = {alpha!r}, not a positive number")
+    targets = [targets] if isinstance(targets, str) else targets
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
+        raise refuse("has no target_modules list of module names")
+    return config | {"lora_alpha": alpha, "target_modules": targets}
 
 
 def load_adapter(model, folder, module_name=lambda n: n):
     """Injects LoRA as `folder`'s adapter_config.json describes and loads its weights.
 
-    Returns the `extra` tensors saved beside it ({} when none)."""
+    Returns the `extra` tensors saved beside it ({} when none). Whatever does not fit the model
+    (unknown target modules, another rank or shape, missing tensors) is a UserError naming the folder."""
     folder = Path(folder)
     config = read_adapter_config(folder)
-    targets = config["target_modules"]
-    targets = [targets] if isinstance(targets, str) else targets
-    r, alpha = config["r"], config.get("lora_alpha", config["r"])
+    r, alpha = config["r"], config["lora_alpha"]
     if config.get("use_rslora"):
         alpha = alpha * r ** 0.5  # rsLoRA scales by alpha / sqrt(r), which is alpha' / r for alpha' = alpha sqrt(r)
-    inject_lora(model, r=r, alpha=alpha, targets=[t.rsplit(".", 1)[-1] for t in targets])
-    tensors = {k.replace(".default", ""): v for k, v in load_file(str(folder / WEIGHTS)).items()}
-    layers = lora_layers(model)
+    tensors = {k.replace(".default", ""): v for k, v in read_safetensors(folder / WEIGHTS)}
+    targets = [t.rsplit(".", 1)[-1] for t in config["target_modules"]]
+    unknown = sorted(set(targets) - linear_names(model))
+    if unknown:
+        raise UserError(f"{folder / CONFIG} targets {', '.join(unknown)}, which this model does not have; was it trained on another model?")
+    inject_lora(model, r=r, alpha=alpha, targets=targets)
     expected = {}
-    for name, m in layers.items():
+    for name, m in lora_layers(model).items():
         key = PEFT_PREFIX + module_name(name)
         expected[f"{key}.lora_A.weight"] = m.lora_A
         expected[f"{key}.lora_B.weight"] = m.lora_B
     unknown = sorted(set(tensors) - set(expected))
     missing = sorted(set(expected) - set(tensors))
     if unknown or missing:
-        raise ValueError(f"Adapter in {folder} does not fit this model: "
-                         f"{len(missing)} LoRA tensor(s) missing (e.g. {missing[:1]}), {len(unknown)} unknown (e.g. {unknown[:1]}).")
+        raise UserError(f"Adapter in {folder} does not fit this model: {len(missing)} LoRA tensor(s) missing "
+                        f"(e.g. {missing[:1]}), {len(unknown)} unknown (e.g. {unknown[:1]}); was it trained on another model?")
+    bad = next((k for k, p in expected.items() if tensors[k].shape != p.shape), None)
+    if bad:
+        raise UserError(f"Adapter tensor {bad} in {folder} has shape {tuple(tensors[bad].shape)}, but rank {r} on this model "
+                        f"needs {tuple(expected[bad].shape)}; was it trained on another model?")
     with torch.no_grad():
         for key, p in expected.items():
-            if tensors[key].shape != p.shape:
-                raise ValueError(f"Adapter tensor {key} has shape {tuple(tensors[key].shape)}, the model expects {tuple(p.shape)}.")
             p.copy_(tensors[key])
-    extra_file = folder / EXTRA
-    return load_file(str(extra_file)) if extra_file.is_file() else {}
+    return dict(read_safetensors(folder / EXTRA)) if (folder / EXTRA).is_file() else {}

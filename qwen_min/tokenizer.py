@@ -8,21 +8,33 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 
+from .config import Qwen2Config
+from .errors import UserError
 from .weights import resolve_checkpoint
 
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 DEFAULT_SYSTEM_PROMPT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 
 
+def _first_line(error) -> str:
+    return str(error).strip().splitlines()[0][:100] if str(error).strip() else type(error).__name__
+
+
 class Tokenizer:
     def __init__(self, tokenizer_file):
         path = Path(tokenizer_file)
         if not path.is_file():
-            raise FileNotFoundError(f"No tokenizer.json at {path}; pass a Qwen2 checkpoint folder that includes it.")
-        self._tok = HFTokenizer.from_file(str(path))
+            raise UserError(f"No tokenizer.json at {path}; pass a Qwen2 checkpoint folder that includes it.")
+        try:
+            self._tok = HFTokenizer.from_file(str(path))
+        except Exception as e:  # the tokenizers package raises plain Exception for any file it cannot read
+            raise UserError(f"{path} is not a tokenizer.json the tokenizers package can read ({_first_line(e)}); "
+                            "restore the checkpoint's tokenizer.json.") from None
         ids = {t: self._tok.token_to_id(t) for t in (ENDOFTEXT, IM_START, IM_END)}
         if None in ids.values():
-            raise ValueError(f"{path} lacks Qwen's special tokens {ENDOFTEXT}, {IM_START}, {IM_END}; is it a Qwen2 tokenizer?")
+            raise UserError(f"{path} lacks Qwen's special tokens {ENDOFTEXT}, {IM_START}, {IM_END}; pass a Qwen2 checkpoint's tokenizer.json.")
+        if [self.decode([i]) for i in self.character_ids("0123456789")] != list("0123456789"):
+            raise UserError(f"{path} does not give each digit 0-9 a token of its own, which LLMTIME needs; pass a Qwen2 tokenizer.json.")
         self.pad_id = self.bos_id = ids[ENDOFTEXT]  # 151643
         self.im_start_id = ids[IM_START]  # 151644
         self.eos_id = self.im_end_id = ids[IM_END]  # 151645: an instruct model ends its turn with it
@@ -30,7 +42,16 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id):
-        return cls(resolve_checkpoint(path_or_hub_id) / "tokenizer.json")
+        """The tokenizer of a checkpoint folder or hub id, checked against its config.json's vocabulary."""
+        folder = resolve_checkpoint(path_or_hub_id)
+        tok = cls(folder / "tokenizer.json")
+        if (folder / "config.json").is_file():
+            vocab_size = Qwen2Config.from_json(folder / "config.json").vocab_size
+            top = max(tok._tok.get_vocab(with_added_tokens=True).values())
+            if top >= vocab_size:
+                raise UserError(f"{folder / 'tokenizer.json'} has token ids up to {top}, but config.json's vocab_size is "
+                                f"{vocab_size}; the two files come from different models, so restore one of them.")
+        return tok
 
     @property
     def stop_ids(self):
@@ -53,7 +74,8 @@ class Tokenizer:
         ids = [self.encode(c) for c in chars]
         bad = [c for c, i in zip(chars, ids) if len(i) != 1]
         if bad:
-            raise ValueError(f"This tokenizer does not give the character(s) {''.join(bad)!r} one token each.")
+            raise UserError(f"This tokenizer does not give the character(s) {''.join(bad)!r} one token each; "
+                            "qwen-min needs a Qwen2 tokenizer, which does.")
         return [i[0] for i in ids]
 
     @staticmethod

@@ -9,6 +9,7 @@ import pytest
 
 from data import lotka_volterra
 from data.h5file import DataFileError, DataFileNotFoundError
+from qwen_min.errors import UserError
 
 REAL_FILE = Path(os.environ.get("QWEN_MIN_DATA", Path(__file__).resolve().parents[2] / "shared/data/lotka_volterra_data.h5"))
 
@@ -119,7 +120,7 @@ def test_every_bad_file_has_its_own_clear_error(tmp_path, datasets, message):
 def test_missing_file_is_a_file_not_found_error(tmp_path):
     with pytest.raises(FileNotFoundError) as info:
         lotka_volterra.load(tmp_path / "nope.h5")
-    assert isinstance(info.value, DataFileNotFoundError) and isinstance(info.value, ValueError)
+    assert isinstance(info.value, DataFileNotFoundError) and isinstance(info.value, UserError)
     assert "No data file at" in str(info.value)
 
 
@@ -143,3 +144,43 @@ def test_compare_cli_reports_a_bad_path_in_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         lotka_volterra.main(["--compare", str(tmp_path / "missing.h5"), "-n", "2"])
     assert "No data file at" in capsys.readouterr().err
+
+
+def test_a_folder_where_the_file_should_be(tmp_path):
+    with pytest.raises(DataFileError, match=f"{tmp_path} is a folder"):
+        lotka_volterra.load(tmp_path)
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.9, 0.99])
+def test_a_truncated_file_is_damaged_not_a_traceback(tmp_path, cut):
+    path = _write(tmp_path / "good.h5", trajectories=GOOD, time=TIME)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * cut)])
+    with pytest.raises(DataFileError, match=f"{path} is a damaged HDF5 file"):
+        lotka_volterra.load(path)
+
+
+def test_an_empty_file_is_not_hdf5(tmp_path):
+    (tmp_path / "empty.h5").write_bytes(b"")
+    with pytest.raises(DataFileError, match="is not an HDF5 file"):
+        lotka_volterra.load(tmp_path / "empty.h5")
+
+
+def test_a_huge_declared_dataset_is_refused_before_it_is_read(tmp_path):
+    """A file of a few KB can declare (N, T, 2) far beyond memory: its shape alone refuses it."""
+    path = tmp_path / "huge.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("trajectories", shape=(10**7, 100, 2), dtype="f4", chunks=(1, 100, 2))  # 8 GB if read
+        f.create_dataset("time", data=np.arange(100.0))
+    assert path.stat().st_size < 10**6
+    with pytest.raises(DataFileError, match="holds 2000000000 values, more than qwen-min reads"):
+        lotka_volterra.load(path)
+
+
+def test_a_null_dataspace_is_a_shape_error(tmp_path):
+    path = tmp_path / "null.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("trajectories", data=h5py.Empty("f4"))
+        f.create_dataset("time", data=TIME)
+    with pytest.raises(DataFileError, match="'trajectories' has shape None"):
+        lotka_volterra.load(path)

@@ -1,11 +1,15 @@
 """lora/: the layer, injection, training masks, merge, and peft-format interop."""
 
+import json
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from conftest import hf_twin, random_model, tiny_config
 from lora import (LoRALinear, inject_lora, load_adapter, lora_layers, mark_only_lora_as_trainable, merge_lora,
                   merged_state_dict, save_adapter, unmerge_lora)
+from qwen_min.errors import UserError
 from qwen_min.weights import hf_name, save_pretrained
 
 IDS = torch.randint(0, 160, (2, 11), generator=torch.Generator().manual_seed(0))
@@ -89,9 +93,9 @@ def test_only_lora_and_bias_train_and_base_weights_stay_bit_identical():
 
 
 def test_tied_head_is_refused():
-    with pytest.raises(ValueError, match="tied to the token embedding"):
+    with pytest.raises(UserError, match="tied to the token embedding"):
         inject_lora(random_model(tiny_config()), r=2, targets=("q_proj", "lm_head"))
-    with pytest.raises(ValueError, match="No nn.Linear named"):
+    with pytest.raises(UserError, match="no nn.Linear named"):
         inject_lora(random_model(tiny_config()), r=2, targets=("qkv",))
 
 
@@ -123,11 +127,11 @@ def test_adapter_roundtrip_through_peft_both_ways(tmp_path):
 
 def test_bad_adapters_are_refused(tmp_path):
     model = random_model(tiny_config())
-    with pytest.raises(FileNotFoundError, match="not a LoRA adapter folder"):
+    with pytest.raises(UserError, match="not a LoRA adapter folder"):
         load_adapter(model, tmp_path)
     inject_lora(model, r=4)
     save_adapter(model, tmp_path / "a", module_name=hf_name)
-    with pytest.raises(ValueError, match="does not fit this model"):
+    with pytest.raises(UserError, match="does not fit this model"):
         load_adapter(random_model(tiny_config()), tmp_path / "a")  # names without transformers' prefix
 
 
@@ -141,7 +145,7 @@ def test_merged_export_loads_in_transformers(tmp_path):
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     with torch.no_grad():
         assert (hf(IDS).logits - logits(model)).abs().max().item() <= 1e-5
-    with pytest.raises(ValueError, match="no lm_head bias"):
+    with pytest.raises(UserError, match="no lm_head bias"):
         save_pretrained({"lm_head_bias": torch.zeros(1)}, model.config, tmp_path / "x")
 
 
@@ -194,3 +198,110 @@ def test_rslora_adapter_from_peft_loads_with_its_scaling(tmp_path):
     assert next(iter(lora_layers(model).values())).scaling == pytest.approx(8 / 4 ** 0.5)
     with torch.no_grad():
         assert (peft_model(IDS).logits - logits(model)).abs().max().item() <= 1e-5
+
+
+def test_a_target_the_model_lacks_is_refused_even_beside_one_it_has():
+    model = random_model(tiny_config())
+    with pytest.raises(UserError, match="no nn.Linear named qkv; choose LoRA targets from down_proj, gate_proj, k_proj"):
+        inject_lora(model, r=2, targets=("q_proj", "qkv"))
+    assert not lora_layers(model)  # refused before anything was wrapped
+
+
+def test_save_adapter_swaps_the_folder_and_leaves_no_stale_extras(tmp_path):
+    model = random_model(tiny_config())
+    inject_lora(model, r=4)
+    save_adapter(model, tmp_path / "a", module_name=hf_name, extra={"lm_head_bias": torch.ones(160)})
+    assert (tmp_path / "a" / "extra_parameters.safetensors").is_file()
+    save_adapter(model, tmp_path / "a", module_name=hf_name)  # the next save has no extras
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no .tmp or .old beside it
+    assert load_adapter(random_model(tiny_config()), tmp_path / "a", module_name=hf_name) == {}
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(UserError, match="holds files that are not an adapter's \\(metrics.jsonl\\)"):
+        save_adapter(model, tmp_path / "run")  # would have deleted the run's logs
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == "{}\n"
+
+
+def test_a_kill_while_saving_keeps_the_previous_adapter(tmp_path, monkeypatch):
+    import lora.peft_format as peft_format
+
+    model = random_model(tiny_config())
+    inject_lora(model, r=4)
+    randomise_lora(model)
+    save_adapter(model, tmp_path / "a", module_name=hf_name)
+    before = (tmp_path / "a" / "adapter_model.safetensors").read_bytes()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(peft_format, "save_file", killed)
+    randomise_lora(model, seed=2)
+    with pytest.raises(KeyboardInterrupt):
+        save_adapter(model, tmp_path / "a", module_name=hf_name)
+    assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() == before
+
+
+def _adapter(tmp_path, r=4, extra=None):
+    model = random_model(tiny_config())
+    inject_lora(model, r=r, targets=("q_proj", "v_proj"))
+    randomise_lora(model)
+    return save_adapter(model, tmp_path / "adapter", module_name=hf_name, extra=extra)
+
+
+def _edit_config(change):
+    def edit(folder):
+        path = folder / "adapter_config.json"
+        path.write_text(json.dumps(json.loads(path.read_text()) | change))
+    return edit
+
+
+def _edit_tensors(edit_dict, name="adapter_model.safetensors"):
+    def edit(folder):
+        sd = load_file(str(folder / name))
+        edit_dict(sd)
+        save_file(sd, str(folder / name))
+    return edit
+
+
+def _write(name, data):
+    return lambda folder: (folder / name).write_bytes(data(folder / name) if callable(data) else data)
+
+
+Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
+
+
+@pytest.mark.parametrize("damage, match", [
+    (_write("adapter_config.json", b""), "adapter_config.json is not valid JSON"),
+    (_write("adapter_config.json", lambda p: p.read_bytes()[:40]), "adapter_config.json is not valid JSON"),
+    (_write("adapter_config.json", bytes(range(256))), "adapter_config.json is not valid JSON"),
+    (_write("adapter_config.json", b"[4, 8]"), "holds a list, not a JSON object"),
+    (_edit_config({"r": 0}), "rank r = 0"),
+    (_edit_config({"r": "4"}), "rank r = '4'"),
+    (_edit_config({"r": 10**9}), "rank r = 1000000000"),
+    (_edit_config({"r": None}), "rank r = None"),
+    (_edit_config({"lora_alpha": "8"}), "lora_alpha = '8'"),
+    (_edit_config({"lora_alpha": -1}), "lora_alpha = -1"),
+    (_edit_config({"target_modules": []}), "no target_modules"),
+    (_edit_config({"target_modules": None}), "no target_modules"),
+    (_edit_config({"target_modules": [1, 2]}), "no target_modules"),
+    (_edit_config({"target_modules": ["q_proj", "qkv_proj"]}), "targets qkv_proj, which this model does not have"),
+    (_edit_config({"target_modules": ["lm_head"]}), "targets lm_head, which this model does not have"),
+    (_edit_config({"peft_type": "PREFIX_TUNING"}), "PREFIX_TUNING adapter"),
+    (_edit_config({"use_dora": True}), "use_dora"),
+    (_edit_config({"r": 2}), rf"{Q0}.lora_A.weight in .* has shape \(4, 64\), but rank 2 on this model needs \(2, 64\)"),
+    (_write("adapter_model.safetensors", b""), "adapter_model.safetensors is not a readable safetensors file"),
+    (_write("adapter_model.safetensors", lambda p: p.read_bytes()[:-7]), "adapter_model.safetensors is not a readable safetensors file"),
+    (_write("adapter_model.safetensors", bytes(range(256)) * 4), "adapter_model.safetensors is not a readable safetensors file"),
+    (_edit_tensors(lambda sd: sd.pop(f"{Q0}.lora_B.weight")), r"1 LoRA tensor\(s\) missing"),
+    (_edit_tensors(lambda sd: sd.update({f"{Q0}.lora_B.weight": torch.ones(64, 4, dtype=torch.int32)})), "holds I32 numbers"),
+    (_edit_tensors(lambda sd: sd.update({f"{Q0}.lora_A.weight": sd[f"{Q0}.lora_A.weight"] * float("nan")})), "NaN or infinite"),
+    (_edit_tensors(lambda sd: sd.update({"base_model.model.model.layers.0.mlp.up_proj.lora_A.weight": torch.zeros(4, 64)})),
+     r"1 unknown \(e.g. \['base_model.model.model.layers.0.mlp.up_proj"),
+    (_write("extra_parameters.safetensors", b"garbage!"), "extra_parameters.safetensors is not a readable safetensors file"),
+    (lambda folder: (folder / "adapter_model.safetensors").unlink(), "not a LoRA adapter folder"),
+])
+def test_bad_adapter_folders_name_the_file(tmp_path, damage, match):
+    folder = _adapter(tmp_path, extra={"lm_head_bias": torch.zeros(160)})
+    damage(folder)
+    with pytest.raises(UserError, match=match):
+        load_adapter(random_model(tiny_config()), folder, module_name=hf_name)

@@ -6,6 +6,7 @@ import torch
 from conftest import hf_twin, random_model, tiny_config
 from qwen_min import KVCache, Qwen2Config
 from qwen_min.generate import pad_left
+from qwen_min.errors import UserError
 
 CONFIGS = {
     "gqa": dict(),  # 4 query heads share 2 kv heads
@@ -121,11 +122,13 @@ def test_wrong_attention_mask_shape_is_refused():
 
 
 @pytest.mark.parametrize("bad, match", [
-    (dict(n_heads=6, n_kv_heads=4), "multiple of n_kv_heads"),
+    (dict(n_heads=6, n_kv_heads=4), r"num_attention_heads \(6\) must be a multiple of num_key_value_heads \(4\)"),
     (dict(head_dim=15), "even"),
+    (dict(n_kv_heads=0), "num_key_value_heads must be a whole number from 1"),
+    (dict(vocab_size=-1), "vocab_size must be a whole number from 1"),
 ])
 def test_impossible_configs_are_refused(bad, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(UserError, match=match):
         tiny_config(**bad)
 
 
@@ -137,7 +140,7 @@ def test_impossible_configs_are_refused(bad, match):
 ])
 def test_unsupported_hf_configs_are_refused(hf_update, match):
     hf = tiny_config().to_hf_dict() | hf_update
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(UserError, match=match):
         Qwen2Config.from_hf_dict(hf)
 
 

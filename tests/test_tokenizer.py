@@ -6,6 +6,7 @@ import pytest
 
 from conftest import write_tokenizer
 from qwen_min import Tokenizer
+from qwen_min.errors import UserError
 
 
 def test_encode_decode_and_special_tokens(tmp_path):
@@ -35,12 +36,53 @@ def test_own_system_prompt_replaces_the_default():
 
 
 def test_missing_or_foreign_tokenizer_is_refused(tmp_path):
-    with pytest.raises(FileNotFoundError, match="No tokenizer.json"):
+    with pytest.raises(UserError, match="No tokenizer.json"):
         Tokenizer.from_pretrained(tmp_path)
     write_tokenizer(tmp_path / "tokenizer.json")
     spec = json.loads((tmp_path / "tokenizer.json").read_text())
     spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] != "<|im_end|>"]
     spec["model"]["vocab"].pop("<|im_end|>")
     (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
-    with pytest.raises(ValueError, match="special tokens"):
+    with pytest.raises(UserError, match="special tokens"):
         Tokenizer.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("text, match", [
+    ("", "EOF while parsing"),
+    ("{\"model\": ", "EOF while parsing"),
+    ("[1, 2]", "expected struct Tokenizer"),
+    ('{"a": 1}', "line 1"),
+    ('{"model": {"type": "BPE"}}', "Missing vocab"),
+])
+def test_a_file_that_is_not_a_tokenizer_is_named(tmp_path, text, match):
+    (tmp_path / "tokenizer.json").write_text(text)
+    with pytest.raises(UserError, match=f"{tmp_path / 'tokenizer.json'} is not a tokenizer.json .*{match}"):
+        Tokenizer(tmp_path / "tokenizer.json")
+
+
+def test_binary_garbage_is_refused(tmp_path):
+    (tmp_path / "tokenizer.json").write_bytes(bytes(range(256)))
+    with pytest.raises(UserError, match="valid UTF-8"):
+        Tokenizer(tmp_path / "tokenizer.json")
+
+
+def test_a_tokenizer_without_single_digit_tokens_is_refused(tmp_path):
+    write_tokenizer(tmp_path / "tokenizer.json")
+    spec = json.loads((tmp_path / "tokenizer.json").read_text())
+    spec["model"]["vocab"].pop("7")  # "7" now reads as the unknown token, <|endoftext|>
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(UserError, match="does not give each digit 0-9 a token of its own"):
+        Tokenizer(tmp_path / "tokenizer.json")
+
+
+def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(tmp_path):
+    """Ids beyond config.json's vocab_size would index past the embedding: refuse the pair up front."""
+    from conftest import random_model, tiny_config, write_checkpoint
+
+    folder = write_checkpoint(random_model(tiny_config(vocab_size=160)), tmp_path / "ckpt")
+    assert Tokenizer.from_pretrained(folder).vocab_size == 3 + 68  # specials + characters of conftest's tokenizer
+    hf = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(hf | {"vocab_size": 50}))
+    with pytest.raises(UserError, match="has token ids up to 70, but config.json's vocab_size is 50"):
+        Tokenizer.from_pretrained(folder)
+
