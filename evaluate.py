@@ -1,18 +1,21 @@
-"""Evaluate a (fine-tuned) Qwen2.5 as a forecaster of Lotka-Volterra trajectories, as published.
+"""Evaluate a (fine-tuned) Qwen2.5 as a forecaster of Lotka-Volterra trajectories, under our protocol
+or a published one, or score forecasts made elsewhere under the same protocols.
 
     python evaluate.py --run runs/x                         # the run's model, adapter (best/), data, split, scaling
-    python evaluate.py --model DIR --data FILE --preset tutt --limit 20
+    python evaluate.py --model DIR --data FILE --preset report-a      # report A's protocol, as its code ran it
     python evaluate.py --run runs/x --samples 20 --temperature 0.7 --top-p 0.9
+    python evaluate.py --preset report-b --data FILE --score forecasts.npz   # no model: someone else's forecasts
     python evaluate.py --compare evals/base/results.json evals/x/results.json
 
-The recipe: load the model (+ adapter, merged), rebuild the run's split and scaling, then
-  1. cross-entropy per token on the test split (token windows, padding masked), as reported;
-  2. forecasts: the first k steps of each test series as the prompt, the next h generated
-     (greedy, or N samples sharing one prefill; digits and separators only unless --unrestricted);
-     output is decoded and repaired by data/llmtime.py's rules, repairs counted;
-  3. metrics in original units (data/metrics.py) for the model and the baselines (data/baselines.py);
+The recipe: load the model (+ adapter, merged), rebuild the protocol's split and encoding, then
+  1. cross-entropy on the test split, in the protocol's convention (ours: per token, padding masked);
+  2. forecasts: ours prompts k whole steps and decodes digits and separators only, with no
+     generation config; the report presets prompt, decode and read output as their code did
+     (data/protocols.py);
+  3. metrics in the protocol's units (data/metrics.py) for the model and the baselines
+     (data/baselines.py), plus the report's own published metrics under a preset;
   4. results.json, a markdown table on screen, forecasts.png and error_vs_horizon.png in --out.
-docs/evaluate.md defines every metric and JSON key.
+docs/evaluate.md defines every metric and JSON key and lists how the three protocols differ.
 """
 
 import argparse
@@ -25,28 +28,33 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data import baselines, llmtime, lotka_volterra, metrics, splits, windows
+from data import baselines, llmtime, lotka_volterra, metrics, protocols, splits, windows
 from data.forecast import forecast_tasks, read_forecast
 import flops
-from qwen_min import Qwen2, Tokenizer, generate
+from qwen_min import GenerationConfig, Qwen2, Qwen2Config, Tokenizer, generate
+from qwen_min.errors import UserError, run_cli
+from qwen_min.files import atomic_write_json
 from qwen_min.generate import produced_lengths
-from qwen_min.loss import mean_cross_entropy
+from qwen_min.loss import mean_cross_entropy, mean_of_batch_means
+from qwen_min.weights import resolve_checkpoint
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
-TABLE_STEPS = (1, 5, 10, 20, 30, 40, 49, 50)  # report A's steps (1, 10, 30, 49) and a few more
-# The published protocols (docs/reference.md). A run's own scaling wins over a preset's: the model
-# only reads the encoding it was trained on.
-PRESETS = {
-    "tutt": dict(k=50, h=50, scaling="global", percentile=95.0, scale_target=10.0, decimals=2),
-    "wang": dict(k=51, h=20, scaling="per-series", percentile=95.0, scale_target=1.0, decimals=2),
-}
+TABLE_STEPS = (1, 5, 10, 20, 30, 40, 49, 50)  # steps 1..h (1-based) of our per-step table
+REPORT_A_STEPS = (1, 5, 10, 20, 30, 40, 49)  # report A's tables: horizon indices, 0-based, as it printed them
 DEFAULTS = dict(model="Qwen/Qwen2.5-0.5B-Instruct", data=None, n_series=1000, seed=0, k=50, h=50, scaling="global",
                 percentile=95.0, scale_target=10.0, decimals=2, context=512, lm_head_bias=False)
 # What makes the test split and the encoding: a run's values of these cannot be overridden.
 RUN_FIXED = ("data", "n_series", "seed", "scaling", "percentile", "scale_target", "decimals")
+# What a report preset fixes (flag -> value); the encoding it names is the report's own.
+REPORT_FIXED = {
+    "report-a": dict(k=49, h=50, scaling="global", percentile=90.0, scale_target=10.0, decimals=2, seed=42, context=768),
+    "report-b": dict(k=51, h=20, scaling="per-series", percentile=95.0, scale_target=1.0, decimals=2, seed=42, context=512),
+}
+PRESETS = sorted(protocols.PROTOCOLS.keys() - {"ours"}) + sorted(protocols.ALIASES)
 
 
 def parse_args(argv=None):
+    presets_help = "; ".join(f"{p.name}: {p.summary}" for p in protocols.PROTOCOLS.values() if p.name != "ours")
     p = argparse.ArgumentParser(description="Forecasting evaluation of Qwen2.5 (+ LoRA) on Lotka-Volterra trajectories.")
     g = p.add_argument_group("model")
     g.add_argument("--run", help="a train.py run folder: its model, adapter (best/), data, split and scaling")
@@ -56,8 +64,13 @@ def parse_args(argv=None):
     g.add_argument("--lm-head-bias", action="store_true", default=None, help="the model has an lm_head bias (in the adapter)")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    g = p.add_argument_group("data (default: the run's, else the preset's, else the simulator)")
-    g.add_argument("--preset", choices=sorted(PRESETS), help="a published protocol: tutt (50 -> 50, global to 10) or wang (51 -> 20, per series to 1)")
+    g = p.add_argument_group("protocol and data (default: ours, with the run's data, else the simulator)")
+    g.add_argument("--preset", choices=PRESETS, help=f"a published protocol as its authors' code ran it, quirks included "
+                   f"(tutt and wang are the old names of report-a and report-b). {presets_help}. Without --preset: "
+                   f"{protocols.OURS.summary}")
+    g.add_argument("--score", metavar="FILE", help="score forecasts made elsewhere, without a model: .json or .npz with "
+                   "`forecast` (N, h, 2) [prey, predator] in the protocol's units, optional `truth` (N, h, 2) and "
+                   "`series` (row indices into the data file)")
     g.add_argument("--data", help="h5 file in the coursework layout")
     g.add_argument("--n-series", type=int, help="trajectories to simulate without --data")
     g.add_argument("--seed", type=int, help="split (and simulation) seed")
@@ -69,8 +82,9 @@ def parse_args(argv=None):
     g.add_argument("--k", type=int, help="context steps in the prompt")
     g.add_argument("--h", type=int, help="steps to forecast")
     g.add_argument("--limit", type=int, help="evaluate only the first LIMIT test series")
-    g = p.add_argument_group("decoding")
-    g.add_argument("--samples", type=int, default=1, help="forecasts per series; > 1 samples and takes the median")
+    g = p.add_argument_group("decoding (the report presets decode with the checkpoint's generation_config.json)")
+    g.add_argument("--samples", type=int, default=1, help="forecasts per series; > 1 samples and takes the median "
+                   "(report-b: the mean, as it did)")
     g.add_argument("--temperature", type=float, default=None, help="default: 0 (greedy) for 1 sample, 0.7 for more")
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--top-p", type=float, default=None)
@@ -94,43 +108,68 @@ def parse_args(argv=None):
     return args
 
 
+def read_run_args(run, p):
+    """A run folder's args.json as a dict, or a one-sentence error."""
+    path = Path(run) / "args.json"
+    if not path.is_file():
+        p.error(f"{run} holds no args.json; pass a train.py run folder to --run")
+    try:
+        run_args = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        p.error(f"{path} is not valid JSON; is {run} a train.py run folder?")
+    if not isinstance(run_args, dict):
+        p.error(f"{path} holds a JSON {type(run_args).__name__}, not the object train.py writes; is {run} a train.py run folder?")
+    return run_args
+
+
 def resolve(args, p):
     """Fills unset flags: explicit flag > the run's args.json > the preset > DEFAULTS. With --run, the
-    flags that make its split and encoding (RUN_FIXED) cannot differ from the run's."""
+    flags that make its split and encoding (RUN_FIXED) cannot differ from the run's; with a report
+    preset, the flags its protocol fixes (REPORT_FIXED) cannot be given at all."""
+    args.protocol = protocols.ALIASES.get(args.preset, args.preset) or "ours"
+    fixed = REPORT_FIXED.get(args.protocol, {})
+    given = [k for k in fixed if getattr(args, k) is not None]
+    if given:
+        p.error(f"--{given[0].replace('_', '-')} is fixed by --preset {args.protocol}, which runs its report's protocol as it "
+                f"was run ({given[0]} {fixed[given[0]]}); leave it out, or evaluate without --preset")
+    decoding = [k for k in ("temperature", "top_k", "top_p") if fixed and getattr(args, k) is not None]
+    if decoding:
+        p.error(f"--{decoding[0].replace('_', '-')} is fixed by --preset {args.protocol}: it decodes with the checkpoint's "
+                "generation_config.json, as its report did; leave it out")
+    if fixed and args.unrestricted:
+        p.error(f"--preset {args.protocol} already decodes over the full vocabulary; leave out --unrestricted")
+    if args.protocol == "report-a" and args.samples != 1:
+        p.error("--preset report-a decodes greedily (its tables are greedy); leave out --samples")
+    if args.score and (args.run or args.adapter):
+        p.error("--score scores forecasts from a file and loads no model; leave out --run and --adapter")
     run_args = {}
     if args.run:
+        run_args = read_run_args(args.run, p)
         run = Path(args.run)
-        if not (run / "args.json").is_file():
-            p.error(f"{run} holds no args.json; pass a train.py run folder to --run")
-        try:
-            run_args = json.loads((run / "args.json").read_text())
-        except json.JSONDecodeError:
-            p.error(f"{run}/args.json is not valid JSON; is {run} a train.py run folder?")
-        changed = [k for k in RUN_FIXED if getattr(args, k) is not None and getattr(args, k) != run_args.get(k)]
+        changed = [k for k in RUN_FIXED if k not in fixed and getattr(args, k) is not None and getattr(args, k) != run_args.get(k)]
         if changed:
             p.error(f"--{changed[0].replace('_', '-')} differs from the run's; its test split and encoding are fixed "
                     "by the run (train.py's args.json), so evaluate it without that flag")
         if args.adapter is None and not args.no_adapter:
             args.adapter = str(run / "best") if (run / "best").is_dir() else str(run / "adapter")
-    preset = PRESETS.get(args.preset, {})
     for key, default in DEFAULTS.items():
         if getattr(args, key) is None:
-            value = run_args.get(key, preset.get(key, default))
-            setattr(args, key, value)
-    if run_args and preset and any(run_args.get(key) != preset[key] for key in ("scaling", "scale_target", "decimals")):
-        print(f"warning: the run's scaling ({run_args.get('scaling')} to {run_args.get('scale_target')}, {run_args.get('decimals')} decimals) "
-              f"differs from preset {args.preset}'s; using the run's, which its model was trained on.", file=sys.stderr)
+            setattr(args, key, fixed[key] if key in fixed else run_args.get(key, default))
+    if run_args and fixed and any(run_args.get(key) != fixed[key] for key in ("scaling", "percentile", "scale_target", "decimals")):
+        print(f"warning: the run was trained on {run_args.get('scaling')} scaling (P{run_args.get('percentile')} -> "
+              f"{run_args.get('scale_target')}, {run_args.get('decimals')} decimals), but --preset {args.protocol} encodes as its "
+              "report did; its model reads an encoding it was not trained on.", file=sys.stderr)
     if args.no_adapter:
         args.adapter = None
     if args.adapter and not Path(args.adapter).is_dir():
         p.error(f"adapter folder {args.adapter} does not exist")
-    if args.temperature is None:
+    if args.temperature is None and not fixed:
         args.temperature = 0.7 if args.samples > 1 else 0.0
     checks = [
         (args.k >= 1 and args.h >= 1, "--k and --h must be at least 1"),
         (args.samples >= 1 and args.batch >= 1, "--samples and --batch must be at least 1"),
-        (args.temperature >= 0, "--temperature must be >= 0"),
-        (args.samples == 1 or args.temperature > 0, "--samples > 1 needs --temperature > 0 (greedy samples are all equal)"),
+        (fixed or args.temperature >= 0, "--temperature must be >= 0"),
+        (fixed or args.samples == 1 or args.temperature > 0, "--samples > 1 needs --temperature > 0 (greedy samples are all equal)"),
         (args.top_p is None or 0 < args.top_p <= 1, "--top-p must be in (0, 1]"),
         (args.top_k is None or args.top_k >= 1, "--top-k must be at least 1"),
         (args.limit is None or args.limit >= 1, "--limit must be at least 1"),
@@ -138,13 +177,18 @@ def resolve(args, p):
         (args.seed >= 0 and args.n_series >= 1, "--seed must be >= 0 and --n-series >= 1"),
         (args.context >= 2, "--context must be at least 2 tokens"),
         (args.plots >= 0 and args.lv_iterations >= 0, "--plots and --lv-iterations must be >= 0"),
+        (args.sample_seed >= 0, "--sample-seed must be >= 0"),
     ]
     for ok, message in checks:
         if not ok:
             p.error(message)
+    if args.protocol == "report-b":
+        args.no_ce = True  # report B published no test cross-entropy
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    args.label = args.label or (Path(args.adapter).resolve().parent.name if args.adapter else "base")
+    args.label = args.label or (Path(args.score).stem if args.score else Path(args.adapter).resolve().parent.name if args.adapter else "base")
     args.out = args.out or (str(Path(args.run) / "eval") if args.run else f"evals/{time.strftime('%Y%m%d-%H%M%S')}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        p.error(f"--out {args.out} is a file, not a folder; choose a folder for results.json")
 
 
 # ---------------------------------------------------------------- model and data
@@ -165,26 +209,54 @@ def load_model(args):
     return model.to(args.device).eval()
 
 
+def protocol_split(args, n):
+    """The protocol's split of n trajectories: ours by --seed, a report's as its code drew it."""
+    if args.protocol == "report-a":
+        return splits.report_a_split(n)
+    if args.protocol == "report-b":
+        return splits.report_b_split(n)
+    return splits.split(n, seed=args.seed)
+
+
 def load_series(args):
-    """Trajectories (N, T, 2), times (T,) and the test indices, exactly as train.py's build_data."""
+    """Trajectories (N, T, 2), times (T,), the protocol's split and the test rows it scores."""
     if args.data:
         traj, times = lotka_volterra.load(args.data)
     else:
         traj, times = lotka_volterra.simulate(args.n_series, seed=args.seed)
-    if args.k + args.h > traj.shape[1]:
-        raise SystemExit(f"error: --k {args.k} + --h {args.h} exceeds the {traj.shape[1]} steps of each trajectory.")
-    split = splits.split(len(traj), seed=args.seed)
-    test = split.test[: args.limit]
+    steps = args.k + args.h + (1 if args.protocol == "report-a" else 0)  # report A's truth drops the last step
+    if steps > traj.shape[1]:
+        raise UserError(f"--k {args.k} + --h {args.h} exceeds the {traj.shape[1]} steps of each trajectory; lower --k or --h.")
+    split = protocol_split(args, len(traj))
+    test = split.test[: protocols.PROTOCOLS[args.protocol].n_scored][: args.limit]
     if len(test) == 0:
-        raise SystemExit("error: the test split is empty; use more trajectories.")
+        raise UserError("the test split is empty; use more trajectories (--n-series or --data).")
     return np.asarray(traj, dtype=np.float64), times, split, test
+
+
+class Series:
+    """The scored rows of the data under a protocol: truth and context in the protocol's units, and the
+    map from original units to them (report A: its scale alpha; the others: none)."""
+
+    def __init__(self, args, traj, rows):
+        self.rows, self.k, self.h = np.asarray(rows, dtype=np.int64), args.k, args.h
+        self.unit = 1.0
+        if args.protocol == "report-a":
+            scaled, alpha = protocols.report_a_scaled(traj)
+            self.unit = 1.0 / float(alpha)
+            self.texts = [protocols.report_a_text(scaled[i]) for i in self.rows]
+            self.truth = np.stack([protocols.report_a_truth(t, self.h) for t in self.texts]).astype(np.float64)
+        else:
+            self.truth = traj[self.rows, self.k : self.k + self.h]
+        self.context_original = traj[self.rows, : self.k]  # (N, k, 2), for the baselines
+        self.context = self.context_original * self.unit
 
 
 def scalers(args, traj, split, test):
     """(scaler for the forecast prompts, scaler for the cross-entropy windows) of the test series.
 
-    Global: the run's scaler.json when evaluating a run, else fit on the train split, as in
-    training (the two agree: a run's split and scaling flags cannot be overridden). Per series:
+    Our protocol. Global: the run's scaler.json when evaluating a run, else fit on the train split,
+    as in training (the two agree: a run's split and scaling flags cannot be overridden). Per series:
     prompts use scales fit on each context window only (the future stays unseen); the
     cross-entropy windows cover whole series, so their scales are fit on whole series, as
     train.py does for its validation windows.
@@ -204,29 +276,44 @@ def scalers(args, traj, split, test):
 
 @torch.no_grad()
 def cross_entropy(model, tok, scaled, args):
-    """Mean next-token cross-entropy over windows of the scaled test series (N, T, 2), full vocabulary."""
+    """Our convention: next-token cross-entropy per token over windows of the scaled test series
+    (N, T, 2), padding masked, full vocabulary."""
     w = windows.dataset_windows(scaled, tok, args.context, args.context, args.decimals, tok.pad_id)
     batches = [tuple(torch.from_numpy(a).to(args.device) for a in windows.batch(w, slice(start, start + args.batch)))
                for start in range(0, len(w.input_ids), args.batch)]
     mean, tokens = mean_cross_entropy(model, batches)
     spent = sum(flops.forward(model.config, ids.shape[0], ids.shape[1] - 1, lm_head_bias=model.lm_head_bias is not None).coursework
                 for ids, _ in batches)  # the loss feeds T - 1 tokens
-    return {"mean": mean, "tokens": tokens, "windows": len(w.input_ids), "flops": spent}
+    return {"mean": mean, "tokens": tokens, "windows": len(w.input_ids), "flops": spent, "convention": "per token, padding masked"}
+
+
+@torch.no_grad()
+def cross_entropy_report_a(model, tok, texts, args):
+    """Report A's convention: 768-token windows every 768 tokens, right-padded, one per batch, the
+    padding scored (labels = input_ids), and the plain mean of the windows' means."""
+    rows = [windows.fixed_windows(tok.encode(t), args.context, args.context, tok.pad_id) for t in texts]
+    w = np.concatenate(rows)  # (W, L)
+    batches = [(torch.from_numpy(w[i : i + 1]).to(args.device),) * 2 for i in range(len(w))]
+    mean = mean_of_batch_means(model, batches)
+    spent = len(w) * flops.forward(model.config, 1, args.context - 1, lm_head_bias=model.lm_head_bias is not None).coursework
+    return {"mean": mean, "tokens": int(w.size - len(w)), "windows": len(w), "flops": spent,
+            "convention": "report A: padding counted, mean of per-window means"}
 
 
 # ---------------------------------------------------------------- forecasting
 
 def generate_forecasts(model, prompts, h, max_new_tokens, sep_id, n_samples=1, temperature=0.0, top_k=None,
                        top_p=None, seed=None, allowed_token_ids=None, stop_token_ids=(), pad_id=0):
-    """Continues each prompt until it has written h steps (h separators), a stop token, or max_new_tokens.
+    """Our protocol's decoding: continues each prompt until it has written h steps (h separators), a
+    stop token, or max_new_tokens, with no generation config and no repetition penalty.
 
     prompts: B token-id lists. One prefill per prompt, shared by its n_samples continuations.
     Returns new tokens (B, n_samples, n) int64, finished rows filled with pad_id.
     """
     out = generate(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                    allowed_token_ids=allowed_token_ids, stop_token_ids=stop_token_ids, stop_after=(sep_id, h),
-                   num_samples=n_samples, pad_token_id=pad_id)  # (B * n_samples, T + n)
-    new = out[:, max(len(p) for p in prompts):]
+                   num_samples=n_samples, pad_token_id=pad_id, use_generation_config=False, repetition_penalty=1.0)
+    new = out[:, max(len(p) for p in prompts):]  # (B * n_samples, n)
     return new.reshape(len(prompts), n_samples, -1).cpu()
 
 
@@ -235,7 +322,7 @@ def alphabet_ids(tok):
     try:
         return tok.character_ids(llmtime.ALPHABET)
     except ValueError:
-        raise SystemExit("error: this tokenizer does not give one token per digit and separator; pass --unrestricted.") from None
+        raise UserError("this tokenizer does not give one token per digit and separator; pass --unrestricted.") from None
 
 
 def token_budget(tasks, h):
@@ -244,15 +331,29 @@ def token_budget(tasks, h):
     return int(np.ceil(h * (per_step + 2)))
 
 
+def check_positions(model, longest, max_new):
+    if longest + max_new > model.config.max_seq_len:  # the RoPE tables end there
+        raise UserError(f"prompts of {longest} tokens plus {max_new} new tokens exceed the model's {model.config.max_seq_len} "
+                        "positions; lower --k or --h, or use a model with more positions.")
+
+
+def generation_flops(model, prompts, new, stop_ids, stop_after, samples, allowed):
+    """FLOPs of one generate call (flops.py), counting only the rows still generating at each step."""
+    lengths = produced_lengths(new.flatten(0, 1), stop_ids, stop_after)
+    n = new.shape[2]
+    spent = flops.generate(model.config, len(prompts), max(map(len, prompts)), n, None if allowed is None else len(allowed),
+                           lm_head_bias=model.lm_head_bias is not None, samples=samples,
+                           active=[sum(length > j for length in lengths) for j in range(n)]).coursework
+    return spent, lengths
+
+
 def forecast(model, tok, tasks, scaler, args):
-    """Tasks -> samples (N, S, h, 2) in original units, repair counts, generated tokens and their FLOPs."""
+    """Our protocol: tasks -> samples (N, S, h, 2) in original units, repair counts, generated tokens, FLOPs."""
     sep_id = tok.encode(";")[0]
     allowed = None if args.unrestricted else alphabet_ids(tok)
     per_batch = max(1, args.batch // args.samples)
-    longest = max(len(t.prompt_ids) for t in tasks)
     max_new = token_budget(tasks, args.h)
-    if longest + max_new > model.config.max_seq_len:  # the RoPE tables end there
-        raise SystemExit(f"error: prompts of {longest} tokens leave no room for {args.h} steps in the model's {model.config.max_seq_len} positions; lower --k or --h.")
+    check_positions(model, max(len(t.prompt_ids) for t in tasks), max_new)
     values = np.zeros((len(tasks), args.samples, args.h, 2))
     repairs, repaired, n_tokens, spent = Counter(), 0, 0, 0.0
     for start in range(0, len(tasks), per_batch):
@@ -261,12 +362,8 @@ def forecast(model, tok, tasks, scaler, args):
         new = generate_forecasts(model, prompts, args.h, max_new, sep_id, args.samples,
                                  args.temperature, args.top_k, args.top_p, args.sample_seed + start, allowed,
                                  tok.stop_ids, tok.pad_id)  # (b, S, n)
-        lengths = produced_lengths(new.flatten(0, 1), tok.stop_ids, (sep_id, args.h))  # rows leave when done
-        n = new.shape[2]
-        spent += flops.generate(model.config, len(batch), max(map(len, prompts)), n, None if allowed is None else len(allowed),
-                                lm_head_bias=model.lm_head_bias is not None, samples=args.samples,
-                                active=[sum(length > j for length in lengths) for j in range(n)]).coursework
-        n_tokens += sum(lengths)
+        cost, lengths = generation_flops(model, prompts, new, tok.stop_ids, (sep_id, args.h), args.samples, allowed)
+        spent, n_tokens = spent + cost, n_tokens + sum(lengths)
         for i, task in enumerate(batch):
             for s in range(args.samples):
                 text = tok.decode(new[i, s].tolist())
@@ -276,15 +373,68 @@ def forecast(model, tok, tasks, scaler, args):
     return values, {"forecasts_repaired": repaired, "forecasts": len(tasks) * args.samples, "by_kind": dict(repairs)}, n_tokens, spent
 
 
+def generate_as_transformers(model, prompts, max_new, gc, tok, n_samples=1, seed=None):
+    """The reports' decoding: transformers' generate with the checkpoint's generation config (greedy
+    unless sampling), over the full vocabulary, stopping only at its eos tokens or max_new.
+    Returns new tokens (B, S, n) and the FLOPs spent."""
+    stop_ids = list(gc.eos_token_id or tok.stop_ids)
+    out = generate(model, prompts, max_new, do_sample=n_samples > 1, generation_config=gc, stop_token_ids=stop_ids,
+                   num_samples=n_samples, seed=seed, pad_token_id=tok.pad_id)
+    new = out[:, max(len(p) for p in prompts):].reshape(len(prompts), n_samples, -1).cpu()
+    spent, lengths = generation_flops(model, prompts, new, stop_ids, None, n_samples, None)
+    return new, spent, sum(lengths)
+
+
+def forecast_report_a(model, tok, texts, args, gc):
+    """Report A's forecasts: the first half of each series' tokens as the prompt, greedy with the
+    generation config, prompt + output read by its decoder. -> values (N, 1, h, 2) scaled units,
+    kept (N,) bool (False: its code lost the series), repairs, tokens, FLOPs."""
+    ids = [tok.encode(t) for t in texts]
+    prompts = [x[: protocols.report_a_prompt_length(len(x))] for x in ids]
+    budgets = [protocols.report_a_max_new_tokens(len(x)) for x in ids]
+    n_truth = [len(protocols.report_a_decode(t)) for t in texts]
+    check_positions(model, max(map(len, prompts)), max(budgets))
+    values, kept = np.zeros((len(texts), 1, args.h, 2)), np.zeros(len(texts), dtype=bool)
+    n_tokens, spent = 0, 0.0
+    for start in range(0, len(texts), args.batch):
+        rows = range(start, min(start + args.batch, len(texts)))
+        new, cost, produced = generate_as_transformers(model, [prompts[i] for i in rows], max(budgets[i] for i in rows), gc, tok)
+        spent, n_tokens = spent + cost, n_tokens + produced
+        for j, i in enumerate(rows):
+            full = tok.decode(prompts[i] + new[j, 0, : budgets[i]].tolist())  # its own budget: rows are independent
+            read = protocols.report_a_read(full, n_truth[i], args.h)
+            if read is not None and np.isfinite(read).all():
+                values[i, 0], kept[i] = read, True
+    lost = int((~kept).sum())
+    return values, kept, {"forecasts_repaired": lost, "forecasts": len(texts), "by_kind": {"lost_series": lost} if lost else {}}, n_tokens, spent
+
+
+def forecast_report_b(model, tok, contexts, args, gc):
+    """Report B's forecasts: each context scaled on its own, prompt cut at 512 tokens, 300 new tokens
+    with the generation config (greedy, or sampling for --samples > 1), regex pairs, zero padding.
+    -> values (N, S, h, 2) original units, repairs, tokens, FLOPs."""
+    scaled = [protocols.report_b_prompt(c.astype(np.float32)) for c in contexts]  # its h5 data was float32
+    prompts = [tok.encode(text)[: protocols.B_MAX_PROMPT_TOKENS] for text, _ in scaled]
+    max_new = protocols.report_b_max_new_tokens(args.h)
+    check_positions(model, max(map(len, prompts)), max_new)
+    values = np.zeros((len(contexts), args.samples, args.h, 2))
+    padded, n_tokens, spent = Counter(), 0, 0.0
+    per_batch = max(1, args.batch // args.samples)
+    for start in range(0, len(contexts), per_batch):
+        rows = range(start, min(start + per_batch, len(contexts)))
+        new, cost, produced = generate_as_transformers(model, [prompts[i] for i in rows], max_new, gc, tok,
+                                                       args.samples, args.sample_seed + start)
+        spent, n_tokens = spent + cost, n_tokens + produced
+        for j, i in enumerate(rows):
+            for s in range(args.samples):
+                values[i, s], found = protocols.report_b_read(tok.decode(new[j, s].tolist()), scaled[i][1], args.h)
+                padded["forecasts"] += found < args.h
+                padded["zero_steps"] += args.h - found
+    by_kind = {"zero_padded_steps": padded["zero_steps"]} if padded["zero_steps"] else {}
+    return values, {"forecasts_repaired": padded["forecasts"], "forecasts": len(contexts) * args.samples, "by_kind": by_kind}, n_tokens, spent
+
+
 # ---------------------------------------------------------------- metrics, tables, plots
-
-def score(point, truth, samples=None):
-    """All metrics of one forecaster: overall, per step, and (with samples) probabilistic."""
-    result = {"overall": metrics.point_metrics(point, truth), "per_step": metrics.per_step(point, truth)}
-    if samples is not None and samples.shape[1] > 1:
-        result["probabilistic"] = metrics.sample_metrics(samples, truth)
-    return result
-
 
 def to_json(x):
     """numpy arrays and scalars -> lists and floats, NaN/inf -> None (JSON has no NaN)."""
@@ -308,16 +458,60 @@ def fmt(x, digits=4):
 OVERALL_ROWS = [("MSE", "mse"), ("RMSE", "rmse"), ("MAE", "mae"), ("R2", "r2"), ("NRMSE %", "nrmse"),
                 ("MAPE %", "mape"), ("WAPE %", "wape")]
 SAMPLE_ROWS = [("CRPS", "crps"), ("coverage 50%", "coverage_50"), ("coverage 90%", "coverage_90")]
+REPORT_B_ROWS = [("MSE", "mse"), ("RMSE", "rmse"), ("MAE", "mae"), ("R2", "r2"), ("NRMSE %", "nrmse"), ("MAPE %", "mape"),
+                 ("Avg. Unc.", "avg_uncertainty")]
+
+
+def results(args, series, forecasts, samples=None, kept=None):
+    """results.json's scores and series: every forecaster scored under the protocol, in its units."""
+    protocol = protocols.PROTOCOLS[args.protocol]
+    keep = slice(None) if kept is None else kept
+    truth = series.truth[keep]
+    scores = {name: protocols.score(protocol, f[keep], truth, None if samples is None or name != "model" else samples[keep])
+              for name, f in forecasts.items()}
+    quantiles = None
+    if samples is not None and samples.shape[1] > 1:
+        quantiles = {"levels": QUANTILES, "values": np.quantile(samples[keep], QUANTILES, axis=1)}
+    rows = series.rows[keep]
+    return scores, {"index": rows, "context": series.context[keep], "target": truth,
+                    "forecasts": {name: f[keep] for name, f in forecasts.items()}, "quantiles": quantiles,
+                    "lost": series.rows[~kept] if kept is not None else []}
+
+
+def baseline_forecasts(args, series, times):
+    """Persistence and the fitted LV equations from each context, in the protocol's units."""
+    if args.no_baselines:
+        return {}
+    return {"persistence": baselines.persistence(series.context_original, args.h) * series.unit,
+            "lotka_volterra": baselines.lotka_volterra(series.context_original, times, args.h, args.lv_iterations) * series.unit}
 
 
 def markdown(res):
-    """The on-screen report: overall metrics per forecaster, then the model's per-step table."""
+    """The on-screen report: overall metrics per forecaster, then the model's per-step table; under a
+    report preset, the report's own metrics in its layout first."""
     c, models = res["config"], res["results"]
     names = list(models)
-    decoding = "greedy" if c["samples"] == 1 else f"median of {c['samples']} samples (T {c['temperature']}, top-k {c['top_k']}, top-p {c['top_p']})"
-    lines = [f"## {c['label']}: {c['n_test']} test series, {c['k']} -> {c['h']} steps, {decoding}", ""]
-    if res.get("cross_entropy"):
-        lines += [f"cross-entropy per token (test): {res['cross_entropy']['mean']:.4f} over {res['cross_entropy']['tokens']} tokens", ""]
+    decoding = "greedy" if c["samples"] == 1 else f"{c['samples']} samples"
+    lines = [f"## {c['label']}: protocol {c['protocol']}, {c['n_test']} test series, {c['k']} -> {c['h']} steps, {decoding}, "
+             f"{protocols.PROTOCOLS[c['protocol']].units} units", ""]
+    ce = res.get("cross_entropy")
+    if ce:
+        lines += [f"cross-entropy (test, {ce['convention']}): {ce['mean']:.4f} over {ce['windows']} windows", ""]
+    if c["protocol"] == "report-b":
+        lines += ["report B's metrics (scikit-learn, original units):", "",
+                  "| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for title, key in REPORT_B_ROWS:
+            if any(key in models[n]["published"]["overall"] for n in names):
+                lines.append(f"| {title} | " + " | ".join(fmt(models[n]["published"]["overall"].get(key)) for n in names) + " |")
+        lines.append("")
+    if c["protocol"] == "report-a":
+        step = models[names[0]]["published"]["per_step"]
+        lines += ["report A's table (scaled units; step = horizon index, 0-based; mean ± standard error):", "",
+                  "| step | prey MAE | predator MAE | prey MAPE % | predator MAPE % |", "|---|---|---|---|---|"]
+        for s in REPORT_A_STEPS:
+            cells = [f"{step[m][sp]['mean'][s]:.3f} ± {step[m][sp]['se'][s]:.3f}" for m in ("mae", "mape") for sp in metrics.SPECIES]
+            lines.append(f"| {s} | " + " | ".join(cells) + " |")
+        lines.append("")
     lines += ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for title, key in OVERALL_ROWS:
         lines.append(f"| {title} | " + " | ".join(fmt(models[n]["overall"][key]) for n in names) + " |")
@@ -326,14 +520,17 @@ def markdown(res):
             lines.append(f"| {title} | " + " | ".join(fmt(models[n].get("probabilistic", {}).get(key)) for n in names) + " |")
     r = res["repairs"]
     lines += ["", f"repaired forecasts: {r['forecasts_repaired']} of {r['forecasts']} {r['by_kind'] or ''}", ""]
-    step = models[names[0]]["per_step"]
-    lines += ["| step | prey MAE | predator MAE | prey MAPE % | predator MAPE % |", "|---|---|---|---|---|"]
-    for s in sorted({t for t in TABLE_STEPS if t <= c["h"]} | {c["h"]}):
-        cells = [f"{fmt(step[m][sp]['mean'][s - 1], 3)} ± {fmt(step[m][sp]['se'][s - 1], 2)}"
-                 for m in ("mae", "mape") for sp in metrics.SPECIES]
-        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    if c["protocol"] != "report-a":
+        step = models[names[0]]["per_step"]
+        lines += ["| step | prey MAE | predator MAE | prey MAPE % | predator MAPE % |", "|---|---|---|---|---|"]
+        for s in sorted({t for t in TABLE_STEPS if t <= c["h"]} | {c["h"]}):
+            cells = [f"{fmt(step[m][sp]['mean'][s - 1], 3)} ± {fmt(step[m][sp]['se'][s - 1], 2)}"
+                     for m in ("mae", "mape") for sp in metrics.SPECIES]
+            lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    if res.get("truth_check"):
+        lines += ["", res["truth_check"]["summary"]]
     t = res["timing"]
-    lines += ["", f"time: {t['total_s']:.1f} s (cross-entropy {t['cross_entropy_s']:.1f} s, forecasts {t['forecast_s']:.1f} s "
+    lines += ["", f"time: {t['total_s']:.1f} s (cross-entropy {t.get('cross_entropy_s', 0):.1f} s, forecasts {t.get('forecast_s', 0):.1f} s "
               f"for {res['tokens_generated']} tokens, baselines {t['baselines_s']:.1f} s)"]
     f = res.get("flops")
     if f:
@@ -379,7 +576,7 @@ def plot(res, out, n_series):
             steps = np.arange(1, len(mean) + 1)
             axes[j].plot(steps, mean, label=name)
             axes[j].fill_between(steps, mean - se, mean + se, alpha=0.2)
-        axes[j].set(xlabel="forecast step", ylabel="MAE (original units)", title=species)
+        axes[j].set(xlabel="forecast step", ylabel=f"MAE ({protocols.PROTOCOLS[c['protocol']].units} units)", title=species)
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(out / "error_vs_horizon.png", dpi=110)
@@ -388,15 +585,7 @@ def plot(res, out, n_series):
 
 def compare(paths):
     """Markdown: the model of each results.json side by side, % improvement over the first."""
-    runs = []
-    for path in paths:
-        try:
-            r = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError):
-            r = None
-        if not isinstance(r, dict) or "label" not in r.get("config", {}) or "model" not in r.get("results", {}):
-            raise SystemExit(f"error: {path} is not a results.json written by evaluate.py.")
-        runs.append(r)
+    runs = [read_results(path) for path in paths]
     names = [r["config"]["label"] for r in runs]
     head = f"| metric | {names[0]} | " + " | ".join(f"{n} | vs {names[0]}" for n in names[1:]) + " |"
     lines = [head, "|---" * (2 * len(runs)) + "|"]
@@ -413,18 +602,88 @@ def compare(paths):
 
     row("cross-entropy", [(r.get("cross_entropy") or {}).get("mean") for r in runs])
     for title, key in OVERALL_ROWS:
-        row(title, [r["results"]["model"]["overall"][key] for r in runs], higher_is_better=key == "r2")
+        row(title, [r["results"]["model"]["overall"].get(key) for r in runs], higher_is_better=key == "r2")
     for title, key in SAMPLE_ROWS[:1]:
         row(title, [r["results"]["model"].get("probabilistic", {}).get(key) for r in runs])
     h = min(r["config"]["h"] for r in runs)
     for s in sorted({t for t in TABLE_STEPS if t <= h} | {h}):
         for sp in metrics.SPECIES:
             row(f"step {s} {sp} MAE", [r["results"]["model"]["per_step"]["mae"][sp]["mean"][s - 1] for r in runs])
-    protocol = lambda r: (json.dumps([r["config"].get(k) for k in ("k", "h", "scaling", "data", "seed", "n_series", "decimals")]),
+    protocol = lambda r: (json.dumps([r["config"].get(k) for k in ("protocol", "k", "h", "scaling", "data", "seed", "n_series", "decimals")]),
                           json.dumps(r.get("series", {}).get("index")))
     if len({protocol(r) for r in runs}) > 1:
-        lines.append("\nwarning: the files differ in k, h, data, split, test series or scaling; the numbers are not like for like.")
+        lines.append("\nwarning: the files differ in protocol, k, h, data, split, test series or scaling; the numbers are not like for like.")
     return "\n".join(lines)
+
+
+def read_results(path):
+    """A results.json written by evaluate.py, checked for everything compare() reads."""
+    try:
+        r = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        r = None
+    try:
+        c, model = r["config"], r["results"]["model"]
+        ok = isinstance(c["label"], str) and isinstance(c["h"], int) and c["h"] >= 1 and isinstance(model["overall"], dict)
+        ok = ok and all(len(model["per_step"]["mae"][sp]["mean"]) >= c["h"] for sp in metrics.SPECIES)
+        ok = ok and isinstance(r.get("cross_entropy") or {}, dict) and isinstance(model.get("probabilistic", {}), dict)
+    except (KeyError, TypeError, IndexError):
+        ok = False
+    if not ok:
+        raise UserError(f"--compare {path} is not a results.json written by evaluate.py (unreadable, or missing its config, "
+                        "label or model results); pass the results.json of an evaluation.")
+    return r
+
+
+def write_results(args, res):
+    res = to_json(res)
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create --out {out} ({e.strerror}); choose another folder.") from None
+    atomic_write_json(out / "results.json", res)
+    print(markdown(res))
+    if args.plots:
+        plot(res, out, args.plots)
+    print(f"\nwrote {out / 'results.json'}" + (f", {out / 'forecasts.png'}, {out / 'error_vs_horizon.png'}" if args.plots else ""))
+    return res
+
+
+def config_of(args, n_test):
+    return {key: getattr(args, key) for key in vars(args) if key != "compare"} | {
+        "n_test": n_test, "units": protocols.PROTOCOLS[args.protocol].units, "torch_threads": torch.get_num_threads()}
+
+
+def score_main(args):
+    """--score: forecasts from a file, scored under the protocol on the data's series, no model."""
+    t_start = time.perf_counter()
+    traj, times, split, test = load_series(args)
+    forecast, truth, rows = protocols.read_score_file(args.score, args.h, len(traj))
+    if rows is None:
+        if len(forecast) != len(test):
+            raise UserError(f"--score {args.score} holds {len(forecast)} forecasts but protocol {args.protocol} scores {len(test)} "
+                            "test series; add `series` (the data rows forecast) or forecast exactly those series, in order.")
+        rows = test
+    series = Series(args, traj, rows)
+    same_rows = np.array_equal(rows, test)
+    summary = f"series: {'the' if same_rows else 'NOT the'} protocol's test series ({int(np.isin(rows, test).sum())} of {len(rows)} in it)"
+    check = {"same_series": bool(same_rows), "in_test_split": int(np.isin(rows, test).sum())}
+    if truth is not None:
+        gap = float(np.abs(truth - series.truth).max())
+        check |= {"truth_given": True, "truth_matches_protocol": gap <= 1e-6 * max(1.0, float(np.abs(series.truth).max())),
+                  "truth_max_abs_difference": gap}
+        summary += (f"; scored against the file's truth, which {'matches' if check['truth_matches_protocol'] else 'does NOT match'} "
+                    f"the protocol's truth for those rows (largest difference {gap:.3g})")
+        series.truth = truth
+    t0 = time.perf_counter()
+    forecasts = {"model": forecast} | baseline_forecasts(args, series, times)
+    scores, series_json = results(args, series, forecasts)
+    timing = {"baselines_s": time.perf_counter() - t0, "total_s": time.perf_counter() - t_start}
+    res = {"config": config_of(args, len(rows)), "cross_entropy": None, "results": scores,
+           "repairs": {"forecasts_repaired": 0, "forecasts": len(rows), "by_kind": {}}, "tokens_generated": 0,
+           "flops": None, "timing": timing, "truth_check": check | {"summary": summary}, "series": series_json}
+    return write_results(args, res)
 
 
 # ---------------------------------------------------------------- main
@@ -434,68 +693,65 @@ def main(argv=None):
     if args.compare:
         print(compare(args.compare))
         return None
+    if args.score:
+        return score_main(args)
     t_start = time.perf_counter()
     torch.manual_seed(args.sample_seed)
+    cfg = Qwen2Config.from_json(resolve_checkpoint(args.model) / "config.json")
+    if not args.no_ce and args.context > cfg.max_seq_len:  # refused before any window is allocated
+        raise UserError(f"--context {args.context} is longer than the {cfg.max_seq_len} positions of --model {args.model}; lower --context.")
     traj, times, split, test = load_series(args)
-    prompt_scaler, ce_scaler = scalers(args, traj, split, test)
+    series = Series(args, traj, test)
     tok = Tokenizer.from_pretrained(args.model)
-    tasks = forecast_tasks(traj[test], args.k, args.h, prompt_scaler, args.decimals, tok)
+    if args.protocol == "ours":
+        prompt_scaler, ce_scaler = scalers(args, traj, split, test)
+        tasks = forecast_tasks(traj[test], args.k, args.h, prompt_scaler, args.decimals, tok)
+    else:
+        gc = GenerationConfig.from_pretrained(args.model)
     model = load_model(args)
     timing = {"load_s": time.perf_counter() - t_start}
 
     t0 = time.perf_counter()
-    ce = None if args.no_ce else cross_entropy(model, tok, ce_scaler.transform(traj[test]), args)
+    ce = None
+    if not args.no_ce and args.protocol == "report-a":  # every test series, the 150th too, as its test loss did
+        scaled, _ = protocols.report_a_scaled(traj)
+        ce = cross_entropy_report_a(model, tok, [protocols.report_a_text(scaled[i]) for i in split.test[: args.limit]], args)
+    elif not args.no_ce:
+        ce = cross_entropy(model, tok, ce_scaler.transform(traj[test]), args)
     timing["cross_entropy_s"] = time.perf_counter() - t0
     if ce:
-        print(f"cross-entropy {ce['mean']:.4f} ({timing['cross_entropy_s']:.1f} s); forecasting {len(tasks)} series...", file=sys.stderr)
+        print(f"cross-entropy {ce['mean']:.4f} ({timing['cross_entropy_s']:.1f} s); forecasting {len(test)} series...", file=sys.stderr)
 
     t0 = time.perf_counter()
-    samples, repairs, n_tokens, generate_flops = forecast(model, tok, tasks, prompt_scaler, args)  # (N, S, h, 2)
+    kept = None
+    if args.protocol == "report-a":
+        samples, kept, repairs, n_tokens, generate_flops = forecast_report_a(model, tok, series.texts, args, gc)
+    elif args.protocol == "report-b":
+        samples, repairs, n_tokens, generate_flops = forecast_report_b(model, tok, series.context_original, args, gc)
+    else:
+        samples, repairs, n_tokens, generate_flops = forecast(model, tok, tasks, prompt_scaler, args)  # (N, S, h, 2)
     timing["forecast_s"] = time.perf_counter() - t0
-    point = np.median(samples, axis=1)  # (N, h, 2); the sample itself when S = 1
-    truth = np.stack([t.target for t in tasks])  # (N, h, 2)
-    context = np.stack([t.context for t in tasks])  # (N, k, 2)
+    if kept is not None and not kept.any():
+        raise UserError(f"report A's decoder rejected the output for all {len(kept)} series, so there is nothing to score.")
 
     t0 = time.perf_counter()
-    forecasts = {"model": point}
-    if not args.no_baselines:
-        forecasts["persistence"] = baselines.persistence(context, args.h)
-        forecasts["lotka_volterra"] = baselines.lotka_volterra(context, times, args.h, args.lv_iterations)
+    point = protocols.point_forecast(protocols.PROTOCOLS[args.protocol], samples)  # (N, h, 2); the sample itself when S = 1
+    forecasts = {"model": point} | baseline_forecasts(args, series, times)
     timing["baselines_s"] = time.perf_counter() - t0
     timing["total_s"] = time.perf_counter() - t_start
+    scores, series_json = results(args, series, forecasts, samples, kept)
 
-    config = {key: getattr(args, key) for key in vars(args) if key not in ("compare",)}
-    config |= {"n_test": len(test), "max_new_tokens": token_budget(tasks, args.h),
-               "torch_threads": torch.get_num_threads()}
-    res = {
-        "config": config,
-        "cross_entropy": ce,
-        "results": {name: score(f, truth, samples if name == "model" else None) for name, f in forecasts.items()},
-        "repairs": repairs,
-        "tokens_generated": n_tokens,
-        "flops": {"cross_entropy": ce["flops"] if ce else 0.0, "generate": generate_flops},
-        "timing": timing,
-        "series": {"index": test, "context": context, "target": truth, "forecasts": forecasts,
-                   "quantiles": {"levels": QUANTILES, "values": np.quantile(samples, QUANTILES, axis=1)} if args.samples > 1 else None},
-    }
-    res = to_json(res)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(res))
+    config = config_of(args, len(series_json["index"])) | {"max_new_tokens": token_budget(tasks, args.h) if args.protocol == "ours" else None}
+    res = {"config": config, "cross_entropy": ce, "results": scores, "repairs": repairs, "tokens_generated": n_tokens,
+           "flops": {"cross_entropy": ce["flops"] if ce else 0.0, "generate": generate_flops}, "timing": timing,
+           "series": series_json}
     if args.run:  # the run's FLOP ledger gets what its evaluation spent, beside its training
         ledger = flops.Ledger(Path(args.run) / "ledger.jsonl")
         # step -1: not a training step, so a later --resume of the run keeps these lines
         ledger.add(f"{args.label} evaluation", "eval", res["flops"]["cross_entropy"], step=-1)
         ledger.add(f"{args.label} evaluation", "generate", res["flops"]["generate"], step=-1)
-    print(markdown(res))
-    if args.plots:
-        plot(res, out, args.plots)
-    print(f"\nwrote {out / 'results.json'}" + (f", {out / 'forecasts.png'}, {out / 'error_vs_horizon.png'}" if args.plots else ""))
-    return res
+    return write_results(args, res)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as e:  # bad paths, files or flags: one sentence, no traceback
-        raise SystemExit(f"error: {e}") from None
+    run_cli(main)

@@ -100,3 +100,41 @@ def sample_metrics(samples, truth):
         "coverage_90": coverage(samples, truth, 0.9),
         "crps_per_step": {s: step[:, j] for j, s in enumerate(SPECIES)},
     }
+
+
+# ---------------------------------------------------------------- the published reports' definitions
+# As their code computed them (data/protocols.py says where each comes from); tests check report B's
+# against scikit-learn, which it called.
+
+def report_a_per_step(pred, truth):
+    """Report A's per-step table: MAE and MAPE per horizon index and species, mean over series and
+    std (ddof 1) / sqrt(N). Its MAPE divides by clip(t, 1e-8), not by |t|. Same layout as per_step."""
+    pred, truth = _check(pred, truth)
+    ape = np.abs((truth - pred) / np.clip(truth, 1e-8, None)) * 100
+    out = {}
+    for name, err in (("mae", np.abs(truth - pred)), ("mape", ape)):
+        mean, se = mean_and_se(err)  # (h, 2) each
+        out[name] = {s: {"mean": mean[:, j], "se": se[:, j]} for j, s in enumerate(SPECIES)}
+    return out
+
+
+def report_b_overall(pred, truth):
+    """Report B's metrics on (N * h, 2) arrays, as scikit-learn's uniform average over the two species:
+    MSE, MAE pooled (equal counts), RMSE = sqrt(MSE); R2 = the mean of the prey and predator R2
+    (a constant species scores 1 if predicted exactly, else 0, scikit-learn's force_finite);
+    NRMSE = 100 RMSE / (max t - min t); MAPE = 100 mean |t - p| / (|t| + 1e-10)."""
+    pred, truth = _check(pred, truth)
+    p, t = pred.reshape(-1, 2), truth.reshape(-1, 2)
+    mse = float(np.mean((t - p) ** 2))
+    residual = ((t - p) ** 2).sum(axis=0)  # (2,)
+    total = ((t - t.mean(axis=0)) ** 2).sum(axis=0)  # (2,)
+    r2 = np.where(total > 0, 1 - residual / np.where(total > 0, total, 1), np.where(residual == 0, 1.0, 0.0))
+    value_range = float(t.max() - t.min())
+    return {
+        "mse": mse,
+        "rmse": mse**0.5,
+        "mae": float(np.mean(np.abs(t - p))),
+        "r2": float(r2.mean()),
+        "nrmse": 100 * mse**0.5 / value_range if value_range > 0 else float("inf"),
+        "mape": float(np.mean(np.abs((t - p) / (np.abs(t) + 1e-10)))) * 100,
+    }

@@ -118,3 +118,12 @@ def dataset_windows(scaled, tokenizer, max_length=512, stride=256, decimals=2, p
         empty = np.zeros((0, max_length), dtype=np.int64)
         return Windows(empty, empty, empty, np.zeros(0, dtype=np.int64))
     return Windows(*(np.concatenate(field) for field in zip(*parts)))
+
+
+def fixed_windows(ids, max_length, stride, pad_id=PAD_ID):
+    """Report A's windows (its TimeSeriesData): one every `stride` tokens from token 0, wherever the
+    step boundaries fall, each max_length long and right-padded with pad_id. ids (n,) -> (W, L)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    starts = np.arange(0, len(ids), int(stride))  # (W,)
+    offsets = starts[:, None] + np.arange(max_length)  # (W, L)
+    return np.where(offsets < len(ids), ids[np.minimum(offsets, len(ids) - 1)], pad_id)

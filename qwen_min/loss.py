@@ -48,3 +48,20 @@ def mean_cross_entropy(model, batches, vocab_ids=None, autocast=nullcontext):
         total, count = total + loss.item() * tokens, count + tokens
     model.train(was_training)
     return total / max(count, 1), count
+
+
+@torch.no_grad()
+def mean_of_batch_means(model, batches, autocast=nullcontext):
+    """The plain mean of each batch's mean cross-entropy over (input_ids, labels) batches.
+
+    Report A's test loss (its evaluate.py: batch 1, labels = input_ids): every window weighs the
+    same however many real tokens it holds, and with labels = input_ids its padding is scored too.
+    Our own convention is mean_cross_entropy (per token, padding masked)."""
+    was_training = model.training
+    model.eval()
+    losses = []
+    for input_ids, labels in batches:
+        with autocast():
+            losses.append(causal_lm_loss(model, input_ids, labels).item())
+    model.train(was_training)
+    return sum(losses) / max(len(losses), 1)

@@ -11,6 +11,7 @@ import lora
 from conftest import random_model, tiny_config, write_checkpoint
 from data import llmtime, metrics, splits
 from qwen_min import Tokenizer, generate
+from qwen_min.errors import UserError
 from qwen_min.weights import hf_name
 
 FAST = ["--n-series", "24", "--k", "8", "--h", "4", "--context", "48", "--lv-iterations", "5", "--plots", "0"]
@@ -92,12 +93,16 @@ def test_results_json_is_consistent_with_its_own_forecasts(ckpt, tmp_path):
 
 
 def test_presets_and_flags_resolve_in_order():
-    wang = evaluate.parse_args(["--preset", "wang"])
-    assert (wang.k, wang.h, wang.scaling, wang.scale_target) == (51, 20, "per-series", 1.0)
-    assert evaluate.parse_args(["--preset", "wang", "--h", "7"]).h == 7
+    b = evaluate.parse_args(["--preset", "wang"])  # the old name of report-b
+    assert (b.protocol, b.k, b.h, b.seed, b.no_ce) == ("report-b", 51, 20, 42, True)
+    a = evaluate.parse_args(["--preset", "report-a"])
+    assert (a.protocol, a.k, a.h, a.percentile, a.context) == ("report-a", 49, 50, 90.0, 768)
+    assert evaluate.parse_args([]).protocol == "ours" and evaluate.parse_args(["--h", "7"]).h == 7
     assert evaluate.parse_args(["--samples", "5"]).temperature == 0.7
-    with pytest.raises(SystemExit):
-        evaluate.parse_args(["--samples", "5", "--temperature", "0"])
+    for flags in (["--samples", "5", "--temperature", "0"], ["--preset", "report-b", "--h", "7"],
+                  ["--preset", "report-a", "--samples", "3"], ["--preset", "report-b", "--top-p", "0.5"]):
+        with pytest.raises(SystemExit):
+            evaluate.parse_args(flags)
 
 
 def test_a_runs_global_scaler_is_read_from_its_scaler_json(ckpt, tmp_path):
@@ -115,11 +120,11 @@ def test_a_runs_global_scaler_is_read_from_its_scaler_json(ckpt, tmp_path):
 
 
 def test_per_series_prompts_are_scaled_on_the_context_only():
-    args = evaluate.parse_args(["--preset", "wang", "--n-series", "20"])
+    args = evaluate.parse_args(["--scaling", "per-series", "--scale-target", "1", "--k", "51", "--h", "20", "--n-series", "20"])
     traj, _, split, test = evaluate.load_series(args)
     prompt, ce = evaluate.scalers(args, traj, split, test)
     np.testing.assert_allclose(prompt.level, np.percentile(traj[test, :51].reshape(len(test), -1), 95, axis=1))
-    glob = evaluate.parse_args(["--preset", "tutt", "--n-series", "20"])
+    glob = evaluate.parse_args(["--n-series", "20"])
     prompt, _ = evaluate.scalers(glob, traj, split, test)
     assert prompt.level == pytest.approx(np.percentile(traj[split.train], 95))  # fit on train, as train.py
 
@@ -174,10 +179,13 @@ def test_nonsense_flags_get_one_clear_error(flags, capsys):
     assert "error:" in capsys.readouterr().err
 
 
-def test_compare_refuses_files_that_are_not_results(tmp_path):
-    (tmp_path / "bad.json").write_text("{}")
-    with pytest.raises(SystemExit, match="not a results.json"):
-        evaluate.compare([tmp_path / "bad.json", tmp_path / "missing.json"])
+@pytest.mark.parametrize("text", ["{}", "[1, 2]", "not json", '{"config": {"label": "x", "h": 2}, "results": {"model": {}}}',
+                                  '{"config": {"label": "x", "h": 3}, "results": {"model": {"overall": {}, "per_step": '
+                                  '{"mae": {"prey": {"mean": [1]}, "predator": {"mean": [1]}}}}}}'])
+def test_compare_refuses_files_that_are_not_results(tmp_path, text):
+    (tmp_path / "bad.json").write_text(text)
+    with pytest.raises(UserError, match="not a results.json"):
+        evaluate.compare([tmp_path / "bad.json", tmp_path / "bad.json"])
 
 
 def test_compare_reports_percent_improvement(tmp_path):
