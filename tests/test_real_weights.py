@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwen_min import KVCache, Qwen2, Tokenizer, generate
+from qwen_min import GenerationConfig, KVCache, Qwen2, Tokenizer, generate
 from qwen_min.generate import pad_left
 
 LLMTIME = "2.73,2.99;2.13,2.24;1.96,1.62;2.06,1.17;2.37,0.86;"
@@ -68,6 +68,48 @@ def test_greedy_generation_equals_transformers(models, batched):
                           temperature=None, top_p=None, top_k=None, eos_token_id=tok.stop_ids, pad_token_id=tok.pad_id)
     assert mine.shape[1] > ids.shape[1] + 8  # it really generated
     assert mine.tolist() == theirs.tolist()
+
+
+def llmtime_prompts():
+    """Numeric LLMTIME prompts of three lengths (left-padded in a batch), as a forecast sends them."""
+    longer = "3.10,0.71;3.95,0.65;4.88,0.74;5.61,1.02;"
+    return [LLMTIME + longer, LLMTIME, LLMTIME[:24]]
+
+
+def test_checkpoint_generation_config_is_qwens(checkpoint):
+    gc = GenerationConfig.from_pretrained(checkpoint)
+    assert gc == GenerationConfig(do_sample=True, temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.1,
+                                  eos_token_id=(151645, 151643), pad_token_id=151643)
+
+
+def test_greedy_with_the_checkpoints_generation_config_equals_transformers(models, checkpoint):
+    """As the reports decoded: transformers' generate with the checkpoint's generation_config.json
+    (repetition penalty 1.1) and do_sample=False, batched over LLMTIME prompts of different lengths."""
+    ours, ref, tok = models
+    ids, mask = pad_left([tok.encode(p) for p in llmtime_prompts()], tok.pad_id)
+    gc = GenerationConfig.from_pretrained(checkpoint)
+    mine = generate(ours, ids, max_new_tokens=48, attention_mask=mask, generation_config=gc, do_sample=False)
+    theirs = ref.generate(ids, attention_mask=mask, max_new_tokens=48, do_sample=False)  # ref carries the same file
+    assert ref.generation_config.repetition_penalty == 1.1
+    assert mine.shape[1] > ids.shape[1] + 8 and mine.tolist() == theirs.tolist()
+    plain = generate(ours, ids, max_new_tokens=48, attention_mask=mask, use_generation_config=False,
+                     stop_token_ids=tok.stop_ids, pad_token_id=tok.pad_id)
+    assert plain.tolist() != mine.tolist()  # the penalty changed the forecasts
+
+
+def test_sampling_with_the_checkpoints_generation_config_equals_transformers(models, checkpoint):
+    """Same seed, same draws: temperature 0.7, top-k 20, top-p 0.8, penalty 1.1 from the file.
+    Holds while no row has finished (finished rows leave our batch, not transformers'), so the
+    prompts are bare numbers, which the model continues without an end token."""
+    ours, ref, tok = models
+    ids, mask = pad_left([tok.encode(p) for p in llmtime_prompts()], tok.pad_id)
+    gc = GenerationConfig.from_pretrained(checkpoint)
+    mine = generate(ours, ids, max_new_tokens=24, attention_mask=mask, generation_config=gc, seed=1234)
+    torch.manual_seed(1234)
+    theirs = ref.generate(ids, attention_mask=mask, max_new_tokens=24)
+    assert mine.shape[1] == ids.shape[1] + 24 and mine.tolist() == theirs.tolist()
+    greedy = generate(ours, ids, max_new_tokens=24, attention_mask=mask, generation_config=gc, do_sample=False)
+    assert greedy.tolist() != mine.tolist()  # it really sampled
 
 
 def test_real_tokenizer_digits_separators_and_chat_template(models, checkpoint):
