@@ -334,7 +334,7 @@ def token_budget(tasks, h):
 def check_positions(model, longest, max_new):
     if longest + max_new > model.config.max_seq_len:  # the RoPE tables end there
         raise UserError(f"prompts of {longest} tokens plus {max_new} new tokens exceed the model's {model.config.max_seq_len} "
-                        "positions; lower --k or --h, or use a model with more positions.")
+                        "positions; use a model with more positions (under our protocol: or lower --k or --h).")
 
 
 def generation_flops(model, prompts, new, stop_ids, stop_after, samples, allowed):

@@ -9,7 +9,7 @@ import torch
 import evaluate
 import lora
 from conftest import random_model, tiny_config, write_checkpoint
-from data import llmtime, metrics, splits
+from data import llmtime, metrics, protocols, splits
 from qwen_min import Tokenizer, generate
 from qwen_min.errors import UserError
 from qwen_min.weights import hf_name
@@ -199,3 +199,95 @@ def test_compare_reports_percent_improvement(tmp_path):
     table = evaluate.compare([tmp_path / "base.json", tmp_path / "tuned.json"])
     assert "| MAE | 2 | 0.5 | +75.0% |" in table and "| R2 | 0.5 | 0.75 | +50.0% |" in table
     assert "not like for like" not in table
+
+
+# ---------------------------------------------------------------- the report presets on a model
+
+def with_generation_config(tmp_path, **settings):
+    """A tiny checkpoint with room for report A's 1000-token series, and Qwen's generation_config.json."""
+    folder = write_checkpoint(random_model(tiny_config(max_seq_len=2048)), tmp_path / "ckpt")
+    (folder / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.7, "top_k": 20, "top_p": 0.8,
+                                                               "repetition_penalty": 1.1, "eos_token_id": [2, 0]} | settings))
+    return folder
+
+
+def test_report_a_preset_reads_prompt_plus_output_as_its_code_did(ckpt, tok, tmp_path, monkeypatch):
+    folder = with_generation_config(tmp_path)
+    flags = ["--model", str(folder), "--preset", "report-a", "--n-series", "40", "--limit", "4", "--no-baselines", "--plots", "0"]
+    args = evaluate.parse_args(flags)
+    traj, _, split, test = evaluate.load_series(args)
+    texts = evaluate.Series(args, traj, test).texts
+    calls = []
+
+    def fake_generate(model, prompts, max_new, **kw):  # continues each prompt with the rest of its own series
+        calls.append((max_new, kw))
+        rows = []
+        for p in prompts:
+            full = tok.encode(next(t for t in texts if tok.encode(t)[: len(p)] == p))
+            new = full[len(p):] + tok.encode(";" + "9.99,9.99;" * 60)  # beyond step 99: cut by its decoder's [:99]
+            if p == tok.encode(texts[2])[: len(p)]:
+                new = full[len(p):] + tok.encode(";1,2,3;")  # a piece its decoder rejects: the series is lost
+            rows.append(new[:max_new])
+        T, n = max(map(len, prompts)), max(map(len, rows))
+        return torch.tensor([[tok.pad_id] * (T - len(p)) + p + r + [tok.pad_id] * (n - len(r)) for p, r in zip(prompts, rows)])
+
+    monkeypatch.setattr(evaluate, "generate", fake_generate)
+    res = evaluate.main(flags + ["--no-ce", "--out", str(tmp_path / "a")])
+    assert res["series"]["lost"] == [int(test[2])] and res["config"]["n_test"] == 3
+    step = res["results"]["model"]["published"]["per_step"]
+    assert max(max(step[m][sp]["mean"]) for m in ("mae", "mape") for sp in metrics.SPECIES) == 0  # exact continuation, exact score
+    _, kw = calls[0]
+    assert kw["generation_config"].repetition_penalty == 1.1 and kw["do_sample"] is False and "allowed_token_ids" not in kw
+    n = len(tok.encode(texts[0]))
+    assert max(c[0] for c in calls) >= int(np.ceil(1.2 * (n - n // 2)))
+
+
+def test_report_b_preset_decodes_as_transformers_with_repetition_penalty(tok, tmp_path):
+    from conftest import hf_twin
+
+    model = random_model(tiny_config(max_seq_len=1024), seed=2)
+    gc = evaluate.GenerationConfig(repetition_penalty=1.1, eos_token_id=(2, 0))
+    args = evaluate.parse_args(["--preset", "report-b", "--n-series", "40", "--batch", "2"])
+    traj, _, _, test = evaluate.load_series(args)
+    contexts = traj[test[:2], :51]
+    values, repairs, _, _ = evaluate.forecast_report_b(model, tok, contexts, args, gc)
+    hf = hf_twin(model)
+    for i, context in enumerate(contexts):
+        text, scale = protocols.report_b_prompt(context.astype(np.float32))
+        ids = torch.tensor([tok.encode(text)[:512]])
+        out = hf.generate(ids, max_new_tokens=300, do_sample=False, repetition_penalty=1.1, eos_token_id=[2, 0], pad_token_id=0)
+        expected, _ = protocols.report_b_read(tok.decode(out[0, ids.shape[1]:].tolist()), scale, 20)
+        np.testing.assert_array_equal(values[i, 0], expected)
+    assert repairs["forecasts"] == 2
+
+
+def test_our_protocol_passes_no_generation_config(tok, monkeypatch):
+    seen = {}
+
+    def fake_generate(model, prompts, max_new, **kw):
+        seen.update(kw)
+        return torch.zeros(len(prompts), max(map(len, prompts)) + 1, dtype=torch.long)
+
+    monkeypatch.setattr(evaluate, "generate", fake_generate)
+    evaluate.generate_forecasts(None, prompts(tok), 2, 5, tok.encode(";")[0])
+    assert seen["use_generation_config"] is False and seen["repetition_penalty"] == 1.0
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--context", "100000"], "--context 100000 is longer"),
+    (["--out", "FILE"], "is a file"),
+])
+def test_user_errors_are_one_sentence(ckpt, tmp_path, flags, words, capsys):
+    (tmp_path / "FILE").write_text("x")
+    flags = [str(tmp_path / "FILE") if f == "FILE" else f for f in flags]
+    with pytest.raises(SystemExit) as e:
+        evaluate.run_cli(evaluate.main, ["--model", str(ckpt), *FAST, *flags])
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # argparse prints its usage above
+    assert e.value.code == 2 and words in last and "error:" in last
+
+
+def test_a_run_whose_args_json_is_not_an_object_is_refused(tmp_path, capsys):
+    (tmp_path / "args.json").write_text("[1, 2]")
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--run", str(tmp_path)])
+    assert "not the object train.py writes" in capsys.readouterr().err
