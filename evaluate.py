@@ -509,7 +509,8 @@ def markdown(res):
         lines += ["report A's table (scaled units; step = horizon index, 0-based; mean ± standard error):", "",
                   "| step | prey MAE | predator MAE | prey MAPE % | predator MAPE % |", "|---|---|---|---|---|"]
         for s in REPORT_A_STEPS:
-            cells = [f"{step[m][sp]['mean'][s]:.3f} ± {step[m][sp]['se'][s]:.3f}" for m in ("mae", "mape") for sp in metrics.SPECIES]
+            fixed3 = lambda x: "-" if x is None else f"{x:.3f}"  # as its notebooks printed them; se is None for one series
+            cells = [f"{fixed3(step[m][sp]['mean'][s])} ± {fixed3(step[m][sp]['se'][s])}" for m in ("mae", "mape") for sp in metrics.SPECIES]
             lines.append(f"| {s} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
