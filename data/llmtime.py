@@ -34,6 +34,7 @@ kind in `Decoded.issues`:
 """
 
 import re
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -42,6 +43,7 @@ import numpy as np
 
 ALPHABET = "0123456789.,;"  # every character LLMTIME text is made of (and all a forecast may contain)
 MAX_INT_DIGITS = 4  # scaled values are O(10); a longer number is a model failure
+ZERO_AT_2DP = 0.005  # scaled values below this are written 0.00 at 2 decimals
 _NUMBER = re.compile(r"\d{1,%d}(?:\.\d+)?" % MAX_INT_DIGITS)
 _NOT_ALPHABET = re.compile(r"[^0-9.,;]")
 
@@ -71,6 +73,12 @@ class Scaler:
             level = np.asarray(np.percentile(data, percentile))  # ()
         if not (np.isfinite(level).all() and (level > 0).all()):
             raise ValueError(f"the {percentile}th percentile of |x| is 0 or not finite for some data, so it cannot be scaled to {target}; drop all-zero or non-finite trajectories.")
+        scaled = data * target / (level.reshape(-1, *[1] * (data.ndim - 1)) if per_series else level)
+        zeroed = float(np.mean(scaled < ZERO_AT_2DP))
+        if zeroed > 0.5:  # e.g. one 1e9 outlier trajectory in a small file sets the global scale
+            warnings.warn(f"the {percentile}th percentile of |x| ({float(np.max(level)):.3g}) scales {zeroed:.0%} of the values "
+                          f"below {ZERO_AT_2DP}, so at 2 decimals they are all written 0.00; an outlier probably sets the scale: "
+                          "drop it, or scale per series.", stacklevel=2)
         return cls(level, float(percentile), float(target), bool(per_series))
 
     def _level(self, x, rows):

@@ -161,3 +161,19 @@ def test_encode_checks_what_it_writes():
 def test_an_unterminated_last_step_with_an_extra_field_keeps_its_two_values():
     d = llmtime.decode("1.00,2.00;3.00,4.00,5", decimals=2)
     assert d.values.tolist() == [[1.0, 2.0], [3.0, 4.0]] and d.issues == {"extra_value": 1}
+
+
+def test_a_scale_that_writes_most_values_as_zero_is_warned_about():
+    import warnings
+
+    rng = np.random.default_rng(0)
+    data = rng.uniform(0.5, 5, (10, 20, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # ordinary data: no warning
+        llmtime.Scaler.fit(data)
+    data[3] = 1e9  # one outlier trajectory: 10% of the values, so the global P95 is 1e9 and 5 -> 5e-8
+    with pytest.warns(UserWarning, match="written 0.00"):
+        llmtime.Scaler.fit(data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        llmtime.Scaler.fit(data, per_series=True)  # per series, the outlier scales only itself
