@@ -13,11 +13,13 @@ import argparse
 
 import torch
 
+from .config import Qwen2Config
 from .errors import UserError, run_cli
 from .generate import generate
 from .generation_config import GenerationConfig
 from .model import Qwen2
 from .tokenizer import Tokenizer
+from .weights import resolve_checkpoint
 
 
 def parse_args(argv=None):
@@ -63,15 +65,15 @@ def main(argv=None):
     args = parse_args(argv)
     gen_config = GenerationConfig() if args.no_generation_config else GenerationConfig.from_pretrained(args.model)
     tok = Tokenizer.from_pretrained(args.model)
-    model = Qwen2.from_pretrained(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     prompt = tok.chat_prompt(args.prompt) if args.chat else args.prompt
     ids = tok.encode(prompt)
-    positions = model.config.max_seq_len
+    positions = Qwen2Config.from_json(resolve_checkpoint(args.model) / "config.json").max_seq_len  # checked before loading the weights
     if not ids:
         raise UserError("--prompt is empty; give the model some text to continue.")
     if len(ids) + args.max_new_tokens > positions:
         raise UserError(f"--max-new-tokens {args.max_new_tokens} after a {len(ids)}-token prompt runs past the model's "
                         f"{positions} positions; ask for at most {max(positions - len(ids), 0)} new tokens or shorten --prompt.")
+    model = Qwen2.from_pretrained(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     # The tokenizer's stop ids and padding unless the generation config names its own (Qwen's names the same two).
     out = generate(model, [ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    repetition_penalty=args.repetition_penalty, seed=args.seed, generation_config=gen_config,

@@ -22,10 +22,12 @@ Decoding follows a checkpoint's generation_config.json the way transformers' `ge
 - The repetition penalty (CTRL, Keskar et al. 2019) reaches every token of the row: the prompt
   and the tokens generated so far, each once however often it occurred, but not the left
   padding (transformers 5 skips the columns before the attention mask's first 1).
-- allowed_token_ids computes only the allowed columns of the head. The penalty and the filters
-  act on those columns, which decodes as transformers does with a prefix_allowed_tokens_fn that
-  allows the same set: masking the others to -inf commutes with the penalty (it is per token)
-  and leaves top-k and top-p among the allowed tokens.
+- allowed_token_ids computes only the allowed columns of the head, and the penalty and the
+  filters act on those columns. That is transformers with a prefix_allowed_tokens_fn allowing the
+  same set (it masks the rest to -inf after the penalty): the penalty is per token, so the order
+  does not matter, and top-k and top-p then choose among the allowed tokens. Greedy decoding is
+  the same token for token; sampling draws from the same distribution, but over fewer columns,
+  so a seed does not give transformers' draws.
 With the same seed, sampling draws the same tokens as transformers as long as no row has
 finished: finished rows leave our batch, while transformers keeps drawing for them, which
 shifts the random stream for the rest.
