@@ -72,9 +72,15 @@ Command line:
 
 import argparse
 import json
+import math
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
+from itertools import groupby
 from pathlib import Path
+
+from qwen_min.errors import run_cli
+from qwen_min.files import append_jsonl, atomic_write_text
 
 PRIMITIVES = ("add", "mul", "div", "cmp", "exp", "log", "sqrt")
 WEIGHTS = {"add": 1, "mul": 1, "div": 1, "cmp": 1, "exp": 10, "log": 10, "sqrt": 10}  # docs/reference.md
@@ -184,8 +190,8 @@ def rms_norm(n: int, dim: int) -> Cost:
             + ops(mul=n * dim))  # weight * x; the casts are free
 
 
-def rotary_embedding() -> Cost:
-    """RotaryEmbedding.forward: cos, sin looked up by position (tables are precomputed: free)."""
+def rotary_embedding(n: int, dim: int) -> Cost:
+    """RotaryEmbedding.forward for n positions: cos, sin looked up (tables are precomputed: free)."""
     return FREE
 
 
@@ -222,22 +228,29 @@ def lora_linear(n: int, d_in: int, d_out: int, r: int, bias: bool = False) -> Co
                  add=ops(add=n * d_out))  # y + ...
 
 
-def projection(n, d_in, d_out, bias=False, r=0) -> Cost:
+def projection(n, d_in, d_out, bias=False, r=0, *, convention="ours") -> Cost:
     """A linear layer of the model, LoRA-wrapped when r > 0."""
-    return lora_linear(n, d_in, d_out, r, bias) if r else linear(n, d_in, d_out, bias)
+    c = convention_named(convention)
+    return c.lora_linear(n, d_in, d_out, r, bias) if r else c.linear(n, d_in, d_out, bias)
 
 
-def attention(cfg, B: int, T: int, S: int = None, lora=None) -> Cost:
+def attention(cfg, B: int, T: int, S: int = None, lora=None, *, convention="ours") -> Cost:
     """Attention.forward: x (B, T, D) with S keys (cached + new; S = T without a cache) -> (B, T, D)."""
+    c = convention_named(convention)
     S, lora, n = S or T, lora or {}, B * T
     D, H, K, hd = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    return group(q_proj=projection(n, D, H * hd, True, lora.get("q_proj", 0)),
-                 k_proj=projection(n, D, K * hd, True, lora.get("k_proj", 0)),
-                 v_proj=projection(n, D, K * hd, True, lora.get("v_proj", 0)),
-                 rotary=apply_rotary(B * H * T, hd) + apply_rotary(B * K * T, hd),  # q and k
+    r = lambda name: lora.get(name, 0)
+    parts = dict(q_proj=projection(n, D, H * hd, True, r("q_proj"), convention=c),
+                 k_proj=projection(n, D, K * hd, True, r("k_proj"), convention=c),
+                 v_proj=projection(n, D, K * hd, True, r("v_proj"), convention=c))
+    Kc = H if c.gqa_as_mha else K  # kv heads counted (the reports: as many as query heads)
+    if Kc > K:  # the k and v heads that multi-head attention would have on top of the model's
+        parts["kv_as_mha"] = 2 * c.linear(n, D, (Kc - K) * hd, True)
+    return group(**parts,
+                 rotary=c.rotary(n, H, hd) + c.rotary(n, Kc, hd),  # q and k
                  # (cache.update is a copy, and enable_gqa reads each kv head in place: both free)
-                 sdpa=scaled_dot_product_attention(B, H, T, S, hd),
-                 o_proj=projection(n, H * hd, D, False, lora.get("o_proj", 0)))
+                 sdpa=c.scaled_dot_product_attention(B, H, T, S, hd),
+                 o_proj=projection(n, H * hd, D, False, r("o_proj"), convention=c))
 
 
 def silu(n: int) -> Cost:
@@ -245,43 +258,48 @@ def silu(n: int) -> Cost:
     return ops(add=n, exp=n) + ops(add=n, div=n)
 
 
-def mlp(cfg, n: int, lora=None) -> Cost:
+def mlp(cfg, n: int, lora=None, *, convention="ours") -> Cost:
     """MLP.forward on n rows: down(silu(gate(x)) * up(x))."""
+    c = convention_named(convention)
     lora, D, F = lora or {}, cfg.dim, cfg.hidden_dim
-    return group(gate_proj=projection(n, D, F, False, lora.get("gate_proj", 0)),
-                 silu=silu(n * F),
-                 up_proj=projection(n, D, F, False, lora.get("up_proj", 0)),
+    return group(gate_proj=projection(n, D, F, False, lora.get("gate_proj", 0), convention=c),
+                 silu=c.silu(n * F),
+                 up_proj=projection(n, D, F, False, lora.get("up_proj", 0), convention=c),
                  product=ops(mul=n * F),
-                 down_proj=projection(n, F, D, False, lora.get("down_proj", 0)))
+                 down_proj=projection(n, F, D, False, lora.get("down_proj", 0), convention=c))
 
 
-def decoder_block(cfg, B: int, T: int, S: int = None, lora=None) -> Cost:
+def decoder_block(cfg, B: int, T: int, S: int = None, lora=None, *, convention="ours") -> Cost:
     """DecoderBlock.forward: two pre-norm residual branches."""
+    c = convention_named(convention)
     n, D = B * T, cfg.dim
-    return group(input_layernorm=rms_norm(n, D),
-                 self_attn=attention(cfg, B, T, S, lora),
-                 residual_attn=ops(add=n * D),  # x = x + ...
-                 post_attention_layernorm=rms_norm(n, D),
-                 mlp=mlp(cfg, n, lora),
-                 residual_mlp=ops(add=n * D))  # x = x + ...
+    return group(input_layernorm=c.rms_norm(n, D),
+                 self_attn=attention(cfg, B, T, S, lora, convention=c),
+                 residual_attn=c.residual(n, D),  # x = x + ...
+                 post_attention_layernorm=c.rms_norm(n, D),
+                 mlp=mlp(cfg, n, lora, convention=c),
+                 residual_mlp=c.residual(n, D))  # x = x + ...
 
 
-def body(cfg, B: int, T: int, S: int = None, lora=None) -> Cost:
+def body(cfg, B: int, T: int, S: int = None, lora=None, *, convention="ours") -> Cost:
     """Qwen2.body: input_ids (B, T), S keys in attention -> final normed hidden states (B, T, D)."""
+    c = convention_named(convention)
     return group(embed_tokens=FREE,  # a lookup
-                 rope=rotary_embedding(),
-                 layers=group(**{str(i): decoder_block(cfg, B, T, S, lora) for i in range(cfg.n_layers)}),
-                 norm=rms_norm(B * T, cfg.dim))
+                 rope=c.rotary_embedding(B * T, cfg.dim),
+                 layers=group(**{str(i): decoder_block(cfg, B, T, S, lora, convention=c) for i in range(cfg.n_layers)}),
+                 norm=c.rms_norm(B * T, cfg.dim))
 
 
-def head(cfg, n: int, rows: int = None, bias: bool = False) -> Cost:
+def head(cfg, n: int, rows: int = None, bias: bool = False, *, convention="ours") -> Cost:
     """Qwen2.head on n positions: logits over `rows` tokens (default all), with the optional bias."""
-    return linear(n, cfg.dim, rows or cfg.vocab_size, bias)
+    c = convention_named(convention)
+    return c.linear(n, cfg.dim, rows or cfg.vocab_size, bias if c.lm_head_bias is None else c.lm_head_bias)
 
 
-def qwen2(cfg, B: int, T: int, lora=None, lm_head_bias=False, head_rows=None) -> Cost:
+def qwen2(cfg, B: int, T: int, lora=None, lm_head_bias=False, head_rows=None, *, convention="ours") -> Cost:
     """Qwen2.forward: input_ids (B, T) -> logits (B, T, head_rows)."""
-    return body(cfg, B, T, T, lora) + group(lm_head=head(cfg, B * T, head_rows, lm_head_bias))
+    return (body(cfg, B, T, T, lora, convention=convention)
+            + group(lm_head=head(cfg, B * T, head_rows, lm_head_bias, convention=convention)))
 
 
 def cross_entropy(n: int, rows: int) -> Cost:
@@ -450,14 +468,14 @@ def backward(cfg, B, T, lora=None, lm_head_bias=False, head_rows=None, kernel="f
                  loss=cross_entropy_backward(n, rows))
 
 
-def forward(cfg, B, T, lora=None, lm_head_bias=False, head_rows=None) -> Cost:
+def forward(cfg, B, T, lora=None, lm_head_bias=False, head_rows=None, *, convention="ours") -> Cost:
     """The training forward of qwen_min/loss.py: T tokens through qwen2(), every position scored.
 
     A window of T + 1 tokens feeds its first T and scores its last T (padding is skipped by the
     loss after the log-softmax, so it still costs), hence train.py passes T = window - 1.
     """
-    rows = head_rows or cfg.vocab_size
-    return qwen2(cfg, B, T, lora, lm_head_bias, rows) + group(loss=cross_entropy(B * T, rows))
+    c, rows = convention_named(convention), head_rows or cfg.vocab_size
+    return qwen2(cfg, B, T, lora, lm_head_bias, rows, convention=c) + group(loss=c.loss(B * T, rows))
 
 
 def forward_backward(cfg, B, T, lora=None, lm_head_bias=False, head_rows=None, kernel="fused") -> Cost:
@@ -484,8 +502,15 @@ def adamw(n_params: int) -> Cost:
             + ops(div=p, mul=p, add=p))  # p -= step * m / denom
 
 
-def train_step(cfg, B, T, lora=None, lm_head_bias=False, head_rows=None, kernel="fused") -> Cost:
-    """One optimizer step on a (B, T) batch: parts forward, backward, optimizer."""
+def train_step(cfg, B, T, lora=None, lm_head_bias=False, head_rows=None, kernel="fused", *, convention="ours") -> Cost:
+    """One optimizer step on a (B, T) batch: parts forward, backward, optimizer.
+
+    Under a report's convention the backward is a multiple of the forward and the optimizer is not counted.
+    """
+    c = convention_named(convention)
+    if c.backward_factor:
+        fwd = forward(cfg, B, T, lora, lm_head_bias, head_rows, convention=c)
+        return group(forward=fwd, backward=c.backward_factor * fwd, optimizer=FREE)
     return group(forward=forward(cfg, B, T, lora, lm_head_bias, head_rows),
                  backward=backward(cfg, B, T, lora, lm_head_bias, head_rows, kernel),
                  optimizer=adamw(trainable_parameters(cfg, lora, lm_head_bias)))
@@ -500,7 +525,7 @@ def coursework_estimate(step: Cost) -> Cost:
 
 
 def generate(cfg, B, prompt_tokens, new_tokens, head_rows=None, kv_cache=True, lm_head_bias=False, lora=None,
-             samples=1, active=None) -> Cost:
+             samples=1, active=None, *, convention="ours") -> Cost:
     """Producing new_tokens tokens after prompt_tokens, B prompts at once.
 
     With the KV cache (qwen_min.generate): prefill the prompt, the head on its last position
@@ -512,24 +537,217 @@ def generate(cfg, B, prompt_tokens, new_tokens, head_rows=None, kv_cache=True, l
     that has finished leaves the batch. Sampling (argmax, top-k, ...) is not counted. `lora`
     for unmerged adapters; merged: None.
     """
-    P, N = prompt_tokens, new_tokens
+    c, P, N = convention_named(convention), prompt_tokens, new_tokens
     active = list(active) if active is not None else [B * samples] * N
-    heads = sum((head(cfg, r, head_rows, lm_head_bias) for r in active), FREE)
+    heads = sum((k * head(cfg, r, head_rows, lm_head_bias, convention=c) for r, k in Counter(active).items()), FREE)
     if not kv_cache:
-        return group(forward=sum((body(cfg, r, P + i, P + i, lora) for i, r in enumerate(active)), FREE), lm_head=heads)
-    return group(prefill=body(cfg, B, P, P, lora),
-                 decode=sum((body(cfg, active[i], 1, P + i, lora) for i in range(1, N)), FREE),  # rows that go on
+        return group(forward=_steps(active, 0, lambda r, i: body(cfg, r, P + i, P + i, lora, convention=c)),
+                     lm_head=heads)
+    return group(prefill=body(cfg, B, P, P, lora, convention=c),
+                 decode=_steps(active, 1, lambda r, i: body(cfg, r, 1, P + i, lora, convention=c)),  # rows that go on
                  lm_head=heads)
 
 
+def _steps(active, start, cost) -> Cost:
+    """cost(active[i], i) summed over the steps i >= start, without a call per step.
+
+    For a fixed number of rows a step's cost is a polynomial of degree 2 at most in i (attention is
+    T x S), so a run of k steps sums exactly to a combination of its first three (Newton's forward
+    differences): f(0) + ... + f(k-1) = (k - C2 + C3) f(0) + (C2 - 2 C3) f(1) + C3 f(2), with
+    C2 = k(k-1)/2 and C3 = k(k-1)(k-2)/6. A 30,000-token forecast costs three calls, not 30,000.
+    """
+    total, i = FREE, start
+    for rows, run in groupby(active[start:]):
+        k = len(list(run))
+        f = lambda j, rows=rows, i=i: cost(rows, i + j)
+        if k <= 3:
+            total += sum((f(j) for j in range(k)), FREE)
+        else:
+            c2, c3 = k * (k - 1) // 2, k * (k - 1) * (k - 2) // 6
+            total += (k - c2 + c3) * f(0) + (c2 - 2 * c3) * f(1) + c3 * f(2)
+        i += k
+    return total
+
+
 def forecast(cfg, B, context_steps, horizon_steps, tokens_per_step=10, head_rows=NUMERIC_ROWS, kv_cache=True,
-             lm_head_bias=False) -> Cost:
+             lm_head_bias=False, *, convention="ours") -> Cost:
     """Forecasting horizon_steps time steps from context_steps, B series at once.
 
     tokens_per_step: LLMTIME tokens per step, e.g. "1.23,0.45;" = 10 (2 decimals).
     """
     return generate(cfg, B, context_steps * tokens_per_step, horizon_steps * tokens_per_step,
-                    head_rows, kv_cache, lm_head_bias)
+                    head_rows, kv_cache, lm_head_bias, convention=convention)
+
+
+# ---------------------------------------------------------------- conventions: ours, and each report's own
+
+
+class Ours:
+    """How each term of the mirror is counted. This one, the default, counts what qwen-min runs as
+    it runs it; its matmul view is proved equal to FlopCounterMode. A report's convention is a
+    subclass that changes only the terms its authors counted otherwise (docs/flops.md, one table).
+    """
+
+    name = "ours"
+    gqa_as_mha = False  # k, v counted with the model's n_kv_heads
+    lm_head_bias = None  # the head's bias counted when the model has one; True: always
+    backward_factor = None  # None: the backward autograd runs (backward()); k: k x forward, no optimizer
+    linear = staticmethod(linear)
+    lora_linear = staticmethod(lora_linear)
+    rms_norm = staticmethod(rms_norm)
+    rotary_embedding = staticmethod(rotary_embedding)
+    scaled_dot_product_attention = staticmethod(scaled_dot_product_attention)
+    silu = staticmethod(silu)
+    loss = staticmethod(cross_entropy)
+
+    @staticmethod
+    def rotary(n, heads, hd):
+        """apply_rotary on `heads` heads of n tokens."""
+        return apply_rotary(n * heads, hd)
+
+    @staticmethod
+    def residual(n, dim):
+        return ops(add=n * dim)
+
+    @staticmethod
+    def tokens_fed(window):
+        """Tokens a training window feeds the model: its last is only a target (qwen_min/loss.py)."""
+        return window - 1
+
+
+def _free(*_):
+    return FREE
+
+
+class ReportA(Ours):
+    """Report A (Tutt 2025, Tables 3 and 4), as its code counts (JacobTutt/lora_timeseries,
+    src/flops_counter.py): primitives weighted as ours, products m p (2n - 1) as ours."""
+
+    name = "report-a"
+    gqa_as_mha = True  # "assume a traditional multi-head attention": k and v 896 wide
+    lm_head_bias = True  # the coursework's trainable head bias, always added
+    backward_factor = 2  # "the backward pass has twice the cost of the forward pass"
+    loss = staticmethod(_free)  # cross-entropy "not considered internal to the model"
+
+    @staticmethod
+    def rms_norm(n, dim):
+        """Squares, their sum, / dim and a root per row; a divide by the root and a weight per number (no eps)."""
+        return ops(mul=n * dim, add=n * (dim - 1), div=n, sqrt=n) + ops(div=n * dim, mul=n * dim)
+
+    @staticmethod
+    def rotary(n, heads, hd):
+        """RoPE as the full (heads hd x heads hd) rotation matrix applied to each token."""
+        return matmul(n, heads * hd, heads * hd)
+
+    @staticmethod
+    def scaled_dot_product_attention(B, H, T, S, hd):
+        """Scores divided by sqrt(hd) (one root per sequence), no mask, softmax without its max."""
+        bh = B * H
+        return group(scores=matmul(T, hd, S, bh) + ops(div=bh * T * S, sqrt=B),
+                     mask=FREE,
+                     softmax=ops(exp=bh * T * S, add=bh * T * (S - 1), div=bh * T * S),
+                     weighted_sum=matmul(T, S, hd, bh))
+
+    @staticmethod
+    def silu(n):
+        return ops(exp=n, add=n, div=n)  # x / (1 + exp(-x)), the negation free
+
+    @staticmethod
+    def lora_linear(n, d_in, d_out, r, bias=False):
+        """x W + alpha B A x, the adapter counted d_in wide on both sides and alpha on its output."""
+        return group(base=linear(n, d_in, d_out, bias),
+                     lora_A=matmul(n, d_in, r),
+                     lora_B=matmul(n, r, d_in),
+                     scaling=ops(mul=n * d_in),
+                     add=ops(add=n * d_in))
+
+    @staticmethod
+    def tokens_fed(window):
+        return window
+
+
+def matmul_2mnp(m: int, n: int, p: int, batch: int = 1) -> Cost:
+    """Report B's (m x n) @ (n x p): 2 m n p, that is n multiplies and n adds per output number."""
+    return Cost(2 * batch * m * n * p, {"mul": batch * m * n * p, "add": batch * m * n * p})
+
+
+class ReportB(Ours):
+    """Report B (Wang 2025, section 3.3, Tables 3 and 13), as its code counts (AdamWang0224/
+    Finetune_Lora_for_Time_Series_Forecasting, src/flops.py): per layer 2 RMSNorm (B L)(4d + 11),
+    attention 8 B L d^2 + 4 B L^2 d, MLP 6 B L d d_ff + 14 B L d_ff; RoPE B L d and the head
+    2 B L d V once; LoRA 2 B L r (d_in + d_out) at the layer's real widths. Its constants are the
+    coursework's weights: 11 = a divide and a root, 14 = exp, add, divide and two multiplies.
+    """
+
+    name = "report-b"
+    gqa_as_mha = True  # "simplify GQA to standard multi-head attention"
+    backward_factor = 2
+    loss = staticmethod(_free)
+    residual = staticmethod(_free)  # not in its formula
+    rotary = staticmethod(_free)  # counted once, as an addition to the embeddings (rotary_embedding)
+
+    @staticmethod
+    def linear(n, d_in, d_out, bias=False):
+        return matmul_2mnp(n, d_in, d_out)  # biases not counted
+
+    @staticmethod
+    def lora_linear(n, d_in, d_out, r, bias=False):
+        return group(base=matmul_2mnp(n, d_in, d_out), lora_A=matmul_2mnp(n, d_in, r), lora_B=matmul_2mnp(n, r, d_out))
+
+    @staticmethod
+    def rms_norm(n, dim):
+        """4d + 11 per row: square and sum (2d), a divide and a root (11), divide and weight (2d)."""
+        return ops(mul=n * dim, add=n * dim) + ops(div=n, sqrt=n) + ops(div=n * dim, mul=n * dim)
+
+    @staticmethod
+    def rotary_embedding(n, dim):
+        return ops(add=n * dim)  # "only account for their addition to token embeddings"
+
+    @staticmethod
+    def scaled_dot_product_attention(B, H, T, S, hd):
+        """Q K^T and A V, 2 B L^2 d each; no scale, mask or softmax."""
+        return group(scores=matmul_2mnp(T, hd, S, B * H), mask=FREE, softmax=FREE,
+                     weighted_sum=matmul_2mnp(T, S, hd, B * H))
+
+    @staticmethod
+    def silu(n):
+        return ops(exp=n, add=n, div=n, mul=n)  # x sigma(x): 13 per number, the gate's product makes 14
+
+    @staticmethod
+    def tokens_fed(window):
+        return window
+
+
+CONVENTIONS = {c.name: c() for c in (Ours, ReportA, ReportB)}
+
+
+def convention_named(convention) -> Ours:
+    """A convention from its name ("ours", "report-a", "report-b") or itself."""
+    if isinstance(convention, Ours):
+        return convention
+    if convention not in CONVENTIONS:
+        raise ValueError(f"unknown FLOP convention {convention!r}; use one of {', '.join(CONVENTIONS)}.")
+    return CONVENTIONS[convention]
+
+
+LORA_PARTS = ("lora_A", "scaling", "lora_B", "add")
+
+
+def lora_share(cost: Cost) -> Cost:
+    """The adapters' part of a cost: every lora_A, scaling, lora_B and add of a LoRA-wrapped *_proj."""
+    return sum((p for name, p in cost.flat()
+                if name.rsplit(".", 2)[-1] in LORA_PARTS and name.rsplit(".", 2)[-2].endswith("_proj")), FREE)
+
+
+def calflops(cfg, B: int, T: int) -> int:
+    """What calflops 0.3.2 (report B's check, its Table 4) counts for transformers' Qwen2 forward on
+    (B, T) ids: 2 per multiply-add of every F.linear (the real GQA widths, no bias) and 1 per output
+    of F.silu. It patches neither scaled_dot_product_attention nor the `*`, `+` and `@` operators,
+    so it sees no attention scores, norms, RoPE or residuals, and no LoRA branch (`x @ A.T`)."""
+    D, F, H, K, hd = cfg.dim, cfg.hidden_dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    n = B * T
+    macs_per_row = cfg.n_layers * (D * H * hd + 2 * D * K * hd + H * hd * D + 3 * D * F) + D * cfg.vocab_size
+    return 2 * n * macs_per_row + cfg.n_layers * n * F
 
 
 # ---------------------------------------------------------------- planning a run, and the ledger
@@ -537,19 +755,23 @@ def forecast(cfg, B, context_steps, horizon_steps, tokens_per_step=10, head_rows
 
 def plan_run(cfg, steps, batch, context, lora=None, lm_head_bias=False, head_rows=None, kernel="fused",
              val_every=0, val_batches=0, eval_series=0, eval_batch=1, context_steps=50, horizon_steps=50,
-             tokens_per_step=10, gen_head_rows=NUMERIC_ROWS, kv_cache=True) -> dict:
+             tokens_per_step=10, gen_head_rows=NUMERIC_ROWS, kv_cache=True, *, convention="ours") -> dict:
     """The cost of one run: {"train": steps x train_step, "eval": validation, "generate": final forecasts}.
 
-    context: tokens per window; the model reads context - 1 of them (see forward()). Validation: every val_every steps, val_batches forward passes with the loss (no backward).
+    context: tokens per window; the model reads context - 1 of them (see forward()); a report's convention
+    counts all of them. Validation: every val_every steps, val_batches forward passes with the loss (no backward).
     Final evaluation: eval_series forecasts in batches of eval_batch (the last batch may be partial).
     """
-    train = steps * train_step(cfg, batch, context - 1, lora, lm_head_bias, head_rows, kernel)
+    c = convention_named(convention)
+    T = c.tokens_fed(context)
+    train = steps * train_step(cfg, batch, T, lora, lm_head_bias, head_rows, kernel, convention=c)
     n_val = (steps // val_every) * val_batches if val_every else 0
-    val = n_val * forward(cfg, batch, context - 1, lora, lm_head_bias, head_rows)
+    val = n_val * forward(cfg, batch, T, lora, lm_head_bias, head_rows, convention=c)
     gen = FREE
     if eval_series:
         full, rest = divmod(eval_series, eval_batch)
-        one = lambda b: forecast(cfg, b, context_steps, horizon_steps, tokens_per_step, gen_head_rows, kv_cache, lm_head_bias)
+        one = lambda b: forecast(cfg, b, context_steps, horizon_steps, tokens_per_step, gen_head_rows, kv_cache,
+                                 lm_head_bias, convention=c)
         gen = full * one(eval_batch) + (one(rest) if rest else FREE)
     return {"train": train, "eval": val, "generate": gen}
 
@@ -580,8 +802,7 @@ class Ledger:
         self.entries.append(entry)
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a") as f:
-                f.write(json.dumps(entry) + "\n")
+            append_jsonl(self.path, entry)
         return entry
 
     def totals(self) -> dict:
@@ -610,12 +831,14 @@ class Ledger:
         return "\n".join(lines)
 
     def write(self, path):
-        Path(path).write_text("".join(json.dumps(e) + "\n" for e in self.entries))
+        atomic_write_text(path, "".join(json.dumps(e) + "\n" for e in self.entries))
 
     @classmethod
     def read(cls, path, budget: float = BUDGET) -> "Ledger":
         ledger = cls(budget=budget)
-        for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+        text = Path(path).read_text()
+        lines = text.split("\n")
+        for i, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
@@ -624,24 +847,102 @@ class Ledger:
                 if not isinstance(e.get("stage"), str) or e["kind"] not in cls.KINDS or e["source"] not in cls.SOURCES:
                     raise KeyError("kind")
             except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                if i == len(lines):  # a last line without its newline: an append cut short by a kill
+                    break
                 raise ValueError(f"{path}, line {i}: not a ledger entry (need stage, kind, source, flops).") from None
             ledger.entries.append(e)
         return ledger
 
 
+# ---------------------------------------------------------------- each report's own tables
+
+
+def report_a_tables(cfg, B: int, T: int, steps: int, lora=None) -> dict:
+    """Report A's Table 3 (one sequence of T tokens: Cost per row) and Table 4 (a step of B sequences, and steps of them)."""
+    A = CONVENTIONS["report-a"]
+    fwd = qwen2(cfg, 1, T, lora, convention=A)
+    layer = fwd["layers.0"]
+    table3 = {"Single Attention Block": attention(cfg, 1, T, convention=A),  # its LoRA has a row of its own
+              "Single MLP Block": mlp(cfg, T, convention=A),
+              "RMS, Residual etc": sum((layer[k] for k in ("input_layernorm", "residual_attn",
+                                                          "post_attention_layernorm", "residual_mlp")), FREE),
+              "Single Transformer Layer": layer,
+              "LoRA Cost in this Layer": lora_share(layer),
+              "Full Forward Pass": fwd}
+    step = train_step(cfg, B, T, lora, convention=A)
+    table4 = {f"Single Step (N = 1, B = {B})": step, f"Training Limit (N = {steps}, B = {B})": steps * step}
+    return {"table3": table3, "table4": {k: {"total": c.coursework, "lora": lora_share(c).coursework,
+                                             "budget_share": c.coursework / BUDGET} for k, c in table4.items()}}
+
+
+def report_b_tables(cfg, B: int, T: int, steps: int, lora=None) -> dict:
+    """Report B's Table 3 (Qwen without LoRA), Table 4 (calflops) and a Table 13 row (steps of B x T), in FLOPs."""
+    qwen = train_step(cfg, B, T, convention="report-b")
+    with_lora = train_step(cfg, B, T, lora, convention="report-b")
+    measured = calflops(cfg, B, T)
+    return {"table3": {"forward": qwen["forward"].coursework, "forward_backward": qwen.coursework},
+            "table4_calflops": {"forward": measured, "forward_backward": 3 * measured},
+            "table13": {"steps": steps, "L": T, "r": max(lora.values()) if lora else 0,
+                        "lora": steps * lora_share(with_lora).coursework, "qwen": steps * qwen.coursework,
+                        "total": steps * with_lora.coursework}}
+
+
+def _log10(x) -> str:
+    return f"{math.log10(x):.3f}" if x > 0 else "-"
+
+
+def _fmt_report(name: str, t: dict, B: int, T: int, lora) -> str:
+    if name == "report-a":
+        cols = ("add", "mul", "div", "exp", "sqrt")
+        lines = [f"Report A, Table 3: one sequence of {T} tokens, LoRA {lora or 'none'} (Exp and Sqrt weighted x 10)",
+                 f"  {'Operation Cost':<28}" + "".join(f"{h:>11}" for h in ("Add.", "Mult.", "Div.", "Exp.", "Sqrt", "Total"))]
+        for row, c in t["table3"].items():
+            lines.append(f"  {row:<28}" + "".join(f"{WEIGHTS[k] * c.ops.get(k, 0):>11.3g}" for k in cols)
+                         + f"{c.coursework:>11.3g}")
+        lines.append(f"  Percentage of budget: {100 * t['table3']['Full Forward Pass'].coursework / BUDGET:.3g}%")
+        lines += ["Report A, Table 4", f"  {'Training Setup':<36}{'Total FLOPs':>13}{'LoRA FLOPs':>13}{'% of budget':>13}"]
+        for row, v in t["table4"].items():
+            lines.append(f"  {row:<36}{v['total']:>13.5g}{v['lora']:>13.5g}{100 * v['budget_share']:>12.5g}%")
+        return "\n".join(lines)
+    t3, t4, t13 = t["table3"], t["table4_calflops"], t["table13"]
+    rounded = {k: float(f"{v:.3g}") for k, v in t4.items()}  # calflops prints 3 digits; the report's logs are of those
+    return "\n".join([
+        f"Report B, Table 3: batch {B} x {T} tokens, no LoRA",
+        f"  {'Single Forward Pass':<22}{t3['forward']:>12.4g}{_log10(t3['forward']):>9}",
+        f"  {'Forward + Backward':<22}{t3['forward_backward']:>12.4g}{_log10(t3['forward_backward']):>9}",
+        "Report B, Table 4: calflops on transformers' Qwen2 (sdpa attention), as it prints",
+        f"  {'Single Forward Pass':<22}{rounded['forward']:>12.3g}{_log10(rounded['forward']):>9}",
+        f"  {'Forward + Backward':<22}{rounded['forward_backward']:>12.3g}{_log10(rounded['forward_backward']):>9}",
+        "Report B, Table 13 row: Steps  L  r  log10(LoRA FLOPs)  log10(Qwen FLOPs)  log10(Total FLOPs)",
+        f"  {t13['steps']}  {t13['L']}  {t13['r']}  {_log10(t13['lora'])}  {_log10(t13['qwen'])}  {_log10(t13['total'])}"])
+
+
 # ---------------------------------------------------------------- command line
+
+TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+# Upper bounds far above any real run and far below sizes whose counts would overflow a float or
+# whose generation loop would not finish: a typo fails here with one sentence.
+MAX_BATCH, MAX_STEPS, MAX_SERIES, MAX_BUDGET = 1 << 20, 10**9, 10**7, 1e30
 
 
 def lora_targets(targets: str, rank: int) -> dict:
-    """"q,v" -> {"q_proj": rank, "v_proj": rank}."""
-    names = {"q", "k", "v", "o", "gate", "up", "down"}
+    """"q,v" -> {"q_proj": rank, "v_proj": rank}; "none" or rank 0 -> {}."""
+    if targets.strip() == "none":
+        return {}
     out = {}
     for t in filter(None, (t.strip() for t in targets.split(","))):
         t = t.removesuffix("_proj")
-        if t not in names:
-            raise ValueError(f"unknown LoRA target '{t}'; use some of q,k,v,o,gate,up,down.")
+        if t not in TARGETS:
+            raise ValueError(f"unknown LoRA target '{t}'; use some of {','.join(TARGETS)}, or none.")
         out[f"{t}_proj"] = rank
     return out if rank else {}
+
+
+def layer_widths(cfg) -> dict:
+    """module name -> (d_in, d_out) of each linear layer LoRA can wrap."""
+    D, F, H, K, hd = cfg.dim, cfg.hidden_dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    return {"q_proj": (D, H * hd), "k_proj": (D, K * hd), "v_proj": (D, K * hd), "o_proj": (H * hd, D),
+            "gate_proj": (D, F), "up_proj": (D, F), "down_proj": (F, D)}
 
 
 def forward_table(cost: Cost) -> list:
@@ -665,21 +966,24 @@ def _fmt_table(rows) -> str:
     return "\n".join([fmt(head)] + [fmt(r) for r in body])
 
 
-def main(argv=None):
-    from qwen_min.config import Qwen2Config
-
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Exact FLOPs of qwen-min: one forward pass, a LoRA training step, a run.")
     p.add_argument("--config", help="a Qwen2 config.json (default: Qwen2.5-0.5B)")
+    p.add_argument("--convention", choices=list(CONVENTIONS), default="ours",
+                   help="ours: every operation as it runs (matmul view equal to FlopCounterMode); report-a, "
+                        "report-b: the same mirror counted as each published report counted it, with its tables "
+                        "(docs/flops.md)")
     p.add_argument("--context", type=int, default=512, help="tokens per training window")
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank (0: no LoRA)")
-    p.add_argument("--lora-targets", default="q,v", help="comma-separated: q,k,v,o,gate,up,down")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    p.add_argument("--lora-targets", default="q,v", help="comma-separated: q,k,v,o,gate,up,down; none: no LoRA")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--lm-head-bias", action="store_true", help="train the coursework's lm_head bias")
     p.add_argument("--vocab", choices=["full", "numeric"], default="full",
                    help="loss over the full vocabulary or the 13 LLMTIME tokens (head of 13 rows)")
-    p.add_argument("--attention", choices=["math", "fused"], default="fused",
-                   help="attention backward: fused (flash / memory-efficient, what training runs) or math")
+    p.add_argument("--attention", choices=["math", "fused"], default=None,
+                   help="attention backward: fused (flash / memory-efficient, what training runs; default) or math; "
+                        "our convention only")
     p.add_argument("--val-every", type=int, default=0, help="validate every N steps (0: never)")
     p.add_argument("--val-batches", type=int, default=0, help="batches per validation")
     p.add_argument("--eval-series", type=int, default=0, help="series forecast in the final evaluation")
@@ -693,64 +997,127 @@ def main(argv=None):
     p.add_argument("--stage", default="run", help="stage name in the ledger")
     p.add_argument("--ledger", help="append the plan to this JSON-lines ledger")
     p.add_argument("--json", action="store_true")
+    return p
+
+
+def check_flags(a, cfg) -> list:
+    """The flags' problems, one sentence each (empty when all is well)."""
+    def within(flag, low, high, why=""):
+        v = getattr(a, flag.removeprefix("--").replace("-", "_"))
+        return [] if low <= v <= high else [f"{flag} must be from {low} to {high}{why}, not {v}"]
+
+    positions = f" (the model's {cfg.max_seq_len} positions)"
+    problems = (within("--context", 2, cfg.max_seq_len, positions) + within("--batch", 1, MAX_BATCH)
+                + within("--steps", 1, MAX_STEPS) + within("--val-every", 0, MAX_STEPS)
+                + within("--val-batches", 0, MAX_SERIES) + within("--eval-series", 0, MAX_SERIES)
+                + within("--eval-batch", 1, MAX_BATCH) + within("--gen-head-rows", 1, cfg.vocab_size, " (the vocabulary)")
+                + within("--eval-context-steps", 1, cfg.max_seq_len) + within("--eval-horizon-steps", 1, cfg.max_seq_len)
+                + within("--tokens-per-step", 1, cfg.max_seq_len))
+    if (a.val_every > 0) != (a.val_batches > 0):
+        problems.append("--val-every and --val-batches go together: give both, or neither, a value above 0")
+    if not problems and a.eval_series:
+        tokens = (a.eval_context_steps + a.eval_horizon_steps) * a.tokens_per_step
+        if tokens > cfg.max_seq_len:
+            problems.append(f"a forecast of --eval-context-steps + --eval-horizon-steps = "
+                            f"{a.eval_context_steps + a.eval_horizon_steps} steps of {a.tokens_per_step} tokens is "
+                            f"{tokens} tokens, more than the model's {cfg.max_seq_len} positions")
+    try:
+        lora = lora_targets(a.lora_targets, a.rank)
+    except ValueError as e:
+        return problems + [f"--lora-targets: {e}".rstrip(".")]
+    if a.lora_targets.strip() != "none":
+        if not lora and a.rank:
+            problems.append(f"--lora-targets {a.lora_targets!r} names no layer; give some of {','.join(TARGETS)}, or none")
+        narrowest = min((min(layer_widths(cfg)[m]), m) for m in lora) if lora else (cfg.dim, "")
+        problems += within("--rank", 1, narrowest[0], f" (the width of {narrowest[1]})" if lora else "")
+    if not (0 < a.budget <= MAX_BUDGET):  # also refuses nan and inf
+        problems.append(f"--budget must be a number of FLOPs above 0 and at most {MAX_BUDGET:g}, not {a.budget}")
+    if a.attention and a.convention != "ours":
+        problems.append(f"--attention chooses the backward kernel, which {a.convention} does not count "
+                        "(backward = 2 x forward); leave it out")
+    if not a.stage.strip():
+        problems.append("--stage must name the stage in the ledger, not be empty")
+    return problems
+
+
+def main(argv=None):
+    from qwen_min.config import Qwen2Config
+
+    p = parser()
     a = p.parse_args(argv)
     try:
         cfg = Qwen2Config.from_json(a.config) if a.config else Qwen2Config()
-        lora = lora_targets(a.lora_targets, a.rank)
-    except (ValueError, FileNotFoundError) as e:
-        p.error(str(e))
-    for flag in ("context", "batch", "steps", "eval_batch", "tokens_per_step", "gen_head_rows"):
-        if getattr(a, flag) < (2 if flag == "context" else 1 if flag != "steps" else 0):
-            p.error(f"--{flag.replace('_', '-')} is too small ({getattr(a, flag)}).")
-    if a.rank < 0 or a.val_every < 0 or a.val_batches < 0 or a.eval_series < 0:
-        p.error("--rank, --val-every, --val-batches and --eval-series must not be negative.")
+    except (ValueError, OSError) as e:
+        p.error(f"--config {a.config}: {e}")
+    problems = check_flags(a, cfg)
+    if problems:
+        p.error(problems[0] + ".")
+    c = CONVENTIONS[a.convention]
+    lora = lora_targets(a.lora_targets, a.rank)
     rows = NUMERIC_ROWS if a.vocab == "numeric" else cfg.vocab_size
-    gen_rows = min(a.gen_head_rows, cfg.vocab_size)
+    kernel = a.attention or "fused"
+    T = c.tokens_fed(a.context)  # ours: the loss feeds context - 1 tokens (qwen_min/loss.py); the reports: all
 
-    fwd = qwen2(cfg, a.batch, a.context, lora, a.lm_head_bias, rows)
-    step = train_step(cfg, a.batch, a.context - 1, lora, a.lm_head_bias, rows, a.attention)  # as qwen_min/loss.py
+    fwd = qwen2(cfg, a.batch, a.context, lora, a.lm_head_bias, rows, convention=c)
+    step = train_step(cfg, a.batch, T, lora, a.lm_head_bias, rows, kernel, convention=c)
     estimate = coursework_estimate(step)
-    run = plan_run(cfg, a.steps, a.batch, a.context, lora, a.lm_head_bias, rows, a.attention, a.val_every,
+    run = plan_run(cfg, a.steps, a.batch, a.context, lora, a.lm_head_bias, rows, kernel, a.val_every,
                    a.val_batches, a.eval_series, a.eval_batch, a.eval_context_steps, a.eval_horizon_steps,
-                   a.tokens_per_step, gen_rows, not a.no_kv_cache)
-    ledger = Ledger(a.ledger, a.budget)
-    for kind, c in run.items():
-        if c.matmul or c.ops:
-            ledger.add(a.stage, kind, c, source="plan")
+                   a.tokens_per_step, a.gen_head_rows, not a.no_kv_cache, convention=c)
     total = sum(run.values(), FREE)
+    tables = {"report-a": report_a_tables, "report-b": report_b_tables}.get(c.name)
+    report = tables(cfg, a.batch, a.context, a.steps, lora) if tables else None
+    try:
+        ledger = Ledger(a.ledger, a.budget)
+        for kind, cost in run.items():
+            if cost.matmul or cost.ops:
+                ledger.add(a.stage, kind, cost, source="plan", **({} if c.name == "ours" else {"convention": c.name}))
+    except (ValueError, OSError) as e:
+        p.error(f"--ledger {a.ledger}: {e}".rstrip(".") + ".")
 
     if a.json:
-        out = {"config": cfg.to_dict(), "shape": {"batch": a.batch, "context": a.context, "lora": lora,
-                                                   "lm_head_bias": a.lm_head_bias, "head_rows": rows,
-                                                   "attention": a.attention},
-               "forward": {**fwd.to_dict(), "modules": {n: c.to_dict() for n, c in forward_table(fwd)[:-1]}},
+        out = {"config": cfg.to_dict(), "convention": c.name,
+               "shape": {"batch": a.batch, "context": a.context, "lora": lora, "lm_head_bias": a.lm_head_bias,
+                         "head_rows": rows, "attention": kernel},
+               "forward": {**fwd.to_dict(), "modules": {n: x.to_dict() for n, x in forward_table(fwd)[:-1]}},
                "train_step": {**step.to_dict(), **{k: step[k].to_dict() for k in ("forward", "backward", "optimizer")},
                               "coursework_estimate": estimate.to_dict(),
                               "executed_over_estimate": step.coursework / estimate.coursework},
-               "run": {**total.to_dict(), **{k: c.to_dict() for k, c in run.items()}, "steps": a.steps,
+               "run": {**total.to_dict(), **{k: x.to_dict() for k, x in run.items()}, "steps": a.steps,
                        "budget": a.budget, "budget_share": total.coursework / a.budget}}
+        if report:
+            if "table3" in report and c.name == "report-a":
+                report = {**report, "table3": {k: {**{o: WEIGHTS[o] * x.ops.get(o, 0) for o in ("add", "mul", "div", "exp", "sqrt")},
+                                                   "total": x.coursework} for k, x in report["table3"].items()}}
+            out["report"] = report
         print(json.dumps(out, indent=2))
         return
+    print(f"Convention: {c.name}" + ("" if c.name == "ours" else " (the coursework column is the report's count)"))
     print(f"One forward pass: batch {a.batch} x {a.context} tokens, head {rows} rows"
           f"{' + bias' if a.lm_head_bias else ''}, LoRA {lora or 'none'}")
     print(_fmt_table(forward_table(fwd)))
     print()
-    print(f"Training step: windows of {a.context} tokens (the model reads {a.context - 1}), {a.attention} attention")
+    fed = f"the model reads {T}" if T < a.context else "all of them read"
+    how = f"{kernel} attention" if c.name == "ours" else f"backward = {c.backward_factor} x forward"
+    print(f"Training step: windows of {a.context} tokens ({fed}), {how}")
     print(f"  {'':<32}{'matmul view':>12}{'coursework':>14}")
-    for name, c in [("forward (with loss)", step["forward"]), ("backward", step["backward"]),
-                    ("optimizer (AdamW)", step["optimizer"]), ("step", step),
-                    ("coursework 3 x forward", estimate)]:
-        print(f"  {name:<32}{c.matmul:>12.4g}{c.coursework:>14.4g}")
+    for name, x in [("forward (with loss)" if c.name == "ours" else "forward", step["forward"]),
+                    ("backward", step["backward"]), ("optimizer (AdamW)" if c.name == "ours" else "optimizer", step["optimizer"]),
+                    ("step", step), ("coursework 3 x forward", estimate)]:
+        print(f"  {name:<32}{x.matmul:>12.4g}{x.coursework:>14.4g}")
     print(f"  executed step / (3 x forward): {step.coursework / estimate.coursework:.3f} (coursework), "
           f"{step.matmul / estimate.matmul:.3f} (matmul view)")
     print()
     print(f"Run: {a.steps} steps")
-    for name, c in [*run.items(), ("total", total)]:
-        print(f"  {name:<32}{c.matmul:>12.4g}{c.coursework:>14.4g}")
+    for name, x in [*run.items(), ("total", total)]:
+        print(f"  {name:<32}{x.matmul:>12.4g}{x.coursework:>14.4g}")
     print(f"  share of the {a.budget:.3g} budget: {100 * total.coursework / a.budget:.2f}%")
     print()
     print(ledger.markdown())
+    if report:
+        print()
+        print(_fmt_report(c.name, report, a.batch, a.context, lora))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

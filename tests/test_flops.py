@@ -18,6 +18,7 @@ from flops import Cost, Ledger
 from lora.inject import inject_lora, mark_only_lora_as_trainable
 from lora.layer import LoRALinear
 from qwen_min import Qwen2, Qwen2Config, generate
+from qwen_min.errors import run_cli
 from qwen_min.generate import produced_lengths
 from qwen_min.loss import causal_lm_loss
 from tests.conftest import random_model, tiny_config
@@ -445,9 +446,9 @@ def test_cli_text_numeric_vocab_config_and_errors(tmp_path, capsys):
     assert Ledger.read(tmp_path / "l.jsonl").total("plan") > 0
     for bad, says in ((["--lora-targets", "q,zz"], "unknown LoRA target 'zz'"),
                       (["--config", str(tmp_path / "none.json")], "No config.json at"),
-                      (["--context", "1"], "--context is too small")):
+                      (["--context", "1"], "--context must be from 2 to 32768")):
         with pytest.raises(SystemExit):
-            flops.main(bad)
+            run_cli(flops.main, bad)
         assert says in capsys.readouterr().err.strip().splitlines()[-1]
 
 
