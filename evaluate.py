@@ -261,7 +261,12 @@ def scalers(args, traj, split, test):
     cross-entropy windows cover whole series, so their scales are fit on whole series, as
     train.py does for its validation windows.
     """
-    fit = lambda data, per: llmtime.Scaler.fit(data, args.percentile, args.scale_target, per)
+    def fit(data, per):
+        try:
+            return llmtime.Scaler.fit(data, args.percentile, args.scale_target, per)
+        except ValueError as e:  # an all-zero or non-finite series in the user's data
+            raise UserError(f"--data {args.data or '(simulated)'}: {e}") from None
+
     if args.scaling == "per-series":
         return fit(traj[test, : args.k], True), fit(traj[test], True)
     saved = Path(args.run) / "scaler.json" if args.run else None
