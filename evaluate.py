@@ -673,7 +673,8 @@ def score_main(args):
         rows = test
     series = Series(args, traj, rows)
     same_rows = np.array_equal(rows, test)
-    summary = f"series: {'the' if same_rows else 'NOT the'} protocol's test series ({int(np.isin(rows, test).sum())} of {len(rows)} in it)"
+    summary = (f"series: {'the' if same_rows else 'NOT the'} protocol's test series ({int(np.isin(rows, test).sum())} of {len(rows)} in it) "
+               f"of {args.data or f'{len(traj)} simulated trajectories (no --data)'}")
     check = {"same_series": bool(same_rows), "in_test_split": int(np.isin(rows, test).sum())}
     if truth is not None:
         gap = float(np.abs(truth - series.truth).max())
