@@ -5,7 +5,7 @@ same order, whose lines are the lines of that module's `forward`, counted:
 
     model.py                              flops.py
     RMSNorm.forward                       rms_norm(n, dim)
-    RotaryEmbedding.forward               rotary_embedding()            (table lookup: free)
+    RotaryEmbedding.forward               rotary_embedding(n, dim)      (table lookup: free)
     rotate_half, apply_rotary             rotate_half, apply_rotary
     F.scaled_dot_product_attention        scaled_dot_product_attention(B, H, T, S, hd)
     Attention.forward                     attention(cfg, B, T, S, lora)
@@ -47,6 +47,13 @@ Conventions where the model leaves a choice (see docs/flops.md):
   sdpa_kernel(SDPBackend.MATH) and compare with kernel="math".
 - Casts, views, indexing, embedding lookups, RoPE tables and copies into the KV cache are free.
 
+Each report's own convention: the composite functions (attention, mlp, decoder_block, body, head,
+qwen2, forward, train_step, generate, forecast, plan_run) take `convention=` "ours" (the default,
+all of the above), "report-a" or "report-b": the same mirror, with only the terms each report
+counted otherwise swapped in (classes Ours, ReportA, ReportB; docs/flops.md sets them side by side).
+report_a_tables() and report_b_tables() rebuild the reports' FLOP tables; calflops() is what
+report B's calflops check counts.
+
 Training, generation, the budget:
 
     train_step(cfg, B, T, lora, ...)         -> Cost with parts forward, backward, optimizer
@@ -68,6 +75,8 @@ Entries count coursework FLOPs (`flops`); given a Cost, its matmul view is kept 
 Command line:
 
     python flops.py --context 512 --batch 4 --rank 8 --steps 2000 [--json]
+    python flops.py --convention report-a --rank 4 --steps 13800     # report A's Tables 3 and 4
+    python flops.py --convention report-b --rank 4                   # report B's Tables 3, 4 and a Table 13 row
 """
 
 import argparse
@@ -967,7 +976,7 @@ def _fmt_table(rows) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Exact FLOPs of qwen-min: one forward pass, a LoRA training step, a run.")
+    p = argparse.ArgumentParser(prog="flops.py", description="Exact FLOPs of qwen-min: one forward pass, a LoRA training step, a run.")
     p.add_argument("--config", help="a Qwen2 config.json (default: Qwen2.5-0.5B)")
     p.add_argument("--convention", choices=list(CONVENTIONS), default="ours",
                    help="ours: every operation as it runs (matmul view equal to FlopCounterMode); report-a, "
@@ -1022,14 +1031,15 @@ def check_flags(a, cfg) -> list:
                             f"{a.eval_context_steps + a.eval_horizon_steps} steps of {a.tokens_per_step} tokens is "
                             f"{tokens} tokens, more than the model's {cfg.max_seq_len} positions")
     try:
-        lora = lora_targets(a.lora_targets, a.rank)
+        targets = lora_targets(a.lora_targets, 1)
     except ValueError as e:
         return problems + [f"--lora-targets: {e}".rstrip(".")]
     if a.lora_targets.strip() != "none":
-        if not lora and a.rank:
+        if not targets:
             problems.append(f"--lora-targets {a.lora_targets!r} names no layer; give some of {','.join(TARGETS)}, or none")
-        narrowest = min((min(layer_widths(cfg)[m]), m) for m in lora) if lora else (cfg.dim, "")
-        problems += within("--rank", 1, narrowest[0], f" (the width of {narrowest[1]})" if lora else "")
+        else:  # a rank above a layer's narrower side is no longer low-rank
+            width, name = min((min(layer_widths(cfg)[m]), m) for m in targets)
+            problems += within("--rank", 1, width, f" (the width of {name})")
     if not (0 < a.budget <= MAX_BUDGET):  # also refuses nan and inf
         problems.append(f"--budget must be a number of FLOPs above 0 and at most {MAX_BUDGET:g}, not {a.budget}")
     if a.attention and a.convention != "ours":
@@ -1072,8 +1082,10 @@ def main(argv=None):
         for kind, cost in run.items():
             if cost.matmul or cost.ops:
                 ledger.add(a.stage, kind, cost, source="plan", **({} if c.name == "ours" else {"convention": c.name}))
-    except (ValueError, OSError) as e:
+    except ValueError as e:
         p.error(f"--ledger {a.ledger}: {e}".rstrip(".") + ".")
+    except OSError as e:
+        p.error(f"--ledger {a.ledger}: {e.strerror or e}; give a JSON-lines file that can be written.")
 
     if a.json:
         out = {"config": cfg.to_dict(), "convention": c.name,

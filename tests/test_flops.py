@@ -6,6 +6,7 @@ products FlopCounterMode sees (on CPU the fused kernel is invisible to it: it co
 """
 
 import json
+import math
 
 import pytest
 import torch
@@ -463,3 +464,288 @@ def test_docs_numbers_are_current():
     step = flops.train_step(REAL, 4, 511, lora)
     ratio = step.coursework / flops.coursework_estimate(step).coursework
     assert f"| {step.coursework:.4g} | {flops.coursework_estimate(step).coursework:.4g} | **{ratio:.3f}** |" in doc
+
+
+# ---------------------------------------------------------------- each report's own convention
+# Expected values are typed from the reports' text (../shared/reports/: 000_* is report A, 001_* is
+# report B) at the precision they print, and from hand counts on a tiny config.
+
+TINY = Qwen2Config(vocab_size=10, dim=4, hidden_dim=6, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=2, max_seq_len=64)
+
+
+def printed(x, digits):
+    """x rounded as a table prints it with `digits` significant digits."""
+    return float(f"{x:.{digits}g}")
+
+
+def test_report_a_table_3():
+    """Report A, section 4.4.1, Table 3 "FLOPs for forward pass: LoRA Rank 4" (512 tokens); Exp and
+    Sqrt columns are weighted x 10, as its code returns them."""
+    t = flops.report_a_tables(REAL, 4, 512, 13800, {"q_proj": 4, "v_proj": 4})["table3"]
+    table3 = {  # Add., Mult., Div., Exp., Sqrt, Total
+        "Single Attention Block": (2.93e9, 2.94e9, 7.34e6, 3.67e7, 10, 5.91e9),
+        "Single MLP Block": (6.69e9, 6.7e9, 2.49e6, 2.49e7, 0, 1.34e10),
+        "RMS, Residual etc": (1.83e6, 1.84e6, 9.19e5, 0, 1.02e4, 4.6e6),
+        "Single Transformer Layer": (9.63e9, 9.64e9, 1.07e7, 6.16e7, 1.02e4, 1.93e10),
+        "LoRA Cost in this Layer": (7.34e6, 8.26e6, 0, 0, 0, 1.56e7),
+        "Full Forward Pass": (3.01e11, 3.01e11, 2.58e8, 1.48e9, 2.51e5, 6.04e11),
+    }
+    for row, want in table3.items():
+        c = t[row]
+        got = (c.ops.get("add", 0), c.ops.get("mul", 0), c.ops.get("div", 0), 10 * c.ops.get("exp", 0),
+               10 * c.ops.get("sqrt", 0), c.coursework)
+        assert tuple(printed(x, 3) for x in got) == want, row
+        assert not c.ops.get("cmp") and not c.ops.get("log")  # its table has no such columns
+    # "Percentage of Budget: 0.000604%"
+    assert printed(100 * t["Full Forward Pass"].coursework / 1e17, 3) == 0.000604
+
+
+def test_report_a_table_4():
+    """Report A, section 4.5.1, Table 4 "FLOPs cost of training using LoRA rank 4"."""
+    t = flops.report_a_tables(REAL, 4, 512, 13800, {"q_proj": 4, "v_proj": 4})["table4"]
+    one, limit = t["Single Step (N = 1, B = 4)"], t["Training Limit (N = 13800, B = 4)"]
+    assert (printed(one["total"], 5), printed(one["lora"], 5)) == (7.2455e12, 4.4909e9)
+    assert f"{100 * one['budget_share']:.4f}%" == "0.0072%"
+    assert (printed(limit["total"], 5), printed(limit["lora"], 5)) == (9.9988e16, 6.1975e13)
+    assert f"{100 * limit['budget_share']:.3f}%" == "99.988%"
+    # the step is 3 x forward x batch (its model_training_flops), the forward its Table 3's
+    assert one["total"] == 3 * 4 * flops.qwen2(REAL, 1, 512, {"q_proj": 4, "v_proj": 4}, convention="report-a").coursework
+
+
+def test_report_b_table_3_and_its_formula():
+    """Report B, section 3.3.5-3.3.6, Table 3: batch 4 x 512 tokens, forward and forward + backward."""
+    t = flops.report_b_tables(REAL, 4, 512, 2000)["table3"]
+    assert (printed(t["forward"], 4), f"{math.log10(t['forward']):.3f}") == (2.252e12, "12.353")
+    assert (printed(t["forward_backward"], 4), f"{math.log10(t['forward_backward']):.3f}") == (6.757e12, "12.830")
+    # its formula, written out: B L d + (B L)(4d + 11) + 2 B L d V + N [2 (B L)(4d + 11) + 8 B L d^2 + 4 B L^2 d
+    # + 6 B L d d_ff + 14 B L d_ff]
+    B, L, d, dff, V, N = 4, 512, 896, 4864, 151936, 24
+    formula = (B * L * d + B * L * (4 * d + 11) + 2 * B * L * d * V
+               + N * (2 * B * L * (4 * d + 11) + 8 * B * L * d**2 + 4 * B * L**2 * d + 6 * B * L * d * dff + 14 * B * L * dff))
+    assert t["forward"] == formula and t["forward_backward"] == 3 * formula
+
+
+def test_report_b_calflops_figure():
+    """Report B, section 3.3.7, Table 4 (calflops): 2.02e12 and 6.07e12 FLOPs; its logs (12.305, 12.783)
+    are of the figures as calflops prints them, to 3 digits."""
+    t = flops.report_b_tables(REAL, 4, 512, 2000)["table4_calflops"]
+    fwd, both = printed(t["forward"], 3), printed(t["forward_backward"], 3)
+    assert (fwd, both) == (2.02e12, 6.07e12)
+    assert (f"{math.log10(fwd):.3f}", f"{math.log10(both):.3f}") == ("12.305", "12.783")
+    # counted by hand on TINY (1 x 2 tokens): per row q 16 + k 8 + v 8 + o 16 + MLP 3 x 24 + head 40 = 160
+    # multiply-adds, 2 FLOPs each, 2 rows: 640; silu: 2 rows x 6 = 12
+    assert flops.calflops(TINY, 1, 2) == 652
+    # measured with the calflops 0.3.2 package on transformers' Qwen2ForCausalLM (sdpa): (vocab, hidden,
+    # intermediate, layers, heads, kv heads, head_dim), (batch, tokens)
+    for (V, D, F, n, H, K, hd), (B, T), measured in (((160, 64, 112, 2, 4, 2, 16), (2, 8), 2_493_952),
+                                                     ((301, 96, 200, 3, 6, 2, 16), (4, 17), 37_498_464)):
+        cfg = Qwen2Config(vocab_size=V, dim=D, hidden_dim=F, n_layers=n, n_heads=H, n_kv_heads=K, head_dim=hd)
+        assert flops.calflops(cfg, B, T) == measured
+
+
+def test_report_b_table_13_and_total():
+    """Report B, section 4.8, Table 13: log10 FLOPs of its nine runs (batch 4, LoRA on q and v), and
+    "log10(Total FLOPs) ~ 16.9995"."""
+    table13 = [  # steps, L, r, log10 LoRA, log10 Qwen, log10 total
+        (2000, 512, 4, "12.822", "16.131", "16.131"),  # basic setting; learning rates 5e-5 and 1e-4 alike
+        (2000, 512, 4, "12.822", "16.131", "16.131"),
+        (2000, 512, 4, "12.822", "16.131", "16.131"),
+        (2000, 512, 2, "12.521", "16.131", "16.131"),
+        (2000, 512, 8, "13.123", "16.131", "16.131"),
+        (1000, 128, 8, "12.220", "15.214", "15.215"),
+        (1000, 512, 8, "12.822", "15.830", "15.830"),
+        (1000, 768, 8, "12.999", "16.014", "16.015"),
+        (2000, 512, 8, "13.123", "16.131", "16.131"),  # best setting
+    ]
+    grand = 0
+    for steps, L, r, lora, qwen, total in table13:
+        row = flops.report_b_tables(REAL, 4, L, steps, {"q_proj": r, "v_proj": r})["table13"]
+        assert tuple(f"{math.log10(row[k]):.3f}" for k in ("lora", "qwen", "total")) == (lora, qwen, total)
+        assert row["total"] == row["lora"] + row["qwen"]
+        grand += row["total"]
+    assert f"{math.log10(grand):.4f}" == "16.9995"
+
+
+def test_report_b_lora_uses_the_real_widths():
+    """Section 4.7: 2 (B L) r (d_in + d_out) per adapter; its code gives v_proj d_out = 128 (GQA)."""
+    one = {"q_proj": 4, "v_proj": 4}
+    fwd = flops.qwen2(REAL, 4, 512, one, convention="report-b")
+    assert flops.lora_share(fwd).coursework == 24 * 2 * 2048 * 4 * ((896 + 896) + (896 + 128))
+
+
+def test_report_a_terms_by_hand():
+    A = flops.convention_named("report-a")
+    # RMSNorm, 2 rows of 3: squares 6 mul, sum 2 x 2 add, / 3 2 div, root 2 sqrt; / root 6 div, weight 6 mul
+    assert A.rms_norm(2, 3).ops == {"mul": 12, "add": 4, "div": 8, "sqrt": 2}
+    assert A.rms_norm(2, 3).coursework == 12 + 4 + 8 + 20
+    # RoPE of 2 tokens, 2 heads of 2: a (4 x 4) rotation per token, (2x4)(4x4) = 32 mul + 24 add
+    assert A.rotary(2, 2, 2).coursework == 56
+    # one head, 2 x 2: q k^T 12, / sqrt(hd) 4 div + one root (10); softmax: exp 4 (40), sums 2, divide 4; p v 12
+    assert A.scaled_dot_product_attention(1, 1, 2, 2, 2).coursework == 12 + 4 + 10 + 40 + 2 + 4 + 12
+    assert A.scaled_dot_product_attention(3, 2, 2, 2, 2).ops["sqrt"] == 3  # one root per sequence, not per head
+    assert A.silu(3).coursework == 3 * (1 + 10 + 1)  # + 1, exp, divide; the negation free
+    # LoRA 2 rows, 3 -> 4, r 1: base 40, x A^T (2x3)(3x1) 10, B (2x1)(1x3) 6 (3 wide, as its code), alpha 6, add 6
+    assert A.lora_linear(2, 3, 4, 1).coursework == 40 + 10 + 6 + 6 + 6
+    assert A.loss(5, 7) == Cost() and A.tokens_fed(512) == 512
+
+
+def test_report_a_tiny_model_by_hand():
+    """TINY, one sequence of 2 tokens, under report A's counting, each term by hand."""
+    c = flops.decoder_block(TINY, 1, 2, convention="report-a")
+    by_hand = {
+        "input_layernorm": 8 + 6 + 2 + 20 + 8 + 8,  # squares, sum, / d, root (x10), / root, weight
+        "self_attn": (2 * 4 * 7 + 8)  # q (2x4)(4x4) + bias
+        + 2 * (2 * 2 * 7 + 4)  # k, v as the model has them: (2x4)(4x2) + bias
+        + 2 * (2 * 2 * 7 + 4)  # ... and the kv head MHA would add to each
+        + 2 * (2 * 4 * 7)  # RoPE on q and on k, each a (4 x 4) matrix per token
+        + 2 * (12 + 4 + 46 + 12) + 10  # 2 heads: scores, / sqrt, softmax, p v; one root
+        + 2 * 4 * 7,  # o_proj
+        "residual_attn": 8,
+        "post_attention_layernorm": 52,
+        "mlp": 2 * (2 * 6 * 7) + 12 * 12 + 12 + 2 * 4 * 11,  # gate, up, silu (12 each), product, down
+        "residual_mlp": 8,
+    }
+    assert {k: p.coursework for k, p in c.parts.items()} == by_hand
+    assert c.coursework == 1050
+    assert flops.qwen2(TINY, 1, 2, convention="report-a").coursework == 1050 + 52 + (2 * 10 * 7 + 20)  # norm, head + bias
+    step = flops.train_step(TINY, 3, 2, {"q_proj": 1}, convention="report-a")
+    assert step.coursework == 3 * 3 * flops.qwen2(TINY, 1, 2, {"q_proj": 1}, convention="report-a").coursework
+    assert step["optimizer"] == Cost()
+
+
+def test_report_b_terms_by_hand():
+    Bc = flops.convention_named("report-b")
+    assert Bc.rms_norm(2, 3).coursework == 2 * (4 * 3 + 11)
+    assert flops.matmul_2mnp(2, 3, 4).ops == {"mul": 24, "add": 24}
+    assert Bc.linear(2, 3, 4, True).coursework == 48  # no bias
+    assert Bc.silu(3).coursework + flops.ops(mul=3).coursework == 14 * 3  # with the gate's product
+    assert Bc.rotary(2, 2, 2) == Cost() and Bc.rotary_embedding(2, 3).coursework == 6 and Bc.residual(2, 3) == Cost()
+    # 2 heads of 2 x 2 tokens: 4 B L^2 d with d = 4
+    assert Bc.scaled_dot_product_attention(1, 2, 2, 2, 2).coursework == 4 * 1 * 4 * 4
+    assert Bc.lora_linear(2, 3, 4, 1).coursework == 48 + 2 * 2 * 1 * (3 + 4)
+
+
+def test_report_b_tiny_model_by_hand():
+    """TINY, 1 x 2 tokens, report B's formula with its numbers: B L d = 8, RMSNorm 2 (16 + 11) = 54,
+    attention 8 B L d^2 + 4 B L^2 d = 256 + 64, MLP 6 B L d d_ff + 14 B L d_ff = 288 + 168, head 2 B L d V = 160."""
+    assert flops.qwen2(TINY, 1, 2, convention="report-b").coursework == 8 + 3 * 54 + 320 + 456 + 160
+    lora = {"q_proj": 1, "v_proj": 1}  # + 2 B L r (d_in + d_out): q 4 -> 4, v 4 -> 2
+    assert flops.qwen2(TINY, 1, 2, lora, convention="report-b").coursework == 1106 + 2 * 2 * (4 + 4) + 2 * 2 * (4 + 2)
+    step = flops.train_step(TINY, 1, 2, lora, lm_head_bias=True, convention="report-b")
+    assert step.coursework == 3 * 1162 and step["optimizer"] == Cost()
+
+
+def test_conventions_change_only_their_terms():
+    cfg = tiny_config()
+    lora = {"q_proj": 4, "v_proj": 4}
+    assert flops.qwen2(cfg, 2, 8, lora, convention="ours") == flops.qwen2(cfg, 2, 8, lora)
+    assert flops.train_step(cfg, 2, 8, lora, convention=flops.CONVENTIONS["ours"]) == flops.train_step(cfg, 2, 8, lora)
+    a, b = (flops.decoder_block(cfg, 2, 8, lora=lora, convention=n) for n in ("report-a", "report-b"))
+    ours = flops.decoder_block(cfg, 2, 8, lora=lora)
+    assert a["mlp.gate_proj"] == ours["mlp.gate_proj"] and a["residual_mlp"] == ours["residual_mlp"]
+    assert a["self_attn.o_proj"] == ours["self_attn.o_proj"] and a["self_attn.sdpa.weighted_sum"] == ours["self_attn.sdpa.weighted_sum"]
+    assert "kv_as_mha" in a["self_attn"].parts and "kv_as_mha" not in ours["self_attn"].parts
+    assert b["self_attn.sdpa.softmax"] == Cost() and b["mlp.product"] == ours["mlp.product"]
+    plan = flops.plan_run(cfg, steps=5, batch=2, context=16, lora=lora, val_every=5, val_batches=2, convention="report-a")
+    assert plan["train"] == 5 * flops.train_step(cfg, 2, 16, lora, convention="report-a")  # the whole window
+    assert plan["eval"] == 2 * flops.qwen2(cfg, 2, 16, lora, convention="report-a") + flops.group(loss=Cost())
+    with pytest.raises(ValueError, match="unknown FLOP convention 'report-c'"):
+        flops.qwen2(cfg, 1, 4, convention="report-c")
+
+
+def test_generation_sums_steps_exactly():
+    """generate() sums runs of decode steps from three evaluations; the step-by-step sum must agree."""
+    cfg = tiny_config()
+    active = [4] * 6 + [3] * 2 + [1] * 7
+    for convention in ("ours", "report-a", "report-b"):
+        for kv_cache in (True, False):
+            got = flops.generate(cfg, 4, 9, len(active), kv_cache=kv_cache, active=active, convention=convention)
+            c = flops.convention_named(convention)
+            if kv_cache:
+                steps = sum((flops.body(cfg, active[i], 1, 9 + i, convention=c) for i in range(1, len(active))), Cost())
+                assert got["decode"] == steps
+            else:
+                steps = sum((flops.body(cfg, r, 9 + i, 9 + i, convention=c) for i, r in enumerate(active)), Cost())
+                assert got["forward"] == steps
+
+
+def test_cli_prints_each_reports_tables(capsys):
+    flops.main(["--convention", "report-a", "--rank", "4", "--steps", "13800"])
+    text = capsys.readouterr().out
+    assert "Single Transformer Layer" in text and "6.04e+11" in text and "7.2455e+12" in text and "9.9988e+16" in text
+    flops.main(["--convention", "report-b", "--rank", "4"])
+    text = capsys.readouterr().out
+    assert "2.252e+12   12.353" in text and "2.02e+12   12.305" in text and "2000  512  4  12.822  16.131  16.131" in text
+    flops.main(["--convention", "report-b", "--rank", "8", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["convention"] == "report-b" and out["report"]["table4_calflops"]["forward"] == flops.calflops(REAL, 4, 512)
+    assert out["train_step"]["executed_over_estimate"] == 1.0
+    flops.main(["--lora-targets", "none", "--json"])  # no LoRA
+    assert json.loads(capsys.readouterr().out)["shape"]["lora"] == {}
+
+
+# ---------------------------------------------------------------- bad flags: one sentence each (issue #10)
+
+
+def bad_flags(tmp_path):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(tiny_config().to_hf_dict()))  # 256 positions
+    impossible = tmp_path / "impossible.json"
+    impossible.write_text(json.dumps({**tiny_config().to_hf_dict(), "num_key_value_heads": 0}))
+    garbage = tmp_path / "garbage.json"
+    garbage.write_text("{not json")
+    ledger = tmp_path / "ledger.jsonl"
+    ledger.write_text("this is not a ledger\n{}\n")
+    huge = str(10**30)
+    return [  # (argv, what the sentence must name)
+        (["--context", "0"], "--context"), (["--context", "-5"], "--context"), (["--context", "1"], "--context"),
+        (["--context", "40000"], "32768 positions"), (["--context", "abc"], "--context"),
+        (["--config", str(cfg), "--context", "300"], "256 positions"),
+        (["--batch", "0"], "--batch"), (["--batch", "-1"], "--batch"), (["--batch", huge], "--batch"),
+        (["--batch", "2.5"], "--batch"),
+        (["--steps", "0"], "--steps"), (["--steps", "-3"], "--steps"), (["--steps", huge], "--steps"),
+        (["--rank", "0"], "--rank"), (["--rank", "-4"], "--rank"), (["--rank", "200"], "width of v_proj"),
+        (["--rank", huge], "--rank"),
+        (["--lora-targets", "q,zz"], "unknown LoRA target 'zz'"), (["--lora-targets", ","], "names no layer"),
+        (["--lora-targets", ""], "names no layer"),
+        (["--convention", "report-c"], "--convention"), (["--convention", ""], "--convention"),
+        (["--attention", "math", "--convention", "report-a"], "--attention"),
+        (["--val-every", "-1"], "--val-every"), (["--val-batches", "-2"], "--val-batches"),
+        (["--val-every", "100"], "--val-batches"), (["--val-batches", "5"], "--val-every"),
+        (["--eval-series", "-1"], "--eval-series"), (["--eval-series", huge], "--eval-series"),
+        (["--eval-series", "2", "--eval-batch", "0"], "--eval-batch"),
+        (["--eval-series", "1", "--eval-context-steps", "0"], "--eval-context-steps"),
+        (["--eval-series", "1", "--eval-horizon-steps", "-5"], "--eval-horizon-steps"),
+        (["--eval-series", "1", "--eval-horizon-steps", "4000"], "32768 positions"),
+        (["--eval-series", "1", "--eval-horizon-steps", huge], "--eval-horizon-steps"),
+        (["--tokens-per-step", "0"], "--tokens-per-step"), (["--tokens-per-step", huge], "--tokens-per-step"),
+        (["--gen-head-rows", "0"], "--gen-head-rows"), (["--gen-head-rows", "200000"], "vocabulary"),
+        (["--budget", "0"], "--budget"), (["--budget", "-1"], "--budget"), (["--budget", "nan"], "--budget"),
+        (["--budget", "inf"], "--budget"), (["--budget", "1e400"], "--budget"), (["--budget", "lots"], "--budget"),
+        (["--stage", " "], "--stage"),
+        (["--vocab", "words"], "--vocab"), (["--unknown-flag"], "unrecognized arguments"),
+        (["--config", str(tmp_path / "none.json")], "No config.json"), (["--config", str(tmp_path)], "No config.json"),
+        (["--config", str(garbage)], "not valid JSON"), (["--config", str(impossible)], "num_key_value_heads"),
+        (["--ledger", str(tmp_path)], "--ledger"), (["--ledger", str(ledger)], "not a ledger entry"),
+    ]
+
+
+def test_every_bad_flag_ends_in_one_sentence(tmp_path, capsys):
+    cases = bad_flags(tmp_path)
+    assert len(cases) == 53
+    for argv, names in cases:
+        with pytest.raises(SystemExit) as exit:
+            run_cli(flops.main, argv)
+        assert exit.value.code == 2, argv
+        out, err = capsys.readouterr()
+        last = err.strip().splitlines()[-1]
+        assert out == "" and "Traceback" not in err, argv
+        assert last.startswith(("flops.py: error:", "error:")) and names in last, (argv, last)
+
+
+def test_flags_at_their_limits_still_count(capsys):
+    """The bounds refuse nonsense, not big honest runs: the longest context and forecast finish at once."""
+    flops.main(["--context", "32768", "--batch", "1", "--rank", "128", "--eval-series", "3", "--eval-batch", "2",
+                "--eval-context-steps", "1", "--eval-horizon-steps", "3275", "--no-kv-cache", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["run"]["generate"]["matmul_view"] > 0 and math.isfinite(out["run"]["budget_share"])
