@@ -749,3 +749,25 @@ def test_flags_at_their_limits_still_count(capsys):
                 "--eval-context-steps", "1", "--eval-horizon-steps", "3275", "--no-kv-cache", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert out["run"]["generate"]["matmul_view"] > 0 and math.isfinite(out["run"]["budget_share"])
+
+
+def test_docs_side_by_side_numbers_are_current():
+    from tests.conftest import REPO
+
+    doc = (REPO / "docs" / "flops.md").read_text()
+    for convention in ("ours", "report-a", "report-b"):
+        fwd = flops.qwen2(REAL, 1, 512, {"q_proj": 4, "v_proj": 4}, convention=convention)
+        assert f"**{fwd.coursework:.4g}**" in doc, convention
+
+
+def test_ledger_skips_an_append_cut_short(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    Ledger(path).add("a", "train", 5.0)
+    with path.open("a") as f:
+        f.write('{"stage": "b", "kind": "tr')  # a kill in the middle of an append
+    assert Ledger.read(path).total() == 5.0
+    path.write_text('{"stage": "b", "kind": "tr\n' + path.read_text())  # but a broken line inside is an error
+    with pytest.raises(ValueError, match="line 1: not a ledger entry"):
+        Ledger.read(path)
+    flops.main(["--convention", "report-a", "--ledger", str(tmp_path / "plan.jsonl"), "--steps", "1", "--json"])
+    assert Ledger.read(tmp_path / "plan.jsonl").entries[0]["convention"] == "report-a"
