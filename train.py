@@ -38,7 +38,7 @@ import lora
 from data import llmtime, lotka_volterra, splits, windows
 from qwen_min import Qwen2, Qwen2Config, Tokenizer
 from qwen_min.errors import UserError, run_cli
-from qwen_min.files import (FolderLock, append_jsonl, atomic_folder, atomic_write, atomic_write_json, atomic_write_text,
+from qwen_min.files import (FolderLock, append_jsonl, atomic_write, atomic_write_json, atomic_write_text,
                             clean_leftovers, recover_folder, sync)
 from qwen_min.loss import causal_lm_loss, mean_cross_entropy
 from qwen_min.weights import hf_name, resolve_checkpoint, save_pretrained
@@ -277,7 +277,6 @@ def tidy(run):
     """Leftovers of a kill at any instant: folder swaps finished or undone, temporary files removed."""
     for name in RUN_FOLDERS:
         recover_folder(run / name)
-    shutil.rmtree(run / "merged.tmp.partial", ignore_errors=True)  # save_pretrained's own temporary folder
     clean_leftovers(run)
 
 
@@ -343,7 +342,7 @@ def save_adapter(model, folder, args, tensors=None):
         with torch.no_grad():
             for n, t in (tensors or {}).items():
                 params[n].copy_(t)
-        atomic_folder(folder, lambda tmp: lora.save_adapter(model, tmp, module_name=hf_name, base_model_name_or_path=args.model, extra=extra))
+        lora.save_adapter(model, folder, module_name=hf_name, base_model_name_or_path=args.model, extra=extra)
     finally:
         with torch.no_grad():
             for n, t in current.items():
@@ -446,8 +445,7 @@ def export_merged(run, args):
         return
     model = Qwen2.from_pretrained(args.model, dtype=torch.float32, device="cpu")
     lora.load_adapter(model, run / "best", module_name=hf_name)
-    merged = lora.merged_state_dict(model)
-    atomic_folder(run / "merged", lambda tmp: save_pretrained(merged, model.config, tmp, copy_from=resolve_checkpoint(args.model)))
+    save_pretrained(lora.merged_state_dict(model), model.config, run / "merged", copy_from=resolve_checkpoint(args.model))
     print(f"merged checkpoint written to {run / 'merged'}")
 
 

@@ -24,8 +24,12 @@ def atomic_write(path, write) -> Path:
     """Calls write(tmp_path) to fill a temporary file, flushes it to disk, then renames it to path."""
     path = Path(path)
     tmp = path.with_name(path.name + TMP)
-    write(tmp)
-    sync(tmp)
+    try:
+        write(tmp)
+        sync(tmp)
+    except BaseException:  # a write that fails leaves the previous file and nothing beside it
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     _sync_folder(path.parent)  # the rename itself reaches the disk
     return path
@@ -71,10 +75,14 @@ def atomic_folder(folder, write) -> Path:
     tmp, old = folder.with_name(folder.name + TMP), folder.with_name(folder.name + OLD)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write(tmp)
-    for path in tmp.rglob("*"):
-        if path.is_file():
-            sync(path)
+    try:
+        write(tmp)
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                sync(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     (tmp / ".complete").touch()  # written last: a .tmp folder without it was interrupted mid-write
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
