@@ -115,7 +115,7 @@ def flag_problem(args):
          "need 0 < --percentile <= 100 and a positive, finite --scale-target"),
         (args.context >= 8, "--context must be at least 8 tokens"),
         (args.stride is None or 1 <= args.stride <= args.context, "--stride must be in 1..--context"),
-        (args.lr > 0 and finite(args.lr), "--lr must be a positive number"),
+        (0 < args.lr <= 1, "--lr must be a positive number up to 1 (AdamW's steps are about --lr in size)"),
         (args.batch >= 1, "--batch must be at least 1"),
         (args.steps >= 1, "--steps must be at least 1"),
         (args.weight_decay >= 0 and finite(args.weight_decay), "--weight-decay must be a number >= 0"),

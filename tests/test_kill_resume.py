@@ -262,11 +262,14 @@ def test_a_resume_killed_at_any_change_resumes_again(setup):
     probe = root / "probe" / "run"
     shutil.copytree(first.parent, probe.parent)
     assert in_child(["--out", str(probe), "--resume", "--no-progress"], probe, log=log)[0] == 0
-    n_resume = len(json.loads(log.read_text()))
-    for n in range(1, n_resume + 1):
-        run = root / f"r{n}" / "run"
+    resume_events = json.loads(log.read_text())
+    points = [(n, "before") for n in range(1, len(resume_events) + 1)] + \
+             [(n, "torn") for n, (_, _, wrote) in enumerate(resume_events, 1) if wrote]
+    for n, how in points:
+        run = root / f"r{n}{how[0]}" / "run"
         shutil.copytree(first.parent, run.parent)
-        assert in_child(["--out", str(run), "--resume", "--no-progress"], run, kill_at=n)[0] == "killed"
+        assert in_child(["--out", str(run), "--resume", "--no-progress"], run, kill_at=n, how=how)[0] == "killed"
         resume(argv, run)
-        assert outputs(run) == expected, n
+        assert outputs(run) == expected, (n, how, resume_events[n - 1])
         shutil.rmtree(run.parent)
+    print(f"{len(points)} kill points in a resume, all resumed again bit-identical")

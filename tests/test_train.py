@@ -1,6 +1,11 @@
 """train.py end to end on a tiny random checkpoint: learning, outputs, resume, budget, bad flags."""
 
 import json
+import pickle
+import re
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -11,6 +16,7 @@ import train
 from conftest import random_model, tiny_config, write_checkpoint
 from qwen_min import Qwen2
 from qwen_min.errors import UserError
+from qwen_min.files import FolderLock
 from qwen_min.weights import hf_name
 
 
@@ -140,30 +146,55 @@ def test_numeric_vocabulary_loss_trains(ckpt, tmp_path):
     assert sum(losses[-5:]) < sum(losses[:5])
 
 
+# ---------------------------------------------------------------- errors a user can cause: one sentence each
+
+def one_sentence(text):
+    return "\n" not in text.strip() and text.strip().endswith(".") and "Traceback" not in text
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--rank", "0"], "--rank"),
     (["--targets", "q,lm_head"], "unknown --targets"),
     (["--stride", "100"], "--stride"),
     (["--lr", "nan"], "--lr"),
+    (["--lr", "0"], "--lr"),
+    (["--lr", "-1e-4"], "--lr"),
+    (["--lr", "inf"], "--lr"),
+    (["--lr", "1e38"], "--lr"),  # AdamW's step size overflowed float32 inside torch
     (["--resume"], "--resume needs --out"),
     (["--device", "gpu"], "unknown --device"),
+    (["--warmup", "-1"], "--warmup"),  # it made the learning rate negative
+    (["--patience", "-1"], "--patience"),  # it stopped the run at once
+    (["--alpha", "0"], "--alpha"),
+    (["--alpha", "-8"], "--alpha"),
+    (["--alpha", "nan"], "--alpha"),
+    (["--batch", "0"], "--batch"),
+    (["--steps", "0"], "--steps"),
+    (["--seed", "-1"], "--seed"),
+    (["--grad-clip", "nan"], "--grad-clip"),  # it switched clipping off
+    (["--weight-decay", "-0.1"], "--weight-decay"),
+    (["--scale-target", "inf"], "--scale-target"),
+    (["--dropout", "1"], "--dropout"),
+    (["--flops-budget", "nan"], "--flops-budget"),
 ])
 def test_nonsense_flags_get_one_clear_error(flags, message, capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         train.parse_args(["--context", "48", *flags])
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err.splitlines()[-1] and "Traceback" not in err
 
 
 def test_bad_paths_end_in_one_sentence_without_traceback(ckpt, tmp_path):
-    import subprocess
-    import sys
-
+    (tmp_path / "a-file").write_text("x")
     for flags, message in [(["--data", str(tmp_path / "missing.h5")], "missing.h5"),
-                           (["--model", str(tmp_path / "nowhere")], "does not exist")]:
-        out = subprocess.run([sys.executable, str(train.__file__), "--model", str(ckpt), "--context", "48", "--out", str(tmp_path / "r"), *flags],
-                             capture_output=True, text=True)
-        assert out.returncode != 0 and "Traceback" not in out.stderr
-        assert out.stderr.startswith("error: ") and message in out.stderr and out.stderr.count("\n") == 1
+                           (["--model", str(tmp_path / "nowhere")], "nowhere"),
+                           (["--out", str(tmp_path / "a-file")], "is a file"),
+                           (["--flops-budget", "1000"], "smaller than one training step")]:
+        out = subprocess.run([sys.executable, str(train.__file__), "--model", str(ckpt), "--context", "48",
+                              "--out", str(tmp_path / "r"), *flags], capture_output=True, text=True)
+        assert out.returncode == 2 and out.stderr.startswith("error: ") and message in out.stderr, out.stderr
+        assert one_sentence(out.stderr)
+        assert not (tmp_path / "r").exists()  # a failed start leaves no folder behind
 
 
 def test_too_few_trajectories_for_validation_is_refused(ckpt, tmp_path):
@@ -176,8 +207,183 @@ def test_too_few_trajectories_for_validation_is_refused(ckpt, tmp_path):
 
 
 def test_resume_without_a_run_and_overwriting_a_run_are_refused(ckpt, tmp_path):
-    with pytest.raises(UserError, match="no state.pt"):
+    with pytest.raises(UserError, match="holds no run to resume"):
         train.main(["--out", str(tmp_path / "nothing"), "--resume"])
+    assert not (tmp_path / "nothing").exists()
     train.main(run_args(ckpt, tmp_path / "run", "--steps", "1"))
     with pytest.raises(UserError, match="already holds a run"):
         train.main(run_args(ckpt, tmp_path / "run", "--steps", "1"))
+
+
+def test_out_that_is_a_file_or_cannot_be_made_is_refused(ckpt, tmp_path):
+    (tmp_path / "f").write_text("notes")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        train.main(run_args(ckpt, tmp_path / "f"))
+    with pytest.raises(UserError, match="cannot create the run folder"):
+        train.main(run_args(ckpt, tmp_path / "f" / "run"))
+    assert (tmp_path / "f").read_text() == "notes"
+
+
+def test_context_longer_than_the_models_positions_is_refused_before_any_window(ckpt, tmp_path, monkeypatch):
+    def no_windows(*a, **k):
+        raise AssertionError("windows were built")
+    monkeypatch.setattr(train.windows, "dataset_windows", no_windows)
+    with pytest.raises(UserError, match="--context 257 is longer than the 256 positions") as e:  # tiny_config: max_seq_len 256
+        train.main(run_args(ckpt, tmp_path / "run", "--context", "257"))
+    assert one_sentence(str(e.value)) and not (tmp_path / "run").exists()
+    monkeypatch.setattr(train, "physical_memory", lambda: 1000)  # bytes: less than one 48-token window per series
+    with pytest.raises(UserError, match="would take over"):
+        train.main(run_args(ckpt, tmp_path / "run"))
+
+
+def test_budget_smaller_than_one_step_is_refused_and_the_folder_stays_usable(ckpt, tmp_path):
+    run = tmp_path / "run"
+    probe = train.main(run_args(ckpt, tmp_path / "probe", "--steps", "1", "--eval-every", "1"))
+    ledger = [json.loads(line) for line in open(tmp_path / "probe" / "ledger.jsonl")]
+    full_step = next(r["flops"] for r in ledger if r["source"] == "plan" and r["kind"] == "train")  # 1 step, full windows
+    one_val = next(r["flops"] for r in ledger if r["source"] == "spent" and r["kind"] == "eval")
+    with pytest.raises(UserError, match=r"smaller than one training step \(") as e:
+        train.main(run_args(ckpt, run, "--steps", "1", "--flops-budget", str(0.5 * (full_step + one_val))))
+    assert f"{full_step + one_val:.3g} FLOPs" in str(e.value) and "0.5 of it" in str(e.value)
+    assert not run.exists()
+    run.mkdir()  # a folder the user made stays, and a fresh start in it works
+    with pytest.raises(UserError):
+        train.main(run_args(ckpt, run, "--steps", "1", "--flops-budget", "1000"))
+    assert run.is_dir() and train.main(run_args(ckpt, run, "--steps", "1"))["steps"] == probe["steps"] == 1
+
+
+@pytest.mark.parametrize("content, message", [
+    ("[1, 2]", "holds a JSON list, not the object"),
+    ("{not json", "not JSON"),
+    ("", "not JSON"),
+    ('{"rank": 8}', "lacks the flag"),
+    (None, "gives 'rank' the value '4'"),  # the run's own args.json with rank written as a string
+    ("rank0", "--rank must be at least 1"),
+])
+def test_args_json_that_train_py_did_not_write_is_refused(ckpt, tmp_path, content, message):
+    run = tmp_path / "run"
+    train.main(run_args(ckpt, run, "--steps", "1"))
+    saved = json.loads((run / "args.json").read_text())
+    if content is None:
+        content = json.dumps(saved | {"rank": "4"})
+    elif content == "rank0":
+        content = json.dumps(saved | {"rank": 0})
+    (run / "args.json").write_text(content)
+    with pytest.raises(UserError, match=re.escape(message)) as e:
+        train.main(["--out", str(run), "--resume", "--no-progress"])
+    assert str(run / "args.json") in str(e.value) and one_sentence(str(e.value))
+
+
+class Payload:
+    """Unpickling this would create a file: it stands for any code a crafted state.pt could run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def crafted(kind, state_file, marker):
+    good = state_file.read_bytes()
+    if kind == "empty":
+        state_file.write_bytes(b"")
+    elif kind == "truncated":
+        state_file.write_bytes(good[:len(good) // 2])
+    elif kind == "garbage":
+        state_file.write_bytes(b"\x00garbage" * 100)
+    elif kind == "pickle":
+        state_file.write_bytes(pickle.dumps({"step": Payload(marker)}, protocol=2))
+    elif kind == "torch.save of an object":
+        torch.save({"step": 1, "trainable": Payload(marker)}, state_file)
+    elif kind == "another run's":
+        state = torch.load(state_file, weights_only=True)
+        state["trainable"] = {k + ".x": v for k, v in state["trainable"].items()}
+        torch.save(state, state_file)
+    elif kind == "missing keys":
+        torch.save({"step": 3}, state_file)
+
+
+@pytest.mark.parametrize("kind", ["empty", "truncated", "garbage", "pickle", "torch.save of an object", "another run's", "missing keys"])
+def test_a_damaged_or_crafted_state_pt_is_refused_and_runs_no_code(ckpt, tmp_path, kind):
+    run, marker = tmp_path / "run", tmp_path / "code-ran"
+    train.main(run_args(ckpt, run, "--steps", "2", "--lr", "1e-2"))
+    crafted(kind, run / "state.pt", marker)
+    with pytest.raises(UserError, match="state.pt") as e:
+        train.main(["--out", str(run), "--resume", "--no-progress"])
+    assert not marker.exists() and one_sentence(str(e.value))
+    assert "delete it and pass --resume" in str(e.value)
+
+
+def test_without_its_state_pt_a_run_starts_over_from_args_json(ckpt, tmp_path):
+    flags = ("--steps", "4", "--lr", "1e-2", "--dropout", "0.1")
+    train.main(run_args(ckpt, tmp_path / "whole", *flags))
+    train.main(run_args(ckpt, tmp_path / "run", *flags))
+    (tmp_path / "run" / "state.pt").unlink()
+    train.main(["--out", str(tmp_path / "run"), "--resume", "--no-progress"])
+    for name in ("adapter/adapter_model.safetensors", "best/adapter_model.safetensors"):
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "run" / name).read_bytes()
+    assert len(records(tmp_path / "run", "train")) == 4
+
+
+def test_nan_weights_are_blamed_on_the_checkpoint_not_the_learning_rate(tmp_path):
+    model = random_model(tiny_config())
+    with torch.no_grad():
+        model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+    broken = write_checkpoint(model, tmp_path / "broken")
+    with pytest.raises(UserError, match="NaN") as e:
+        train.main(run_args(broken, tmp_path / "run", "--steps", "3"))
+    assert "layers.1.mlp.up_proj.weight" in str(e.value) and "--lr" not in str(e.value) and one_sentence(str(e.value))
+    assert not (tmp_path / "run").exists()
+
+
+def test_lora_weights_gone_nan_are_blamed_on_the_learning_rate(ckpt, tmp_path, monkeypatch):
+    real_step = torch.optim.AdamW.step
+
+    def step_into_nan(self, *args, **kwargs):  # what too large a learning rate ends in
+        out = real_step(self, *args, **kwargs)
+        if self.state[self.param_groups[0]["params"][0]]["step"] == 3:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("nan"))
+        return out
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_into_nan)
+    with pytest.raises(UserError, match="lower --lr") as e:
+        train.main(run_args(ckpt, tmp_path / "run", "--steps", "20"))
+    assert "the loss became nan at step 3: the LoRA weights hold NaN" in str(e.value) and one_sentence(str(e.value))
+    assert "--model" not in str(e.value)
+
+
+def launch(*argv):
+    return subprocess.Popen([sys.executable, str(train.__file__), *argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_until_locked(run, process, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            with FolderLock(run):
+                pass
+        except UserError:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"the first process never held the lock: {process.stderr.read() if process.poll() is not None else ''}")
+
+
+def test_two_processes_on_one_run_folder_the_second_gets_one_sentence(ckpt, tmp_path):
+    run = tmp_path / "run"
+    train.main(run_args(ckpt, run, "--steps", "2"))
+    first = launch("--out", str(run), "--resume", "--steps", "1000000", "--no-progress")
+    try:
+        wait_until_locked(run, first)
+        for argv in (["--out", str(run), "--resume", "--no-progress"], run_args(ckpt, run, "--steps", "2")):
+            second = subprocess.run([sys.executable, str(train.__file__), *argv], capture_output=True, text=True)
+            assert second.returncode == 2 and "in use by another qwen-min process" in second.stderr, second.stderr
+            assert second.stderr.startswith("error: ") and one_sentence(second.stderr)
+    finally:
+        first.kill()  # SIGKILL, mid-run: the lock goes with the process
+        first.wait()
+    saved = torch.load(run / "state.pt", weights_only=True)["step"]
+    summary = train.main(["--out", str(run), "--resume", "--steps", str(saved + 3), "--no-progress"])
+    steps = [r["step"] for r in records(run, "train")]
+    assert summary["steps"] == saved + 3 and steps == list(range(1, saved + 4))  # one process's log, no step twice
