@@ -52,9 +52,10 @@ RESUMABLE = ("steps", "lr", "patience", "flops_budget", "device", "no_progress",
 # kernel="math": about 1% fewer FLOPs per step at 512 tokens. Not yet checked on a GPU.)
 ATTENTION_KERNEL = "fused"
 TARGET_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
-# What a run folder may hold; a fresh start clears these (args.json is replaced, not removed).
+# What a run folder holds; a fresh start clears these (args.json is replaced, not removed).
 RUN_FILES = ("scaler.json", "metrics.jsonl", "ledger.jsonl", "state.pt", "loss.png", "summary.json")
 RUN_FOLDERS = ("adapter", "best", "merged")
+OWN = {"args.json", ".lock", *RUN_FILES, *RUN_FOLDERS}
 STATE_KEYS = {"step", "trainable", "best", "optimizer", "rng", "cuda_rng", "best_val", "bad_evals", "spent"}
 
 
@@ -277,7 +278,7 @@ def tidy(run):
     """Leftovers of a kill at any instant: folder swaps finished or undone, temporary files removed."""
     for name in RUN_FOLDERS:
         recover_folder(run / name)
-    clean_leftovers(run)
+    clean_leftovers(run, names=OWN)
 
 
 def clear_run(run):
@@ -408,9 +409,10 @@ def restore(state, model, optimizer, run):
 def logged_step(line):
     """The step of a log line; infinite for a line a kill cut short, so that it is dropped."""
     try:
-        return json.loads(line)["step"]
+        step = json.loads(line)["step"]
     except (json.JSONDecodeError, KeyError, TypeError):
         return math.inf
+    return step if type(step) is int else math.inf
 
 
 def plot_losses(run, path):
@@ -474,6 +476,10 @@ def train(args, run):
         args = resumed_args(args, run)
     elif (run / "state.pt").exists():
         raise UserError(f"{run} already holds a run; pass --resume to continue it or choose another --out.")
+    else:  # a fresh start clears the folder, so it must hold nothing but a run that never checkpointed
+        foreign = sorted(p.name for p in run.iterdir() if p.name not in OWN)
+        if foreign:
+            raise UserError(f"--out {run} holds files that are not a run's ({', '.join(foreign[:3])}); choose a new or empty folder.")
     torch.manual_seed(args.seed)
 
     # Build: tokenizer, data, model with LoRA.

@@ -108,11 +108,13 @@ def recover_folder(folder) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def clean_leftovers(folder) -> list:
-    """Removes the temporary files a killed atomic_write left in `folder`; returns their names."""
+def clean_leftovers(folder, names=None) -> list:
+    """Removes the temporary files a killed atomic_write left in `folder`; returns their names.
+
+    With `names`, only the temporary files of those (a folder shared with other files keeps theirs)."""
     removed = []
     for path in Path(folder).glob("*" + TMP):
-        if path.is_file():
+        if path.is_file() and (names is None or path.name[:-len(TMP)] in names):
             path.unlink()
             removed.append(path.name)
     return removed

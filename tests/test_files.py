@@ -46,6 +46,10 @@ def test_clean_leftovers_removes_only_temporary_files(tmp_path):
     (tmp_path / "folder.tmp").mkdir()  # folders are recover_folder's business
     assert sorted(clean_leftovers(tmp_path)) == ["args.json.tmp", "state.pt.tmp"]
     assert listing(tmp_path) == ["folder.tmp", "keep.json", "notes.tmpl"]
+    for name in ("state.pt.tmp", "theirs.tmp"):
+        (tmp_path / name).write_text("x")
+    assert clean_leftovers(tmp_path, names={"state.pt", "args.json"}) == ["state.pt.tmp"]  # only its own names'
+    assert (tmp_path / "theirs.tmp").exists()
 
 
 def test_atomic_folder_swaps_the_whole_folder(tmp_path):

@@ -224,6 +224,17 @@ def test_out_that_is_a_file_or_cannot_be_made_is_refused(ckpt, tmp_path):
     assert (tmp_path / "f").read_text() == "notes"
 
 
+def test_a_fresh_start_refuses_a_folder_holding_other_files_and_touches_none(ckpt, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("x")
+    (mine / "best").mkdir()
+    (mine / "notes.tmp").write_text("y")
+    with pytest.raises(UserError, match=r"holds files that are not a run's \(notes.tmp, thesis.tex\)"):
+        train.main(run_args(ckpt, mine, "--steps", "1"))
+    assert sorted(p.name for p in mine.iterdir()) == [".lock", "best", "notes.tmp", "thesis.tex"]
+
+
 def test_context_longer_than_the_models_positions_is_refused_before_any_window(ckpt, tmp_path, monkeypatch):
     def no_windows(*a, **k):
         raise AssertionError("windows were built")
