@@ -289,6 +289,21 @@ def clear_run(run):
         shutil.rmtree(run / name, ignore_errors=True)
 
 
+def open_run(args, run):
+    """The flags of the run in `run` (its lock held, its leftovers tidied), and whether it resumes from state.pt."""
+    tidy(run)
+    if args.resume:  # without state.pt (killed before its first checkpoint) the run starts over from args.json
+        if not (run / "args.json").is_file():
+            raise UserError(f"{run} holds no run to resume (no args.json); start it without --resume.")
+        return resumed_args(args, run), (run / "state.pt").is_file()
+    if (run / "state.pt").exists():
+        raise UserError(f"{run} already holds a run; pass --resume to continue it or choose another --out.")
+    foreign = sorted(p.name for p in run.iterdir() if p.name not in OWN)  # a fresh start clears what is the run's
+    if foreign:
+        raise UserError(f"--out {run} holds files that are not a run's ({', '.join(foreign[:3])}); choose a new or empty folder.")
+    return args, False
+
+
 def read_json_object(path, what):
     try:
         obj = json.loads(Path(path).read_text())
@@ -381,7 +396,9 @@ def load_state(run, model):
         return isinstance(tensors, dict) and tensors.keys() == trained.keys() and all(
             isinstance(t, torch.Tensor) and t.shape == trained[n].shape for n, t in tensors.items())
     if not (isinstance(state, dict) and STATE_KEYS <= state.keys() and fits(state["trainable"])
-            and (state["best"] is None or fits(state["best"])) and isinstance(state["rng"], torch.Tensor)):
+            and (state["best"] is None or fits(state["best"])) and isinstance(state["rng"], torch.Tensor)
+            and all(type(state[k]) is int for k in ("step", "bad_evals"))
+            and all(type(state[k]) in (int, float) for k in ("best_val", "spent"))):
         raise UserError(f"{path} is not a checkpoint of this run (its keys or tensors do not fit the model); {fix}.")
     return state
 
@@ -468,18 +485,7 @@ def main(argv=None):
 
 def train(args, run):
     """The run in `run`, whose lock the caller holds: build, restore or start, loop, report."""
-    tidy(run)
-    resuming = args.resume and (run / "state.pt").is_file()
-    if args.resume:  # without state.pt (killed before its first checkpoint) the run starts over from args.json
-        if not (run / "args.json").is_file():
-            raise UserError(f"{run} holds no run to resume (no args.json); start it without --resume.")
-        args = resumed_args(args, run)
-    elif (run / "state.pt").exists():
-        raise UserError(f"{run} already holds a run; pass --resume to continue it or choose another --out.")
-    else:  # a fresh start clears the folder, so it must hold nothing but a run that never checkpointed
-        foreign = sorted(p.name for p in run.iterdir() if p.name not in OWN)
-        if foreign:
-            raise UserError(f"--out {run} holds files that are not a run's ({', '.join(foreign[:3])}); choose a new or empty folder.")
+    args, resuming = open_run(args, run)
     torch.manual_seed(args.seed)
 
     # Build: tokenizer, data, model with LoRA.

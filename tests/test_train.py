@@ -313,9 +313,12 @@ def crafted(kind, state_file, marker):
         torch.save(state, state_file)
     elif kind == "missing keys":
         torch.save({"step": 3}, state_file)
+    elif kind == "a step that is not a number":
+        torch.save(torch.load(state_file, weights_only=True) | {"step": "3"}, state_file)
 
 
-@pytest.mark.parametrize("kind", ["empty", "truncated", "garbage", "pickle", "torch.save of an object", "another run's", "missing keys"])
+@pytest.mark.parametrize("kind", ["empty", "truncated", "garbage", "pickle", "torch.save of an object", "another run's", "missing keys",
+                                  "a step that is not a number"])
 def test_a_damaged_or_crafted_state_pt_is_refused_and_runs_no_code(ckpt, tmp_path, kind):
     run, marker = tmp_path / "run", tmp_path / "code-ran"
     train.main(run_args(ckpt, run, "--steps", "2", "--lr", "1e-2"))
