@@ -180,10 +180,12 @@ def build_data(args, tok, cfg):
     val_scaled, _ = scaled(split.val)
     train = windows.dataset_windows(train_scaled, tok, args.context, args.stride, args.decimals, tok.pad_id)
     val = windows.dataset_windows(val_scaled, tok, args.context, args.context, args.decimals, tok.pad_id)
+    source = f"--data {args.data}" if args.data else f"--n-series {args.n_series}"
     if len(val.input_ids) == 0:
-        raise UserError(f"the data hold {len(traj)} trajectories, too few for a validation split; use at least 4.")
+        raise UserError(f"{source} gives {len(traj)} trajectories, too few for a validation split; use at least 4.")
     if len(train.input_ids) < args.batch:
-        raise UserError(f"only {len(train.input_ids)} training windows for --batch {args.batch}; use more data or a smaller batch.")
+        raise UserError(f"{source} gives only {len(train.input_ids)} training windows for --batch {args.batch}; "
+                        "use more data or a smaller batch.")
     return train, val, scaler, split
 
 
@@ -293,6 +295,9 @@ def open_run(args, run):
     """The flags of the run in `run` (its lock held, its leftovers tidied), and whether it resumes from state.pt."""
     tidy(run)
     if args.resume:  # without state.pt (killed before its first checkpoint) the run starts over from args.json
+        if (run / "state.pt").exists() and not (run / "state.pt").is_file():
+            raise UserError(f"{run / 'state.pt'} is not a file; delete it and pass --resume to start the run over "
+                            "from its args.json, or choose another --out.")
         if not (run / "args.json").is_file():
             raise UserError(f"{run} holds no run to resume (no args.json); start it without --resume.")
         return resumed_args(args, run), (run / "state.pt").is_file()

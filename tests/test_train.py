@@ -202,7 +202,7 @@ def test_too_few_trajectories_for_validation_is_refused(ckpt, tmp_path):
 
     traj, t = lotka_volterra.simulate(3, seed=0)
     lotka_volterra.save(tmp_path / "three.h5", traj, t)
-    with pytest.raises(UserError, match="too few for a validation split"):
+    with pytest.raises(UserError, match="three.h5 gives 3 trajectories, too few for a validation split"):
         train.main(run_args(ckpt, tmp_path / "run", "--data", str(tmp_path / "three.h5")))
 
 
@@ -313,12 +313,15 @@ def crafted(kind, state_file, marker):
         torch.save(state, state_file)
     elif kind == "missing keys":
         torch.save({"step": 3}, state_file)
+    elif kind == "a folder":
+        state_file.unlink()
+        state_file.mkdir()
     elif kind == "a step that is not a number":
         torch.save(torch.load(state_file, weights_only=True) | {"step": "3"}, state_file)
 
 
 @pytest.mark.parametrize("kind", ["empty", "truncated", "garbage", "pickle", "torch.save of an object", "another run's", "missing keys",
-                                  "a step that is not a number"])
+                                  "a step that is not a number", "a folder"])
 def test_a_damaged_or_crafted_state_pt_is_refused_and_runs_no_code(ckpt, tmp_path, kind):
     run, marker = tmp_path / "run", tmp_path / "code-ran"
     train.main(run_args(ckpt, run, "--steps", "2", "--lr", "1e-2"))
