@@ -499,10 +499,6 @@ def train(args, run):
     train_w, val_w, scaler, split = build_data(args, tok, cfg)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     model = Qwen2.from_pretrained(args.model, dtype=dtype, device=args.device, lm_head_bias=args.lm_head_bias)
-    broken = nonfinite(model, trained=False)
-    if broken:
-        raise UserError(f"--model {args.model} holds NaN or inf in {broken[0]}{f' and {len(broken) - 1} more tensors' if len(broken) > 1 else ''}; "
-                        "the checkpoint is damaged: restore or download it again.")
     targets = [TARGET_NAMES[t] for t in args.targets.split(",")]
     lora.inject_lora(model, r=args.rank, alpha=args.alpha, dropout=args.dropout, targets=targets)
     trainable = lora.mark_only_lora_as_trainable(model, also=("lm_head_bias",))

@@ -344,6 +344,7 @@ def test_without_its_state_pt_a_run_starts_over_from_args_json(ckpt, tmp_path):
 
 
 def test_nan_weights_are_blamed_on_the_checkpoint_not_the_learning_rate(tmp_path):
+    """qwen_min.weights refuses them at load; train.py must not reach its learning-rate advice."""
     model = random_model(tiny_config())
     with torch.no_grad():
         model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
