@@ -327,8 +327,6 @@ NOT_READ = {("flops.py", "config.json", "vocab off by one")}  # flops.py reads n
 # (entry, kind, how) -> the file whose fix the case waits for, found by running this suite; the lead
 # removes an entry when its owner's fix lands (the strict xfail then fails, as a reminder).
 OWNERS = {
-    ("train.py", "trajectories .h5", "two trajectories"): "train.py (the error should name the --data file)",
-    ("train.py", "state.pt", "a folder"): "train.py (IsADirectoryError)",
     ("evaluate.py", "args.json", "no keys"): "evaluate.py (an args.json without 'model' falls back to the hub default)",
     ("evaluate.py", "args.json", "context a list"): "evaluate.py (TypeError)",
     **{("evaluate.py", "scaler.json", how): "evaluate.py (scaler.json is read unchecked)"
@@ -443,7 +441,6 @@ def test_scaler_maps_the_percentile_to_the_target_and_back(data, percentile, tar
     assert np.array_equal(again.transform(data), scaled)
 
 
-@pytest.mark.xfail(strict=True, reason="owner: data/llmtime.py")
 def test_one_outlier_trajectory_does_not_silently_flatten_the_rest():
     """A single series at 1e9 makes a global scale write every other series as 0.00: warn or refuse."""
     traj, _ = lotka_volterra.simulate(20, seed=0)
