@@ -94,6 +94,9 @@ def build_parser():
     g.add_argument("--precision", default=None, choices=["fp32", "bf16"], help="default: bf16 on CUDA, fp32 on CPU")
     g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--split", default="ours", choices=["ours", *splits.REPORT_SPLITS],
+                   help="ours: 70/15/15 by --seed; report-a / report-b: that report's split of the coursework file, "
+                        "so evaluate.py --preset of the same name tests on series the run never saw")
     g.add_argument("--out", default=None, help="run folder (default: runs/<time>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
@@ -165,7 +168,7 @@ def build_data(args, tok, cfg):
         traj, _ = lotka_volterra.load(args.data)
     else:
         traj, _ = lotka_volterra.simulate(args.n_series, seed=args.seed)
-    split = splits.split(len(traj), seed=args.seed)
+    split = splits.split(len(traj), seed=args.seed) if args.split == "ours" else splits.REPORT_SPLITS[args.split](len(traj))
     need = (len(split.train) + len(split.val)) * args.context * 3 * 8  # at least one window of 3 int64 rows per series
     if need > physical_memory() / 2:
         raise UserError(f"token windows of --context {args.context} for {len(split.train) + len(split.val)} trajectories "
@@ -343,6 +346,7 @@ def resumed_args(args, run):
     """The saved flags of the run in `run`, with the few a resume may change taken from `args`."""
     fix = "restore it or start a new run in another folder"
     saved = read_json_object(run / "args.json", fix)
+    saved.setdefault("split", "ours")  # runs made before --split existed
     problem = saved_flag_problem(saved, build_parser())
     if problem:
         raise UserError(f"{run / 'args.json'}: {problem}; {fix}.")

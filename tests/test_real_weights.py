@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from qwen_min import GenerationConfig, KVCache, Qwen2, Tokenizer, generate
+from qwen_min.errors import UserError
 from qwen_min.generate import pad_left
 
 LLMTIME = "2.73,2.99;2.13,2.24;1.96,1.62;2.06,1.17;2.37,0.86;"
@@ -120,7 +121,7 @@ def test_real_tokenizer_digits_separators_and_chat_template(models, checkpoint):
     assert len(tok.encode(LLMTIME)) == len(LLMTIME)  # one token per character
     assert tok.character_ids("0123456789.,;") == list(range(15, 25)) + [13, 11, 26]
     assert len(tok.encode("0123456789.,;")) == 12  # BPE merges ".," when they touch
-    with pytest.raises(ValueError, match="one token each"):
+    with pytest.raises(UserError, match="one token each"):
         tok.character_ids("1\U0001d11e")  # the G clef is two byte-level tokens
     assert (tok.pad_id, tok.im_start_id, tok.eos_id) == (151643, 151644, 151645)
     hf_tok = transformers.AutoTokenizer.from_pretrained(checkpoint)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -14,7 +15,7 @@ from safetensors.torch import load_file
 import lora
 import train
 from conftest import random_model, tiny_config, write_checkpoint
-from qwen_min import Qwen2
+from qwen_min import Qwen2, Qwen2Config, Tokenizer
 from qwen_min.errors import UserError
 from qwen_min.files import FolderLock
 from qwen_min.weights import hf_name
@@ -405,3 +406,16 @@ def test_two_processes_on_one_run_folder_the_second_gets_one_sentence(ckpt, tmp_
     summary = train.main(["--out", str(run), "--resume", "--steps", str(saved + 3), "--no-progress"])
     steps = [r["step"] for r in records(run, "train")]
     assert summary["steps"] == saved + 3 and steps == list(range(1, saved + 4))  # one process's log, no step twice
+
+
+def test_split_report_a_trains_on_report_a_training_rows_only(ckpt):
+    """--split report-a: report A's own split (numpy's legacy shuffle, seed 42, 70/15/15 by int()),
+    so evaluate.py --preset report-a later tests on series the run never trained on."""
+    args = train.parse_args(run_args(ckpt, "unused", "--n-series", "20", "--split", "report-a"))
+    _, _, _, split = train.build_data(args, Tokenizer.from_pretrained(ckpt), Qwen2Config.from_json(ckpt / "config.json"))
+    order = np.random.RandomState(42).permutation(20)  # np.random.seed(42); np.random.shuffle(arange(20))
+    assert split.train.tolist() == order[:14].tolist() and split.val.tolist() == order[14:17].tolist()
+    assert split.test.tolist() == order[17:].tolist()
+    default = train.build_data(train.parse_args(run_args(ckpt, "unused", "--n-series", "20")),
+                               Tokenizer.from_pretrained(ckpt), Qwen2Config.from_json(ckpt / "config.json"))[3]
+    assert sorted(default.test.tolist()) != sorted(split.test.tolist())  # the flag changed which series are held out
