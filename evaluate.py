@@ -119,6 +119,17 @@ def read_run_args(run, p):
         p.error(f"{path} is not valid JSON; is {run} a train.py run folder?")
     if not isinstance(run_args, dict):
         p.error(f"{path} holds a JSON {type(run_args).__name__}, not the object train.py writes; is {run} a train.py run folder?")
+    is_int = lambda x: isinstance(x, int) and not isinstance(x, bool)
+    is_num = lambda x: (is_int(x) or isinstance(x, float)) and np.isfinite(x)
+    checks = {"model": lambda x: isinstance(x, str) and x, "data": lambda x: x is None or isinstance(x, str),
+              "n_series": is_int, "seed": is_int, "scaling": lambda x: x in ("global", "per-series"), "percentile": is_num,
+              "scale_target": is_num, "decimals": lambda x: x in (1, 2, 3) and is_int(x), "context": is_int,
+              "lm_head_bias": lambda x: isinstance(x, bool)}
+    for key, ok in checks.items():
+        if key == "model" and key not in run_args:
+            p.error(f"{path} names no 'model'; restore the run's args.json (train.py writes every flag there)")
+        if key in run_args and not ok(run_args[key]):
+            p.error(f"{path}: '{key}' is {run_args[key]!r}, not a value train.py writes; restore the run's args.json")
     return run_args
 
 
@@ -270,11 +281,26 @@ def scalers(args, traj, split, test):
     if args.scaling == "per-series":
         return fit(traj[test, : args.k], True), fit(traj[test], True)
     saved = Path(args.run) / "scaler.json" if args.run else None
-    if saved is not None and saved.is_file():
-        scaler = llmtime.Scaler.from_dict(json.loads(saved.read_text()))
+    if saved is not None and saved.is_file():  # absent (or a folder): refit, which gives the same scale
+        scaler = read_scaler(saved)
     else:
         scaler = fit(traj[split.train], False)
     return scaler, scaler
+
+
+def read_scaler(path):
+    """A run's scaler.json (llmtime.Scaler.to_dict), checked: one sentence for anything else."""
+    try:
+        d = json.loads(Path(path).read_text())
+        scaler = llmtime.Scaler.from_dict(d)
+        ok = (not scaler.per_series and scaler.level.shape == () and np.isfinite(scaler.level) and scaler.level > 0
+              and 0 < scaler.percentile <= 100 and np.isfinite(scaler.target) and scaler.target > 0)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+        ok = False
+    if not ok:
+        raise UserError(f"{path} is not a global scaler train.py writes (a positive 'level', 'percentile', 'target', "
+                        "'per_series' false); restore it, or delete it to refit the scale on the run's train split.")
+    return scaler
 
 
 # ---------------------------------------------------------------- cross-entropy
