@@ -326,12 +326,7 @@ NOT_READ = {("flops.py", "config.json", "vocab off by one")}  # flops.py reads n
 
 # (entry, kind, how) -> the file whose fix the case waits for, found by running this suite; the lead
 # removes an entry when its owner's fix lands (the strict xfail then fails, as a reminder).
-OWNERS = {
-    ("evaluate.py", "args.json", "no keys"): "evaluate.py (an args.json without 'model' falls back to the hub default)",
-    ("evaluate.py", "args.json", "context a list"): "evaluate.py (TypeError)",
-    **{("evaluate.py", "scaler.json", how): "evaluate.py (scaler.json is read unchecked)"
-       for how in ("truncated", "empty", "garbage", "a list", "negative level", "no keys")},
-}
+OWNERS = {}  # (entry point, file kind, damage) -> "owner: what is still wrong"; strict xfail until fixed
 
 
 def all_cases():
