@@ -33,7 +33,7 @@ from data.forecast import forecast_tasks, read_forecast
 import flops
 from qwen_min import GenerationConfig, Qwen2, Qwen2Config, Tokenizer, generate
 from qwen_min.errors import UserError, run_cli
-from qwen_min.files import atomic_write_json
+from qwen_min.files import FolderLock, atomic_write_json
 from qwen_min.generate import produced_lengths
 from qwen_min.loss import mean_cross_entropy, mean_of_batch_means
 from qwen_min.weights import resolve_checkpoint
@@ -42,13 +42,13 @@ QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 TABLE_STEPS = (1, 5, 10, 20, 30, 40, 49, 50)  # steps 1..h (1-based) of our per-step table
 REPORT_A_STEPS = (1, 5, 10, 20, 30, 40, 49)  # report A's tables: horizon indices, 0-based, as it printed them
 DEFAULTS = dict(model="Qwen/Qwen2.5-0.5B-Instruct", data=None, n_series=1000, seed=0, k=50, h=50, scaling="global",
-                percentile=95.0, scale_target=10.0, decimals=2, context=512, lm_head_bias=False)
+                percentile=95.0, scale_target=10.0, decimals=2, context=512, lm_head_bias=False, split="ours")
 # What makes the test split and the encoding: a run's values of these cannot be overridden.
-RUN_FIXED = ("data", "n_series", "seed", "scaling", "percentile", "scale_target", "decimals")
+RUN_FIXED = ("data", "n_series", "seed", "split", "scaling", "percentile", "scale_target", "decimals")
 # What a report preset fixes (flag -> value); the encoding it names is the report's own.
 REPORT_FIXED = {
-    "report-a": dict(k=49, h=50, scaling="global", percentile=90.0, scale_target=10.0, decimals=2, seed=42, context=768),
-    "report-b": dict(k=51, h=20, scaling="per-series", percentile=95.0, scale_target=1.0, decimals=2, seed=42, context=512),
+    "report-a": dict(k=49, h=50, scaling="global", percentile=90.0, scale_target=10.0, decimals=2, seed=42, context=768, split="report-a"),
+    "report-b": dict(k=51, h=20, scaling="per-series", percentile=95.0, scale_target=1.0, decimals=2, seed=42, context=512, split="report-b"),
 }
 PRESETS = sorted(protocols.PROTOCOLS.keys() - {"ours"}) + sorted(protocols.ALIASES)
 
@@ -74,6 +74,8 @@ def parse_args(argv=None):
     g.add_argument("--data", help="h5 file in the coursework layout")
     g.add_argument("--n-series", type=int, help="trajectories to simulate without --data")
     g.add_argument("--seed", type=int, help="split (and simulation) seed")
+    g.add_argument("--split", choices=["ours", *splits.REPORT_SPLITS],
+                   help="which split's test series the default protocol scores (default: the run's, else ours; a preset uses its report's)")
     g.add_argument("--scaling", choices=["global", "per-series"])
     g.add_argument("--percentile", type=float)
     g.add_argument("--scale-target", type=float)
@@ -124,7 +126,7 @@ def read_run_args(run, p):
     checks = {"model": lambda x: isinstance(x, str) and x, "data": lambda x: x is None or isinstance(x, str),
               "n_series": is_int, "seed": is_int, "scaling": lambda x: x in ("global", "per-series"), "percentile": is_num,
               "scale_target": is_num, "decimals": lambda x: x in (1, 2, 3) and is_int(x), "context": is_int,
-              "lm_head_bias": lambda x: isinstance(x, bool)}
+              "lm_head_bias": lambda x: isinstance(x, bool), "split": lambda x: x in ("ours", *splits.REPORT_SPLITS)}
     for key, ok in checks.items():
         if key == "model" and key not in run_args:
             p.error(f"{path} names no 'model'; restore the run's args.json (train.py writes every flag there)")
@@ -161,6 +163,7 @@ def resolve(args, p):
         if changed:
             p.error(f"--{changed[0].replace('_', '-')} differs from the run's; its test split and encoding are fixed "
                     "by the run (train.py's args.json), so evaluate it without that flag")
+        args.trained_on = (run_args.get("split", "ours"), run_args.get("seed", 0))  # to find test series it trained on
         if args.adapter is None and not args.no_adapter:
             args.adapter = str(run / "best") if (run / "best").is_dir() else str(run / "adapter")
     for key, default in DEFAULTS.items():
@@ -220,13 +223,22 @@ def load_model(args):
     return model.to(args.device).eval()
 
 
+def named_split(name, n, seed):
+    """Split `name` of n trajectories: ours by seed, a report's as its code drew it."""
+    return splits.split(n, seed=seed) if name == "ours" else splits.REPORT_SPLITS[name](n)
+
+
 def protocol_split(args, n):
-    """The protocol's split of n trajectories: ours by --seed, a report's as its code drew it."""
-    if args.protocol == "report-a":
-        return splits.report_a_split(n)
-    if args.protocol == "report-b":
-        return splits.report_b_split(n)
-    return splits.split(n, seed=args.seed)
+    return named_split(args.split, n, args.seed)  # a preset fixes args.split to its report's
+
+
+def seen_in_training(args, n, test):
+    """How many of the scored test series the evaluated run trained or validated on (0 without --run)."""
+    if not getattr(args, "trained_on", None) or args.no_adapter:
+        return 0
+    name, seed = args.trained_on
+    trained = named_split(name, n, seed)
+    return int(np.isin(test, np.concatenate([trained.train, trained.val])).sum())
 
 
 def load_series(args):
@@ -242,6 +254,11 @@ def load_series(args):
     test = split.test[: protocols.PROTOCOLS[args.protocol].n_scored][: args.limit]
     if len(test) == 0:
         raise UserError("the test split is empty; use more trajectories (--n-series or --data).")
+    seen = seen_in_training(args, len(traj), test)
+    if seen:
+        print(f"warning: the run trained or validated on {seen} of these {len(test)} test series (it used --split "
+              f"{args.trained_on[0]}); train with --split {args.split} to evaluate under this protocol fairly.", file=sys.stderr)
+    args.seen_in_training = seen
     return np.asarray(traj, dtype=np.float64), times, split, test
 
 
@@ -728,6 +745,14 @@ def main(argv=None):
         return None
     if args.score:
         return score_main(args)
+    if not args.run:
+        return evaluate(args)
+    with FolderLock(args.run):  # its eval/ and ledger.jsonl: never while train.py (or another evaluation) writes there
+        return evaluate(args)
+
+
+def evaluate(args):
+    """The model (+ adapter) on the protocol's test series: cross-entropy, forecasts, metrics, results.json."""
     t_start = time.perf_counter()
     torch.manual_seed(args.sample_seed)
     cfg = Qwen2Config.from_json(resolve_checkpoint(args.model) / "config.json")

@@ -11,7 +11,8 @@ import lora
 from conftest import random_model, tiny_config, write_checkpoint
 from data import llmtime, metrics, protocols, splits
 from qwen_min import Tokenizer, generate
-from qwen_min.errors import UserError
+from qwen_min.errors import UserError, run_cli
+from qwen_min.files import FolderLock
 from qwen_min.weights import hf_name
 
 FAST = ["--n-series", "24", "--k", "8", "--h", "4", "--context", "48", "--lv-iterations", "5", "--plots", "0"]
@@ -291,3 +292,39 @@ def test_a_run_whose_args_json_is_not_an_object_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate.parse_args(["--run", str(tmp_path)])
     assert "not the object train.py writes" in capsys.readouterr().err
+
+
+def test_a_runs_split_is_its_test_split_and_test_series_it_trained_on_are_counted(ckpt, tmp_path, capsys):
+    """A run trained with --split report-a is scored on report A's test series; scoring a run under
+    a protocol whose test series it trained on warns and records how many."""
+    run = tmp_path / "run"
+    model = random_model(tiny_config())
+    lora.inject_lora(model, r=2)
+    lora.save_adapter(model, run / "best", module_name=hf_name)
+    args_json = {"model": str(ckpt), "data": None, "n_series": 40, "seed": 0, "scaling": "global", "percentile": 95.0,
+                 "scale_target": 10.0, "decimals": 2, "context": 48, "lm_head_bias": False, "split": "report-a"}
+    (run / "args.json").write_text(json.dumps(args_json))
+    fast = ["--k", "8", "--h", "4", "--no-ce", "--no-baselines", "--plots", "0"]
+    res = evaluate.main(["--run", str(run), *fast])
+    order = np.random.RandomState(42).permutation(40)  # report A: np.random.seed(42) shuffle, test = last 15% by int()
+    assert res["series"]["index"] == order[34:].tolist() and res["config"]["seen_in_training"] == 0
+    (run / "args.json").write_text(json.dumps(args_json | {"split": "ours"}))
+    capsys.readouterr()
+    res = evaluate.main(["--run", str(run), "--split", "ours", *fast, "--out", str(tmp_path / "ours")])
+    assert res["config"]["seen_in_training"] == 0  # ours on ours: disjoint
+    rows = evaluate.parse_args(["--run", str(run), "--preset", "report-b", "--no-baselines"])
+    _, _, _, test = evaluate.load_series(rows)
+    ours = splits.split(40, seed=0)
+    expected = len(set(test.tolist()) & set(ours.train.tolist() + ours.val.tolist()))
+    assert expected > 0 and rows.seen_in_training == expected
+    assert f"trained or validated on {expected} of these" in capsys.readouterr().err
+
+
+def test_evaluating_a_run_folder_another_process_holds_is_one_sentence(ckpt, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "args.json").write_text(json.dumps({"model": str(ckpt), "n_series": 24, "context": 48}))
+    with FolderLock(run):  # as train.py holds it for the whole run
+        with pytest.raises(SystemExit):
+            run_cli(evaluate.main, ["--run", str(run), "--no-adapter", *FAST, "--no-baselines"])
+    assert "in use by another qwen-min process" in capsys.readouterr().err
