@@ -1,6 +1,7 @@
 """Shared test helpers: tiny random Qwen2 configs and their transformers twins."""
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,28 @@ def hf_twin(model: Qwen2):
     if model.lm_head_bias is not None:
         hf.lm_head.bias = torch.nn.Parameter(model.lm_head_bias.detach().clone())
     return hf.eval()
+
+
+def process_globals():
+    """The process-wide settings one test could leave changed for every later one (train.py's results depend on them)."""
+    state = {"torch default dtype": torch.get_default_dtype(), "grad mode": torch.is_grad_enabled(),
+             "deterministic algorithms": torch.are_deterministic_algorithms_enabled(),
+             "anomaly mode": torch.is_anomaly_enabled(), "torch threads": torch.get_num_threads(),
+             "working directory": os.getcwd()}
+    train = sys.modules.get("train")
+    if train is not None:  # its hooks: a test that sets one by hand, not with monkeypatch, changes every later run
+        state |= {"train.on_step": train.on_step, "train.plot_losses": train.plot_losses}
+    return state
+
+
+@pytest.fixture(autouse=True)
+def leaves_no_globals_changed():
+    """Fails (at teardown, after monkeypatch has undone its changes) a test that leaks global state."""
+    before = process_globals()
+    yield
+    after = process_globals()
+    changed = {k: f"{before[k]!r} -> {after[k]!r}" for k in before.keys() & after.keys() if before[k] != after[k]}
+    assert not changed, f"this test left global state changed (use the monkeypatch fixture, or restore it): {changed}"
 
 
 @pytest.fixture(scope="session")
