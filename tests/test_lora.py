@@ -305,3 +305,106 @@ def test_bad_adapter_folders_name_the_file(tmp_path, damage, match):
     damage(folder)
     with pytest.raises(UserError, match=match):
         load_adapter(random_model(tiny_config()), folder, module_name=hf_name)
+
+
+# ---------------------------------------------------------------- issue 11: alpha != r, dropout, stale extras
+
+def _known_layer(r=4, alpha=16, dropout=0.0, d_in=6, d_out=5):
+    """A LoRALinear over a seeded base, with A and B set to known random values (B nonzero)."""
+    g = torch.Generator().manual_seed(7)
+    base = torch.nn.Linear(d_in, d_out)
+    with torch.no_grad():
+        base.weight.copy_(torch.randn(d_out, d_in, generator=g))
+        base.bias.copy_(torch.randn(d_out, generator=g))
+    layer = LoRALinear(base, r=r, alpha=alpha, dropout=dropout)
+    with torch.no_grad():
+        layer.lora_A.copy_(torch.randn(r, d_in, generator=g))
+        layer.lora_B.copy_(torch.randn(d_out, r, generator=g))
+    return layer
+
+
+def test_merge_with_alpha_not_equal_to_rank_adds_alpha_over_r_times_b_a():
+    """r = 4, alpha = 16: the update is 4 B A, written out element by element, not B A."""
+    layer = _known_layer(r=4, alpha=16)
+    W, A, B = layer.base.weight.detach().clone(), layer.lora_A.detach().clone(), layer.lora_B.detach().clone()
+    expected = W.clone()
+    for i in range(5):
+        for j in range(6):
+            expected[i, j] += 4.0 * sum(B[i, k] * A[k, j] for k in range(4))  # alpha / r = 16 / 4
+    x = torch.randn(3, 6, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        unmerged = layer(x)
+        assert torch.allclose(unmerged, x @ expected.T + layer.base.bias, atol=1e-5)  # the unmerged path scales too
+        layer.merge()
+        assert torch.allclose(layer.base.weight, expected, atol=1e-5)
+        assert torch.allclose(layer(x), unmerged, atol=1e-5)
+        layer.unmerge()
+    assert torch.allclose(layer.base.weight, W, atol=1e-6)  # unmerge takes out the same scaled update
+
+
+def test_merge_with_alpha_not_equal_to_rank_matches_peft(tmp_path):
+    """Our merge of an r = 4, alpha = 16 adapter gives the weights peft's merge_and_unload gives."""
+    peft = pytest.importorskip("peft")
+    model = random_model(tiny_config())
+    inject_lora(model, r=4, alpha=16, targets=("q_proj", "v_proj"))
+    randomise_lora(model)
+    assert all(m.scaling == 4.0 for m in lora_layers(model).values())
+    unmerged = logits(model)
+    save_adapter(model, tmp_path / "a", module_name=hf_name)
+    merged_hf = peft.PeftModel.from_pretrained(hf_twin(random_model(tiny_config())), tmp_path / "a").merge_and_unload()
+    theirs = merged_hf.state_dict()
+    ours = merged_state_dict(model)
+    for name in ("layers.0.self_attn.q_proj.weight", "layers.1.self_attn.v_proj.weight"):
+        assert (ours[name] - theirs[hf_name(name)]).abs().max().item() <= 1e-6, name
+    merge_lora(model)
+    for name, m in lora_layers(model).items():
+        assert (m.base.weight - theirs[hf_name(name) + ".weight"]).abs().max().item() <= 1e-6, name
+    assert (logits(model) - unmerged).abs().max().item() <= 1e-5
+    with torch.no_grad():
+        assert (merged_hf(IDS).logits - unmerged).abs().max().item() <= 1e-5
+        # and the update is not negligible: dropping alpha/r would have been visible
+        assert (merged_hf(IDS).logits - logits(random_model(tiny_config()))).abs().max().item() > 1e-2
+
+
+def test_dropout_touches_the_lora_path_only():
+    """In train mode with dropout 0.5, W x + b is computed from the undropped input."""
+    x = torch.randn(64, 6, generator=torch.Generator().manual_seed(0))
+    layer = _known_layer(r=2, alpha=4, dropout=0.5).train()
+    with torch.random.fork_rng(), torch.no_grad():  # the dropout masks draw from the global generator
+        torch.manual_seed(0)
+        expected_frozen = x @ layer.base.weight.T + layer.base.bias
+        y = layer(x)
+        eval_y = layer.eval()(x)
+        layer.train()
+        # the LoRA part B h lies in the span of B's 2 columns; a dropped frozen input would not (5 outputs)
+        residual = y - expected_frozen  # (64, 5)
+        B = layer.lora_B
+        coeffs = torch.linalg.lstsq(B, residual.T).solution  # (2, 64)
+        assert (B @ coeffs - residual.T).abs().max().item() <= 1e-4
+        # dropout did act on the LoRA path in train mode, and not at eval
+        assert (y - eval_y).abs().max().item() > 1e-2
+        assert torch.allclose(eval_y, expected_frozen + 2.0 * (x @ layer.lora_A.T) @ B.T, atol=1e-5)
+        # with B = 0 the output is the frozen layer, bit for bit, dropout or not
+        layer.lora_B.zero_()
+        assert torch.equal(layer(x), layer.base(x))
+        assert torch.allclose(layer(x), expected_frozen, atol=1e-6)
+
+
+def test_a_save_without_extras_loads_none_from_an_earlier_save(tmp_path):
+    """An earlier save left extra_parameters.safetensors; a later save without extras must not load it back."""
+    first = random_model(tiny_config())
+    inject_lora(first, r=4)
+    randomise_lora(first, seed=1)
+    save_adapter(first, tmp_path / "a", module_name=hf_name, extra={"lm_head_bias": torch.full((160,), 7.0)})
+    second = random_model(tiny_config())
+    inject_lora(second, r=4)
+    randomise_lora(second, seed=2)
+    save_adapter(second, tmp_path / "a", module_name=hf_name)
+    loaded = random_model(tiny_config())
+    assert load_adapter(loaded, tmp_path / "a", module_name=hf_name) == {}
+    assert not (tmp_path / "a" / "extra_parameters.safetensors").exists()
+    assert torch.equal(logits(loaded), logits(second)) and not torch.allclose(logits(loaded), logits(first), atol=1e-4)
+    # and a later save with other extras replaces them whole
+    save_adapter(second, tmp_path / "a", module_name=hf_name, extra={"other": torch.ones(2)})
+    extra = load_adapter(random_model(tiny_config()), tmp_path / "a", module_name=hf_name)
+    assert list(extra) == ["other"] and torch.equal(extra["other"], torch.ones(2))
