@@ -129,3 +129,38 @@ def test_forecast_tasks_use_their_own_per_series_scale():
         assert llmtime.decode(task.prompt).values == pytest.approx(scaler.transform(traj[i, :20], rows=i), abs=0.005)
     with pytest.raises(ValueError, match="k \\+ h"):
         forecast.forecast_task(traj[0], k=95, h=10, scaler=scaler)
+
+
+def test_batch_pads_to_its_longest_row_and_masks_the_padding():
+    """Rows of 3, 6 and 4 real tokens (L = 8): the batch is 6 wide, shorter rows keep their padding."""
+    pad = 99
+    ids = [[15, 16, 26], [17, 18, 19, 26, 20, 26], [21, 22, 23, 26]]
+    w = windows.Windows(
+        input_ids=np.array([row + [pad] * (8 - len(row)) for row in ids], dtype=np.int64),
+        attention_mask=np.array([[1] * len(row) + [0] * (8 - len(row)) for row in ids], dtype=np.int64),
+        labels=np.array([row + [-100] * (8 - len(row)) for row in ids], dtype=np.int64),
+        trajectory=np.zeros(3, dtype=np.int64))
+    input_ids, labels = windows.batch(w, np.array([2, 0, 1]))
+    np.testing.assert_array_equal(input_ids, [[21, 22, 23, 26, pad, pad],
+                                              [15, 16, 26, pad, pad, pad],
+                                              [17, 18, 19, 26, 20, 26]])
+    np.testing.assert_array_equal(labels, [[21, 22, 23, 26, -100, -100],
+                                           [15, 16, 26, -100, -100, -100],
+                                           [17, 18, 19, 26, 20, 26]])
+    # two short rows: cut to the longer of them (4), not the shorter (3), not the window (8)
+    input_ids, labels = windows.batch(w, slice(0, 3, 2))
+    np.testing.assert_array_equal(input_ids, [[15, 16, 26, pad], [21, 22, 23, 26]])
+    np.testing.assert_array_equal(labels, [[15, 16, 26, -100], [21, 22, 23, 26]])
+
+
+def test_batch_of_real_windows_keeps_every_real_token():
+    """make_windows' own padding (Qwen's pad id, -100 labels) survives batching of rows of 15 and 10 tokens."""
+    a = windows.make_windows(_ids(3), max_length=20, stride=10)  # 15 tokens
+    b = windows.make_windows(_ids(2), max_length=20, stride=10)  # 10 tokens
+    w = windows.Windows(*(np.concatenate(f) for f in zip(a, b)))
+    input_ids, labels = windows.batch(w, [1, 0])
+    assert input_ids.shape == labels.shape == (2, 15)
+    np.testing.assert_array_equal(input_ids[1], _ids(3))
+    np.testing.assert_array_equal(input_ids[0], list(_ids(2)) + [151643] * 5)
+    np.testing.assert_array_equal(labels[0], list(_ids(2)) + [-100] * 5)
+    assert (labels[1] != -100).all()
