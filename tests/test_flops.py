@@ -345,6 +345,339 @@ def test_backward_follows_requires_grad():
     assert flops.backward(cfg, 1, 8, {}, lm_head_bias=False) == Cost()
 
 
+# ---------------------------------------------------------------- every term, forward and backward, by hand (issue #11)
+# SMALL has sizes that differ from each other (D 6, H 3, K 1, hd 4 so H hd = 12 != D, F 9, V 17) and a
+# batch of B 2 x T 5 (n = 10 rows), LoRA rank 2. Each expected count below is worked out by hand from
+# the coursework's rules (add, subtract, negate, multiply, divide 1; exp, log, sqrt 10; an (m x n)(n x p)
+# product m n p multiplies and m p (n - 1) adds) and from what autograd computes for each op; the
+# comments give the arithmetic. Every primitive is pinned separately (not only the weighted total), so
+# dropping a term, changing its coefficient or booking it as another primitive changes a tested number.
+
+SMALL = Qwen2Config(vocab_size=17, dim=6, hidden_dim=9, n_layers=2, n_heads=3, n_kv_heads=1, head_dim=4, max_seq_len=64)
+QV2 = {"q_proj": 2, "v_proj": 2}
+
+
+def prims(cost):
+    """The primitive counts of a Cost, zero entries dropped."""
+    return {k: v for k, v in cost.ops.items() if v}
+
+
+def plus(*counts):
+    """Primitive counts (dicts) added up."""
+    out = {}
+    for c in counts:
+        for k, v in c.items():
+            out[k] = out.get(k, 0) + v
+    return {k: v for k, v in out.items() if v}
+
+
+def part_prims(cost):
+    """{part name: primitive counts} of a Cost's named parts."""
+    return {name: prims(p) for name, p in cost.parts.items()}
+
+
+# RMSNorm on 10 rows of 6 (SMALL's n, D).
+#   forward: x^2 60 mul; mean 10 x 5 add + 10 div; + eps 10 add; rsqrt 10 sqrt + 10 div; x * r 60 mul; weight * 60 mul
+RMS_FWD = {"mul": 60 + 60 + 60, "add": 50 + 10, "div": 10 + 10, "sqrt": 10}
+#   backward, the weight frozen (dx only), the forward in reverse:
+#     weight * x^:  dx^ = dy * weight                                    60 mul
+#     x * r:        dx = dx^ r (60 mul); dr = sum_j dx^ x: 60 mul + 10 x 5 add
+#     rsqrt(u):     du = dr * (-1/2) r^3: r^3 2 mul, * -1/2 1, * dr 1 -> 4 x 10 = 40 mul
+#     + eps: free;  mean: dm / 6, once per row, then broadcast           10 div
+#     x^2:          2 x * dm                                             2 x 60 = 120 mul
+#     x feeds x^2 and x * r: the two gradients summed                    60 add
+RMS_BWD = {"mul": 60 + 60 + 60 + 40 + 120, "add": 50 + 60, "div": 10}
+
+# Cross-entropy, 10 rows of 17 logits, mean over the 10.
+#   forward: max 10 x 16 cmp; - max 170 add; exp 170; sum 10 x 16 add; log 10; z - logsumexp 170 add;
+#            -logp[target] 10 add; mean: 9 add + 1 div
+CE_FWD = {"cmp": 160, "add": 170 + 160 + 170 + 10 + 9, "exp": 170, "log": 10, "div": 1}
+#   backward: d logp = -1/10 at each target: 1 div, 10 negations; log_softmax: sum of d logp per row 10 x 16
+#             add, exp(logp) 170 exp, * that sum 170 mul, d logp - ... 170 add
+CE_BWD = {"div": 1, "add": 10 + 160 + 170, "exp": 170, "mul": 170}
+
+
+def test_rms_norm_forward_and_backward_by_hand():
+    assert prims(flops.rms_norm(10, 6)) == RMS_FWD == {"mul": 180, "add": 60, "div": 20, "sqrt": 10}
+    assert flops.rms_norm(10, 6).coursework == 180 + 60 + 20 + 10 * 10
+    assert prims(flops.rms_norm_backward(10, 6)) == RMS_BWD == {"mul": 340, "add": 110, "div": 10}
+    assert flops.rms_norm_backward(10, 6).coursework == 460
+    assert flops.rms_norm(10, 6).matmul == flops.rms_norm_backward(10, 6).matmul == 0  # no products
+
+
+def test_rotary_forward_and_backward_by_hand():
+    # 30 vectors of head_dim 4 (SMALL's queries: 2 x 3 heads x 5 tokens)
+    assert prims(flops.rotate_half(30, 4)) == {"add": 60}  # negate one half: 30 x 2
+    # x * cos 120 mul; rotate_half 60 negations; * sin 120 mul; + 120 add
+    assert prims(flops.apply_rotary(30, 4)) == {"mul": 240, "add": 180}
+    # backward (cos, sin need no gradient): dy * cos 120 mul; dy * sin 120 mul; rotate_half^T negates one
+    # half 60 add; the two paths into x summed 120 add
+    assert prims(flops.apply_rotary_backward(30, 4)) == {"mul": 240, "add": 180}
+    assert prims(flops.apply_rotary_backward(10, 8)) == {"mul": 160, "add": 40 + 80}
+    assert flops.rotary_embedding(10, 6) == Cost()  # the tables are looked up: free
+
+
+def test_softmax_silu_cross_entropy_by_hand():
+    # softmax, 6 rows of 7: max 6 x 6 cmp; subtract 42; exp 42; sum 6 x 6; divide 42
+    assert prims(flops.softmax(6, 7)) == {"cmp": 36, "add": 42 + 36, "exp": 42, "div": 42}
+    # backward p * (dp - sum(dp * p)): dp * p 42 mul; sum 6 x 6 add; subtract 42 add; * p 42 mul
+    assert prims(flops.softmax_backward(6, 7)) == {"mul": 84, "add": 36 + 42}
+    # silu x / (1 + exp(-x)) on 7 numbers: negate 7, exp 7, + 1 7, divide 7
+    assert prims(flops.silu(7)) == {"add": 14, "exp": 7, "div": 7}
+    # backward dy * s (1 + x (1 - s)), s recomputed (negate, exp, + 1, divide): then 1 - s 7 add,
+    # x (1 - s) 7 mul, 1 + 7 add, s * 7 mul, dy * 7 mul
+    assert prims(flops.silu_backward(7)) == {"add": 14 + 7 + 7, "exp": 7, "div": 7, "mul": 21}
+    assert prims(flops.cross_entropy(10, 17)) == CE_FWD == {"cmp": 160, "add": 519, "exp": 170, "log": 10, "div": 1}
+    assert prims(flops.cross_entropy_backward(10, 17)) == CE_BWD == {"div": 1, "add": 340, "exp": 170, "mul": 170}
+
+
+def test_sdpa_forward_and_backward_by_hand():
+    """B 2, H 3 (6 heads in all), T 5 queries, S 7 keys, head_dim 4."""
+    fwd = flops.scaled_dot_product_attention(2, 3, 5, 7, 4)
+    assert part_prims(fwd) == {
+        # q k^T (5x4)(4x7) per head: 140 mul + 5 x 7 x 3 add, x 6; * scale 6 x 35 = 210 mul
+        "scores": {"mul": 840 + 210, "add": 630},
+        "mask": {"add": 210},  # + attn_bias on every score
+        "softmax": {"cmp": 30 * 6, "add": 210 + 30 * 6, "exp": 210, "div": 210},  # 30 rows of 7
+        "weighted_sum": {"mul": 840, "add": 6 * 5 * 4 * 6},  # p v (5x7)(7x4) per head
+    }
+    assert fwd.matmul == 2 * 840 + 2 * 840
+    dq_dv_dk = {  # math kernel, every gradient
+        "recompute": {},
+        # dp = dy v^T (5x4)(4x7): 840 mul, 630 add; dv = p^T dy (7x5)(5x4): 840 mul, 6 x 7 x 4 x 4 = 672 add
+        "weighted_sum": {"mul": 1680, "add": 630 + 672},
+        "softmax": {"mul": 420, "add": 30 * 6 + 210},  # backward of 30 rows of 7
+        "mask": {},  # the additive mask needs no gradient
+        # dz * scale 210 mul; dq = dz k (5x7)(7x4): 840 mul, 6 x 5 x 4 x 6 = 720 add; dk = dz^T q (7x5)(5x4): 840, 672
+        "scores": {"mul": 210 + 840 + 840, "add": 720 + 672},
+    }
+    math = flops.scaled_dot_product_attention_backward(2, 3, 5, 7, 4, kernel="math")
+    assert part_prims(math) == dq_dv_dk
+    assert math.matmul == 2 * 4 * 840
+    # only the gradients asked for: dq needs dp, the softmax and the scale; dv needs neither
+    assert part_prims(flops.scaled_dot_product_attention_backward(2, 3, 5, 7, 4, True, False, False, kernel="math")) == {
+        "recompute": {}, "weighted_sum": {"mul": 840, "add": 630}, "softmax": dq_dv_dk["softmax"], "mask": {},
+        "scores": {"mul": 210 + 840, "add": 720}}
+    assert part_prims(flops.scaled_dot_product_attention_backward(2, 3, 5, 7, 4, False, True, False, kernel="math")) == {
+        "recompute": {}, "weighted_sum": {"mul": 840, "add": 630}, "softmax": dq_dv_dk["softmax"], "mask": {},
+        "scores": {"mul": 210 + 840, "add": 672}}
+    assert part_prims(flops.scaled_dot_product_attention_backward(2, 3, 5, 7, 4, False, False, True, kernel="math")) == {
+        "recompute": {}, "weighted_sum": {"mul": 840, "add": 672}, "softmax": {}, "mask": {}, "scores": {}}
+    # fused: the scores recomputed (q k^T, scale, mask, softmax) and dq, dk, dv always
+    fused = flops.scaled_dot_product_attention_backward(2, 3, 5, 7, 4, False, False, True, kernel="fused")
+    assert part_prims(fused) == {**dq_dv_dk, "recompute": {"mul": 840 + 210, "add": 630 + 210 + 30 * 6 + 210,
+                                                           "cmp": 180, "exp": 210, "div": 210}}
+    assert fused.matmul == 2 * 5 * 840
+
+
+# Attention of SMALL on 2 x 5 tokens (n = 10), LoRA rank 2 on q_proj and v_proj, forward.
+ATTN_FWD = {
+    # q_proj 6 -> 12: (10x6)(6x12) 720 mul + 10 x 12 x 5 = 600 add, bias 120 add; x A^T (10x6)(6x2) 120 mul
+    # + 100 add; * alpha/r 20 mul; . B^T (10x2)(2x12) 240 mul + 120 add; + 120 add
+    "q_proj": {"mul": 720 + 120 + 20 + 240, "add": 600 + 120 + 100 + 120 + 120},
+    "k_proj": {"mul": 240, "add": 200 + 40},  # (10x6)(6x4) + bias
+    # v_proj 6 -> 4: base 240 mul, 240 add; x A^T 120, 100; * alpha/r 20; . B^T (10x2)(2x4) 80 mul + 40 add; + 40
+    "v_proj": {"mul": 240 + 120 + 20 + 80, "add": 240 + 100 + 40 + 40},
+    "rotary": {"mul": 320, "add": 240},  # 30 query vectors and 10 key vectors of 4: 8 mul and 6 add each
+    # 6 heads of 5 x 5: q k^T 600 mul + 450 add, scale 150 mul, mask 150 add, softmax of 30 rows of 5
+    # (120 cmp, 150 + 120 add, 150 exp, 150 div), p v 600 mul + 6 x 5 x 4 x 4 = 480 add
+    "sdpa": {"mul": 600 + 150 + 600, "add": 450 + 150 + 270 + 480, "cmp": 120, "exp": 150, "div": 150},
+    "o_proj": {"mul": 720, "add": 10 * 6 * 11},  # (10x12)(12x6), no bias
+}
+# ... backward, layer 1 (its input needs a gradient), math kernel
+ATTN_BWD = {
+    # dx = dy W (10x12)(12x6) 720 mul, 660 add; dB = dy^T h (12x10)(10x2) 240 mul, 216 add; dh = dy B
+    # (10x12)(12x2) 240 mul, 220 add; * alpha/r 20 mul; dA = dh^T x (2x10)(10x6) 120 mul, 108 add;
+    # dx += dh A (10x2)(2x6) 120 mul, 60 add, + 60 add
+    "q_proj": {"mul": 720 + 480 + 20 + 240, "add": 660 + 436 + 108 + 60 + 60},
+    "k_proj": {"mul": 240, "add": 10 * 6 * 3},  # dx = dy W (10x4)(4x6)
+    # base (10x4)(4x6) 240, 180; dB (4x10)(10x2) 80, 72; dh (10x4)(4x2) 80, 60; 20; dA 120, 108; dh A 120, 60 + 60
+    "v_proj": {"mul": 240 + 160 + 20 + 240, "add": 180 + 132 + 108 + 60 + 60},
+    "inputs": {"add": 2 * 60},  # dx of q, k and v summed
+    "rotary": {"mul": 320, "add": 240},  # backward of the 30 query and 10 key rotations
+    "gqa_sum": {"add": 80 + 80},  # 3 query heads per kv head: 2 adds for each of the 40 numbers of dk, of dv
+    # dp 600, 450; dv 600, 480; softmax 300 mul, 120 + 150 add; scale 150; dq 600, 480; dk 600, 480
+    "sdpa": {"mul": 1200 + 300 + 150 + 1200, "add": 930 + 270 + 960},
+    "o_proj": {"mul": 720, "add": 10 * 12 * 5},  # dx = dy W (10x6)(6x12)
+}
+# ... backward, layer 0 (its input needs none): LoRA gradients only, no dk
+ATTN_BWD_FIRST = {
+    "q_proj": {"mul": 480 + 20 + 120, "add": 436 + 108},  # dB, dh, * alpha/r, dA
+    "k_proj": {},
+    "v_proj": {"mul": 160 + 20 + 120, "add": 132 + 108},
+    "inputs": {},
+    "rotary": {"mul": 240, "add": 180},  # the queries only
+    "gqa_sum": {"add": 80},  # dv only
+    "sdpa": {"mul": 1200 + 300 + 150 + 600, "add": 930 + 270 + 480},  # dp, dv, softmax, scale, dq
+    "o_proj": {"mul": 720, "add": 600},
+}
+
+
+def test_attention_forward_by_hand():
+    cost = flops.attention(SMALL, 2, 5, lora=QV2)
+    assert part_prims(cost) == ATTN_FWD
+    assert cost.matmul == 2 * (720 + 120 + 240 + 240 + 240 + 120 + 80 + 600 + 600 + 720)
+
+
+def test_attention_backward_by_hand():
+    top = flops.attention_backward(SMALL, 2, 5, lora=QV2, grad_input=True, kernel="math")
+    assert part_prims(top) == ATTN_BWD
+    assert prims(top) == plus(*ATTN_BWD.values())
+    first = flops.attention_backward(SMALL, 2, 5, lora=QV2, grad_input=False, kernel="math")
+    assert part_prims(first) == ATTN_BWD_FIRST
+    # fused kernel: dk too, and the scores recomputed (q k^T 600, 450; scale 150; mask 150; softmax)
+    fused = flops.attention_backward(SMALL, 2, 5, lora=QV2, grad_input=False, kernel="fused")
+    assert part_prims(fused) == {**ATTN_BWD_FIRST, "sdpa": plus(ATTN_BWD["sdpa"], {
+        "mul": 600 + 150, "add": 450 + 150 + 270, "cmp": 120, "exp": 150, "div": 150})}
+    # nothing trainable in or under it: no backward at all
+    assert flops.attention_backward(SMALL, 2, 5, lora={"down_proj": 2}, grad_input=False) == Cost()
+
+
+def test_gqa_backward_sums_each_kv_heads_queries():
+    """6 query heads on 2 kv heads (3 per kv head), B 3 x T 5, head_dim 4: dk and dv are summed over the
+    3 query heads that read each kv head, 2 adds for each of their 3 x 2 x 5 x 4 = 120 numbers."""
+    cfg = Qwen2Config(vocab_size=17, dim=6, hidden_dim=9, n_layers=1, n_heads=6, n_kv_heads=2, head_dim=4)
+    c = flops.attention_backward(cfg, 3, 5, lora={"k_proj": 2}, grad_input=False, kernel="math")
+    assert prims(c["gqa_sum"]) == {"add": 240}  # dk only: v needs no gradient
+    assert prims(c["rotary"]) == {"mul": 240, "add": 180}  # the 30 key vectors' rotation only
+    c = flops.attention_backward(cfg, 3, 5, lora={"k_proj": 2}, grad_input=True, kernel="math")
+    assert prims(c["gqa_sum"]) == {"add": 480}
+    # 90 query vectors and 30 key vectors of 4: 8 mul and 6 add each
+    assert prims(c["rotary"]) == {"mul": 8 * 120, "add": 6 * 120}
+
+
+# MLP of SMALL on 10 rows (D 6, F 9), no LoRA.
+MLP_FWD = {
+    "gate_proj": {"mul": 540, "add": 10 * 9 * 5},  # (10x6)(6x9)
+    "silu": {"add": 180, "exp": 90, "div": 90},  # 90 numbers: negate, exp, + 1, divide
+    "up_proj": {"mul": 540, "add": 450},
+    "product": {"mul": 90},
+    "down_proj": {"mul": 540, "add": 10 * 6 * 8},  # (10x9)(9x6)
+}
+MLP_BWD = {
+    "gate_proj": {"mul": 540, "add": 10 * 6 * 8},  # dx = dy W (10x9)(9x6)
+    "silu": {"add": 360, "mul": 270, "exp": 90, "div": 90},  # 90 numbers, 4 add 3 mul 1 exp 1 div each
+    "up_proj": {"mul": 540, "add": 480},
+    "product": {"mul": 180},  # d silu = dy * up, d up = dy * silu
+    "inputs": {"add": 60},  # dx of gate and up summed
+    "down_proj": {"mul": 540, "add": 10 * 9 * 5},  # dx = dy W (10x6)(6x9)
+}
+
+
+def test_mlp_forward_and_backward_by_hand():
+    assert part_prims(flops.mlp(SMALL, 10)) == MLP_FWD
+    assert part_prims(flops.mlp_backward(SMALL, 10, grad_input=True)) == MLP_BWD
+    # LoRA on down_proj, input needing no gradient: x A^T (10x9)(9x2) 180 mul, 160 add; * alpha/r 20;
+    # . B^T (10x2)(2x6) 120 mul, 60 add; + 60 add
+    assert prims(flops.mlp(SMALL, 10, {"down_proj": 2})["down_proj"]) == {"mul": 540 + 180 + 20 + 120,
+                                                                         "add": 480 + 160 + 60 + 60}
+    # backward: dB = dy^T h (6x10)(10x2) 120 mul, 108 add; dh = dy B (10x6)(6x2) 120, 100; * alpha/r 20;
+    # dA = dh^T x (2x10)(10x9) 180 mul, 162 add; nothing below it needs a gradient
+    down = flops.mlp_backward(SMALL, 10, {"down_proj": 2}, grad_input=False)
+    assert part_prims(down) == {"gate_proj": {}, "silu": {}, "up_proj": {}, "product": {}, "inputs": {},
+                                "down_proj": {"mul": 240 + 20 + 180, "add": 208 + 162}}
+    # LoRA on gate_proj: down's dx, d silu (not d up), silu's backward, gate's dB, dh, scale, dA:
+    # dB (9x10)(10x2) 180, 162; dh (10x9)(9x2) 180, 160; 20; dA (2x10)(10x6) 120, 108
+    lora_gate = {"mul": 360 + 20 + 120, "add": 322 + 108}
+    gate = flops.mlp_backward(SMALL, 10, {"gate_proj": 2}, grad_input=False)
+    assert part_prims(gate) == {**MLP_BWD, "gate_proj": lora_gate, "up_proj": {}, "product": {"mul": 90}, "inputs": {}}
+    up = flops.mlp_backward(SMALL, 10, {"up_proj": 2}, grad_input=False)
+    assert part_prims(up) == {**MLP_BWD, "gate_proj": {}, "silu": {}, "up_proj": lora_gate, "product": {"mul": 90},
+                              "inputs": {}}
+    assert flops.mlp_backward(SMALL, 10, {"q_proj": 2}, grad_input=False) == Cost()
+
+
+def test_lora_forward_and_backward_by_hand():
+    """LoRALinear on 10 rows, 6 -> 12, rank 2, with a (frozen) bias."""
+    fwd = flops.lora_linear(10, 6, 12, 2, bias=True)
+    assert part_prims(fwd) == {
+        "base": {"mul": 720, "add": 600 + 120},  # (10x6)(6x12) + bias
+        "lora_A": {"mul": 120, "add": 100},  # x A^T (10x6)(6x2)
+        "scaling": {"mul": 20},  # * alpha/r on the 10 x 2 numbers
+        "lora_B": {"mul": 240, "add": 120},  # h B^T (10x2)(2x12)
+        "add": {"add": 120},  # y + ...
+    }
+    assert fwd.matmul == 2 * (720 + 120 + 240)
+    bwd = flops.linear_backward(10, 6, 12, 2, grad_input=True)
+    assert part_prims(bwd) == {
+        "base": {"mul": 720, "add": 660},  # dx = dy W (10x12)(12x6); W and bias frozen
+        "add": {},  # dy goes to both branches as it is
+        "lora_B": {"mul": 240 + 240, "add": 12 * 2 * 9 + 10 * 2 * 11},  # dB = dy^T h (12x10)(10x2); dh = dy B (10x12)(12x2)
+        "scaling": {"mul": 20},
+        "lora_A": {"mul": 120 + 120, "add": 2 * 6 * 9 + 60 + 60},  # dA = dh^T x (2x10)(10x6); dx += dh A (10x2)(2x6)
+    }
+    assert bwd.matmul == 2 * (720 + 480 + 240)
+    no_dx = flops.linear_backward(10, 6, 12, 2, grad_input=False)
+    assert part_prims(no_dx) == {**part_prims(bwd), "base": {}, "lora_A": {"mul": 120, "add": 108}}
+    assert prims(flops.linear_backward(10, 6, 12, 0, grad_input=True)) == {"mul": 720, "add": 660}
+
+
+def test_decoder_block_backward_by_hand():
+    layer1, g = flops.decoder_block_backward(SMALL, 2, 5, QV2, grad_input=True, kernel="math")
+    assert g
+    assert part_prims(layer1) == {
+        "input_layernorm": RMS_BWD, "self_attn": plus(*ATTN_BWD.values()),
+        "residual_attn": {"add": 60},  # dx = dx1 + the attention branch's dx
+        "post_attention_layernorm": RMS_BWD, "mlp": plus(*MLP_BWD.values()),
+        "residual_mlp": {"add": 60},  # dx1 = dx2 + the MLP branch's dx
+    }
+    layer0, g = flops.decoder_block_backward(SMALL, 2, 5, QV2, grad_input=False, kernel="math")
+    assert g
+    assert part_prims(layer0) == {
+        "input_layernorm": {}, "self_attn": plus(*ATTN_BWD_FIRST.values()), "residual_attn": {},
+        "post_attention_layernorm": RMS_BWD, "mlp": plus(*MLP_BWD.values()), "residual_mlp": {"add": 60}}
+    # LoRA on down_proj only, in a layer whose input needs no gradient: the MLP's LoRA gradients, nothing else
+    down, g = flops.decoder_block_backward(SMALL, 2, 5, {"down_proj": 2}, grad_input=False)
+    assert g and {k for k, v in part_prims(down).items() if v} == {"mlp"}
+    assert prims(down) == {"mul": 440, "add": 370}
+    nothing, g = flops.decoder_block_backward(SMALL, 2, 5, {}, grad_input=False)
+    assert not g and nothing.matmul == 0 and prims(nothing) == {}
+
+
+def test_lm_head_and_loss_backward_by_hand():
+    # forward head on 10 positions, 6 -> 17, with the bias: (10x6)(6x17) 1020 mul, 850 add, + 170 add
+    assert prims(flops.head(SMALL, 10, bias=True)) == {"mul": 1020, "add": 850 + 170}
+    assert prims(flops.head(SMALL, 10, 13, bias=True)) == {"mul": 780, "add": 650 + 130}
+    # only the head bias trains: its gradient is the column sum of d logits (9 x 17 adds) after the loss's
+    # backward; nothing in the body
+    only_bias = flops.backward(SMALL, 2, 5, {}, lm_head_bias=True)
+    assert part_prims(only_bias) == {"embed_tokens": {}, "rope": {}, "layers": {}, "norm": {},
+                                     "lm_head": {"add": 9 * 17}, "loss": CE_BWD}
+    # with LoRA below it: dh = d logits W (10x17)(17x6) 1020 mul, 10 x 6 x 16 add, and the bias's sum
+    bwd = flops.backward(SMALL, 2, 5, QV2, lm_head_bias=True, kernel="math")
+    assert prims(bwd["lm_head"]) == {"mul": 1020, "add": 960 + 153}
+    assert prims(bwd["norm"]) == RMS_BWD
+    assert bwd["lm_head"].matmul == 2 * 1020
+    no_bias = flops.backward(SMALL, 2, 5, QV2, lm_head_bias=False, kernel="math")
+    assert prims(no_bias["lm_head"]) == {"mul": 1020, "add": 960}
+    # a 13-row head: (10x13)(13x6) 780 mul, 10 x 6 x 12 add; bias sum 9 x 13; loss over 13 classes:
+    # 1 div, 10 + 10 x 12 + 130 add, 130 exp, 130 mul
+    rows13 = flops.backward(SMALL, 2, 5, QV2, lm_head_bias=True, head_rows=13, kernel="math")
+    assert prims(rows13["lm_head"]) == {"mul": 780, "add": 720 + 117}
+    assert prims(rows13["loss"]) == {"div": 1, "add": 10 + 120 + 130, "exp": 130, "mul": 130}
+
+
+def test_training_step_by_hand():
+    """SMALL, 2 x 5 tokens, LoRA rank 2 on q, v, the head bias trained, math attention: every primitive of
+    forward, backward and AdamW, summed from the hand counts above; under "ours" named three ways."""
+    layer_fwd = plus(RMS_FWD, *ATTN_FWD.values(), {"add": 60}, RMS_FWD, *MLP_FWD.values(), {"add": 60})
+    forward = plus(layer_fwd, layer_fwd, RMS_FWD, {"mul": 1020, "add": 1020}, CE_FWD)  # 2 layers, norm, head + bias, loss
+    layer0 = plus(*ATTN_BWD_FIRST.values(), RMS_BWD, *MLP_BWD.values(), {"add": 60})
+    layer1 = plus(RMS_BWD, *ATTN_BWD.values(), {"add": 60}, RMS_BWD, *MLP_BWD.values(), {"add": 60})
+    backward = plus(layer0, layer1, RMS_BWD, {"mul": 1020, "add": 1113}, CE_BWD)
+    # AdamW on 2 layers x (q: 2 x (6 + 12), v: 2 x (6 + 4)) + 17 bias = 129 numbers: 7 mul, 4 add, 2 div, 1 sqrt each
+    assert flops.trainable_parameters(SMALL, QV2, lm_head_bias=True) == 129
+    optimizer = {"mul": 7 * 129, "add": 4 * 129, "div": 2 * 129, "sqrt": 129}
+    for convention in ({}, {"convention": "ours"}, {"convention": flops.CONVENTIONS["ours"]}):
+        step = flops.train_step(SMALL, 2, 5, QV2, lm_head_bias=True, kernel="math", **convention)
+        assert prims(step["forward"]) == forward, convention
+        assert prims(step["backward"]) == backward, convention
+        assert prims(step["optimizer"]) == optimizer, convention
+        assert prims(step) == plus(forward, backward, optimizer)
+    total = plus(forward, backward, optimizer)
+    assert step.coursework == sum(total.values()) + 9 * (total["exp"] + total["log"] + total["sqrt"])
+
+
 # ---------------------------------------------------------------- training, generation, the plan
 
 
@@ -609,7 +942,9 @@ def test_report_a_tiny_model_by_hand():
     assert c.coursework == 1050
     assert flops.qwen2(TINY, 1, 2, convention="report-a").coursework == 1050 + 52 + (2 * 10 * 7 + 20)  # norm, head + bias
     step = flops.train_step(TINY, 3, 2, {"q_proj": 1}, convention="report-a")
-    assert step.coursework == 3 * 3 * flops.qwen2(TINY, 1, 2, {"q_proj": 1}, convention="report-a").coursework
+    # 3 sequences x 3 x forward; with LoRA rank 1 on q the forward is 1262 + x A^T (2x4)(4x1) 14, . B^T counted
+    # 4 wide (2x1)(1x4) 8, alpha on the 2 x 4 outputs 8, + 8
+    assert step.coursework == 3 * 3 * (1262 + 14 + 8 + 8 + 8)
     assert step["optimizer"] == Cost()
 
 
@@ -638,17 +973,23 @@ def test_report_b_tiny_model_by_hand():
 def test_conventions_change_only_their_terms():
     cfg = tiny_config()
     lora = {"q_proj": 4, "v_proj": 4}
-    assert flops.qwen2(cfg, 2, 8, lora, convention="ours") == flops.qwen2(cfg, 2, 8, lora)
-    assert flops.train_step(cfg, 2, 8, lora, convention=flops.CONVENTIONS["ours"]) == flops.train_step(cfg, 2, 8, lora)
+    # "ours", by name, as the object or by default: TINY's block by hand (946, test_decoder_block_by_hand),
+    # the final norm (56) and the head (2x4)(4x10) = 140, no bias (test_training_step_by_hand: the step)
+    for convention in ({}, {"convention": "ours"}, {"convention": flops.CONVENTIONS["ours"]}):
+        assert flops.qwen2(TINY, 1, 2, **convention).coursework == 946 + 56 + 140, convention
     a, b = (flops.decoder_block(cfg, 2, 8, lora=lora, convention=n) for n in ("report-a", "report-b"))
     ours = flops.decoder_block(cfg, 2, 8, lora=lora)
     assert a["mlp.gate_proj"] == ours["mlp.gate_proj"] and a["residual_mlp"] == ours["residual_mlp"]
     assert a["self_attn.o_proj"] == ours["self_attn.o_proj"] and a["self_attn.sdpa.weighted_sum"] == ours["self_attn.sdpa.weighted_sum"]
     assert "kv_as_mha" in a["self_attn"].parts and "kv_as_mha" not in ours["self_attn"].parts
     assert b["self_attn.sdpa.softmax"] == Cost() and b["mlp.product"] == ours["mlp.product"]
-    plan = flops.plan_run(cfg, steps=5, batch=2, context=16, lora=lora, val_every=5, val_batches=2, convention="report-a")
-    assert plan["train"] == 5 * flops.train_step(cfg, 2, 16, lora, convention="report-a")  # the whole window
-    assert plan["eval"] == 2 * flops.qwen2(cfg, 2, 16, lora, convention="report-a") + flops.group(loss=Cost())
+    # report A on TINY, windows of 2 tokens, LoRA rank 1 on q: its forward is 1300 (1262 without LoRA,
+    # test_report_a_tiny_model_by_hand, + x A^T 14, . B^T 8 and alpha 8 at d_in = 4 wide, + 8). It feeds the
+    # whole window (ours would feed 1 token), counts a step as 3 x forward and no loss in validation:
+    plan = flops.plan_run(TINY, steps=5, batch=1, context=2, lora={"q_proj": 1}, val_every=5, val_batches=2,
+                          convention="report-a")
+    assert plan["train"].coursework == 5 * 3 * 1300
+    assert plan["eval"].coursework == (5 // 5) * 2 * 1300
     with pytest.raises(ValueError, match="unknown FLOP convention 'report-c'"):
         flops.qwen2(cfg, 1, 4, convention="report-c")
 
