@@ -7,9 +7,9 @@ data file, the split, the scaling and the prompts, the decode batches, the readi
 the point forecast from samples, the metrics and results.json.
 
 The data are built so that nothing rounds: every value is a multiple of 0.25 (exact in float32
-and in two decimals), and the scaling is the identity (ours: --percentile 100 --scale-target 10
-on data whose largest value is 10; report B: each context's 95th percentile is 1). The oracle
-then reads the truth back exactly, and a designed error comes back exactly.
+and in two decimals) times a power of two, and every scale is a power of two or 1 (ours: the
+largest value, --percentile 100; report B: each context's 95th percentile, 1). The oracle then
+reads the truth back exactly, and a designed error comes back exactly.
 """
 
 import json
@@ -43,11 +43,13 @@ def write_data(path, n, steps, top, forced):
 
 class Oracle:
     """Stands in for qwen_min.generate: continues each prompt with the truth of the series whose
-    context it encodes, plus error(row, sample) (h, 2), formatted as `text_of` writes it."""
+    context it encodes, plus error(row, sample) (h, 2), in scaled units: series r's values divided
+    by scale[r] (default 1), formatted as `text_of` writes them."""
 
-    def __init__(self, tok, traj, k, h, error):
+    def __init__(self, tok, traj, k, h, error, scale=None):
         self.tok, self.traj, self.k, self.h, self.error = tok, traj, k, h, error
-        self.row_of = {text_of(x[:k]): r for r, x in enumerate(traj)}  # the hand-made prompt of every series
+        self.scale = np.ones(len(traj)) if scale is None else scale
+        self.row_of = {text_of(x[:k] / c): r for r, (x, c) in enumerate(zip(traj, self.scale))}  # every series' prompt, by hand
         self.batches = []  # prompts per call
 
     def __call__(self, model, prompts, max_new_tokens, num_samples=1, pad_token_id=0, **settings):
@@ -56,7 +58,7 @@ class Oracle:
         for p in prompts:
             r = self.row_of[self.tok.decode(p)]  # KeyError: the prompt is not the series' context as encoded by hand
             for s in range(num_samples):
-                new = self.tok.encode(text_of(self.traj[r, self.k : self.k + self.h] + self.error(r, s)))
+                new = self.tok.encode(text_of(self.traj[r, self.k : self.k + self.h] / self.scale[r] + self.error(r, s)))
                 assert len(new) <= max_new_tokens  # the oracle needs no more tokens than evaluate.py allows
                 out.append((p, new))
         T, n = max(map(len, prompts)), max(len(new) for _, new in out)
@@ -64,34 +66,44 @@ class Oracle:
         return torch.tensor([[pad] * (T - len(p)) + p + new + [pad] * (n - len(new)) for p, new in out])
 
 
+SIZE = 2.0 ** (np.arange(40) % 3)  # series r of `ours` is 1, 2 or 4 times a series whose largest value is 10
+
+
 @pytest.fixture(scope="module")
 def ours(tmp_path_factory):
-    """A tiny checkpoint and 40 series of 10 steps, values up to 10 (step 0 is (10, 10))."""
+    """A tiny checkpoint and 40 series of 10 steps: series r holds multiples of 0.25 up to 10, step 0
+    (10, 10), times SIZE[r]. Global scaling at --percentile 100 --scale-target 40 is the identity;
+    per-series scaling at --scale-target 10 divides series r by SIZE[r]."""
     folder = tmp_path_factory.mktemp("oracle_ours")
     ckpt = write_checkpoint(random_model(tiny_config()), folder / "ckpt")
-    traj = write_data(folder / "lv.h5", n=40, steps=10, top=10.0, forced=1)
+    traj = write_data(folder / "lv.h5", n=40, steps=10, top=10.0, forced=1) * SIZE[:, None, None]
+    lotka_volterra.save(folder / "lv.h5", traj, np.linspace(0.0, 1.0, 10))
     return ckpt, folder / "lv.h5", traj
 
 
 @pytest.fixture(scope="module")
 def report_b(tmp_path_factory):
     """A tiny checkpoint with room for report B's 510-token prompts + 300 new tokens, and 40 series of
-    71 steps, values up to 1, the first 8 steps (1, 1): so each context's 95th percentile is 1."""
+    71 steps: series r holds multiples of 0.25 up to 1, the first 8 steps (1, 1), times SIZE[r]; so
+    the 95th percentile of its context (values 96 and 97 of 102, sorted) is SIZE[r], its scale."""
     folder = tmp_path_factory.mktemp("oracle_b")
     ckpt = write_checkpoint(random_model(tiny_config(max_seq_len=1024)), folder / "ckpt")
-    traj = write_data(folder / "lv.h5", n=40, steps=71, top=1.0, forced=8)
+    traj = write_data(folder / "lv.h5", n=40, steps=71, top=1.0, forced=8) * SIZE[:, None, None]
+    lotka_volterra.save(folder / "lv.h5", traj, np.linspace(0.0, 1.0, 71))
     return ckpt, folder / "lv.h5", traj
 
 
 K, H = 6, 4  # ours: 6 steps of context, 4 forecast
 
 
-def run_ours(ours, tmp_path, monkeypatch, error, flags):
+def run_ours(ours, tmp_path, monkeypatch, error, flags, scaling="global"):
     ckpt, data, traj = ours
-    oracle = Oracle(Tokenizer.from_pretrained(ckpt), traj, K, H, error)
+    scale, target = (None, "40") if scaling == "global" else (SIZE, "10")
+    oracle = Oracle(Tokenizer.from_pretrained(ckpt), traj, K, H, error, scale)
     monkeypatch.setattr(evaluate, "generate", oracle)
     res = evaluate.main(["--model", str(ckpt), "--data", str(data), "--k", str(K), "--h", str(H), "--percentile", "100",
-                         "--scale-target", "10", "--no-ce", "--no-baselines", "--plots", "0", "--out", str(tmp_path), *flags])
+                         "--scaling", scaling, "--scale-target", target, "--no-ce", "--no-baselines", "--plots", "0",
+                         "--out", str(tmp_path), *flags])
     rows = np.array(res["series"]["index"])
     assert rows.tolist() == splits.split(40, seed=0).test.tolist()  # 6 series: 28 / 6 / 6 of 40
     saved = json.loads((tmp_path / "results.json").read_text())
@@ -109,19 +121,23 @@ def test_oracle_forecasts_score_zero_over_several_decode_batches(ours, tmp_path,
     assert res["repairs"]["forecasts_repaired"] == 0 and res["repairs"]["forecasts"] == 6
 
 
-def test_a_known_error_per_series_and_step_is_scored_exactly(ours, tmp_path, monkeypatch):
-    """Row r's prey at step j is off by 0.25 (1 + (r + j) % 3), its predator by 0.5 at step 0 only:
-    every series and step has its own error, so a forecast scored against another series' truth,
-    or one batch's forecasts written over another's, changes the numbers."""
+@pytest.mark.parametrize("scaling", ["global", "per-series"])
+def test_a_known_error_per_series_and_step_is_scored_exactly(ours, tmp_path, monkeypatch, scaling):
+    """Row r's prey at step j is off by 0.25 (1 + (r + j) % 3), its predator by 0.5 at step 0 only
+    (scaled units; times the series' scale in original units): every series and step has its own
+    error, so a forecast scored against another series' truth or unscaled with another series'
+    scale, or one batch's forecasts written over another's, changes the numbers."""
     def error(r, s):
         e = np.zeros((H, 2))
         e[:, 0] = 0.25 * (1 + (r + np.arange(H)) % 3)
         e[0, 1] = 0.5
         return e
 
-    res, saved, oracle, truth = run_ours(ours, tmp_path, monkeypatch, error, ["--batch", "4"])
+    res, saved, oracle, truth = run_ours(ours, tmp_path, monkeypatch, error, ["--batch", "4"], scaling)
     rows = res["series"]["index"]
-    E = np.stack([error(r, 0) for r in rows])  # (6, H, 2): the error of each scored series
+    scale = np.ones(40) if scaling == "global" else SIZE
+    E = np.stack([error(r, 0) * scale[r] for r in rows])  # (6, H, 2): the error of each scored series, original units
+    assert len(set(SIZE[rows])) == 3  # the scored series come in all three sizes
     np.testing.assert_array_equal(np.array(saved["series"]["forecasts"]["model"]), truth + E)
     overall = res["results"]["model"]["overall"]
     assert overall["mae"] == pytest.approx(np.abs(E).mean(), rel=1e-12)
@@ -129,7 +145,7 @@ def test_a_known_error_per_series_and_step_is_scored_exactly(ours, tmp_path, mon
     assert overall["mape"] == pytest.approx((100 * np.abs(E) / truth).mean(), rel=1e-12)
     step = res["results"]["model"]["per_step"]["mae"]
     np.testing.assert_allclose(step["prey"]["mean"], E[:, :, 0].mean(0), rtol=1e-12)
-    np.testing.assert_allclose(step["predator"]["mean"], [0.5, 0, 0, 0], rtol=1e-12)
+    np.testing.assert_allclose(step["predator"]["mean"], [E[:, 0, 1].mean(), 0, 0, 0], rtol=1e-12)
     np.testing.assert_allclose(step["prey"]["se"], E[:, :, 0].std(0, ddof=1) / np.sqrt(6), rtol=1e-12)
 
 
@@ -155,12 +171,13 @@ def test_samples_are_summarised_by_their_median(ours, tmp_path, monkeypatch):
 
 def run_report_b(report_b, tmp_path, monkeypatch, error, flags):
     ckpt, data, traj = report_b
-    oracle = Oracle(Tokenizer.from_pretrained(ckpt), traj, 51, 20, error)
+    oracle = Oracle(Tokenizer.from_pretrained(ckpt), traj, 51, 20, error, SIZE)
     monkeypatch.setattr(evaluate, "generate", oracle)
     res = evaluate.main(["--model", str(ckpt), "--data", str(data), "--preset", "report-b", "--no-baselines", "--plots", "0",
                          "--out", str(tmp_path), *flags])
     rows = np.array(res["series"]["index"])
     assert rows.tolist() == np.random.RandomState(42).permutation(40)[36:].tolist()  # its last 10% of the shuffled file
+    assert len(set(SIZE[rows])) > 1  # with different scales
     return res, oracle, traj[rows, 51:71]
 
 
@@ -171,11 +188,11 @@ def test_report_b_oracle_scores_zero_and_a_known_error_exactly(report_b, tmp_pat
     published = res["results"]["model"]["published"]["overall"]
     assert (published["mse"], published["mae"], published["mape"], published["r2"]) == (0, 0, 0, 1)
 
-    def error(r, s):  # series r's prey is off by 0.25 (1 + r % 3) at every step
-        return np.array([0.25 * (1 + r % 3), 0.0])
+    def error(r, s):  # series r's prey is off by 0.25 (1 + r % 5) at every step, scaled units
+        return np.array([0.25 * (1 + r % 5), 0.0])
 
     res, oracle, truth = run_report_b(report_b, tmp_path / "off", monkeypatch, error, ["--batch", "3"])
-    E = np.stack([np.broadcast_to(error(r, 0), (20, 2)) for r in res["series"]["index"]])  # (4, 20, 2)
+    E = np.stack([np.broadcast_to(error(r, 0) * SIZE[r], (20, 2)) for r in res["series"]["index"]])  # (4, 20, 2) original units
     published = res["results"]["model"]["published"]["overall"]
     assert published["mae"] == pytest.approx(np.abs(E).mean(), rel=1e-12)  # both species pooled, equal counts
     assert published["mse"] == pytest.approx((E ** 2).mean(), rel=1e-12)
@@ -183,13 +200,16 @@ def test_report_b_oracle_scores_zero_and_a_known_error_exactly(report_b, tmp_pat
 
 
 def test_report_b_samples_are_summarised_by_their_mean(report_b, tmp_path, monkeypatch):
-    """Report B took the mean of its samples: prey + 0, + 4, + 1 gives the truth + 5/3 (the median
-    would give + 1); its "Avg. Unc." is the mean over values of the samples' std (ddof 0)."""
+    """Report B took the mean of its samples: prey + 0, + 4, + 1 (scaled units) gives the truth + 5/3
+    times the series' scale (the median would give + 1); its "Avg. Unc." is the mean over values of
+    the samples' std (ddof 0)."""
     res, oracle, truth = run_report_b(report_b, tmp_path, monkeypatch, lambda r, s: np.array([SAMPLE_OFFSETS[s], 0.0]),
                                       ["--batch", "6", "--samples", "3"])
     assert oracle.batches == [2, 2]
-    np.testing.assert_allclose(np.array(res["series"]["forecasts"]["model"]), truth + [5 / 3, 0.0], rtol=1e-12)
+    size = SIZE[res["series"]["index"]][:, None]  # (4, 1)
+    np.testing.assert_allclose(np.array(res["series"]["forecasts"]["model"])[..., 0], truth[..., 0] + 5 / 3 * size, rtol=1e-12)
+    np.testing.assert_array_equal(np.array(res["series"]["forecasts"]["model"])[..., 1], truth[..., 1])
     published = res["results"]["model"]["published"]["overall"]
-    assert published["mae"] == pytest.approx(5 / 6, rel=1e-12)
-    # prey std of {0, 4, 1} (mean 5/3) = sqrt((25 + 49 + 4) / 27) = sqrt(26) / 3; predator 0
-    assert published["avg_uncertainty"] == pytest.approx(np.sqrt(26) / 6, rel=1e-12)
+    assert published["mae"] == pytest.approx(5 / 6 * size.mean(), rel=1e-12)
+    # prey std of {0, 4, 1} (mean 5/3) = sqrt((25 + 49 + 4) / 27) = sqrt(26) / 3, times the scale; predator 0
+    assert published["avg_uncertainty"] == pytest.approx(np.sqrt(26) / 6 * size.mean(), rel=1e-12)
