@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import random_model, tiny_config
-from qwen_min.loss import causal_lm_loss
+from lora import inject_lora, lora_layers
+from qwen_min.loss import causal_lm_loss, mean_cross_entropy, mean_of_batch_means
 
 ALPHABET = torch.tensor([3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15])
 
@@ -38,3 +39,69 @@ def test_numeric_vocabulary_is_a_softmax_over_those_tokens_only():
     assert numeric < full  # fewer competitors for every label
     with pytest.raises(ValueError, match="outside the restricted vocabulary"):
         causal_lm_loss(model, torch.tensor([[3, 100]]), torch.tensor([[3, 100]]), ALPHABET)
+
+
+def _two_batches():
+    """Batch 1: 2 rows x 9 tokens, one row half padding (8 + 3 = 11 scored labels); batch 2: 1 row x 4 tokens (3)."""
+    g = torch.Generator().manual_seed(3)
+    ids1, ids2 = torch.randint(3, 16, (2, 9), generator=g), torch.randint(3, 16, (1, 4), generator=g)
+    labels1 = ids1.clone()
+    labels1[1, 4:] = -100
+    return [(ids1, labels1), (ids2, ids2.clone())]
+
+
+def _per_token_losses(model, batches):
+    """Every scored label's cross-entropy, one batch at a time, padding dropped by hand: a list of (n_b,) tensors."""
+    out = []
+    with torch.no_grad():
+        for ids, labels in batches:
+            logits = model(ids)[:, :-1]  # (B, T-1, V)
+            targets = labels[:, 1:]
+            keep = targets != -100
+            out.append(F.cross_entropy(logits[keep], targets[keep], reduction="none"))
+    return out
+
+
+def test_mean_cross_entropy_weights_batches_by_their_scored_tokens():
+    model = random_model(tiny_config())
+    inject_lora(model, r=2, dropout=0.5)  # dropout: a result computed in train mode would differ
+    with torch.no_grad():
+        for m in lora_layers(model).values():
+            m.lora_B.normal_(generator=torch.Generator().manual_seed(5))
+    batches = _two_batches()
+    per_batch = _per_token_losses(model.eval(), batches)
+    model.train()
+    assert [len(t) for t in per_batch] == [11, 3]
+    every_token = torch.cat(per_batch).mean().item()  # one mean over the 14 scored tokens
+    of_means = (per_batch[0].mean() + per_batch[1].mean()).item() / 2
+    assert abs(every_token - of_means) > 1e-3  # the two conventions differ on these batches
+    mean, n = mean_cross_entropy(model, batches)
+    assert n == 14 and mean == pytest.approx(every_token, abs=1e-5)
+    assert model.training  # left in the mode it was in
+    assert mean_of_batch_means(model, batches) == pytest.approx(of_means, abs=1e-5)
+    assert model.training
+    # report A's convention: batch 1, labels = input_ids, so its padding (token 0 here) is scored too
+    padded = torch.tensor([[5, 6, 7, 0, 0, 0], [8, 9, 10, 11, 12, 13]])
+    report_a = [(row[None], row[None].clone()) for row in padded]
+    with torch.no_grad():
+        per_window = [F.cross_entropy(model.eval()(row[None])[0, :-1], row[1:]).item() for row in padded]  # 5 labels each
+    model.train()
+    assert mean_of_batch_means(model, report_a) == pytest.approx(sum(per_window) / 2, abs=1e-5)
+    model.eval()
+    mean_cross_entropy(model, batches)
+    assert not model.training
+
+
+def test_mean_cross_entropy_over_a_restricted_vocabulary_and_no_batches():
+    model = random_model(tiny_config())
+    g = torch.Generator().manual_seed(4)
+    batches = [(ALPHABET[torch.randint(0, 13, (2, 7), generator=g)],) * 2, (ALPHABET[torch.randint(0, 13, (1, 5), generator=g)],) * 2]
+    with torch.no_grad():
+        losses = []
+        for ids, _ in batches:
+            logits = model(ids)[:, :-1, ALPHABET]  # (B, T-1, 13)
+            targets = (ids[:, 1:, None] == ALPHABET).float().argmax(-1)
+            losses.append(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none"))
+    mean, n = mean_cross_entropy(model, batches, vocab_ids=ALPHABET)
+    assert n == 12 + 4 and mean == pytest.approx(torch.cat(losses).mean().item(), abs=1e-5)
+    assert mean_cross_entropy(model, []) == (0.0, 0)
