@@ -419,3 +419,68 @@ def test_split_report_a_trains_on_report_a_training_rows_only(ckpt):
     default = train.build_data(train.parse_args(run_args(ckpt, "unused", "--n-series", "20")),
                                Tokenizer.from_pretrained(ckpt), Qwen2Config.from_json(ckpt / "config.json"))[3]
     assert sorted(default.test.tolist()) != sorted(split.test.tolist())  # the flag changed which series are held out
+
+
+# ---------------------------------------------------------------- the schedule (issue 11): batch order, learning rate, final validation
+
+def test_every_epoch_visits_every_window_once_in_a_new_order():
+    n, batch, seed = 12, 4, 0  # 3 steps per epoch
+    epochs = [np.concatenate([train.batch_indices(s, n, batch, seed) for s in range(3 * e, 3 * e + 3)]) for e in range(4)]
+    for order in epochs:
+        assert sorted(order.tolist()) == list(range(n))  # a permutation: each window once
+    assert len({tuple(order.tolist()) for order in epochs}) == 4  # four epochs, four orders
+    assert [train.batch_indices(s, n, batch, seed).tolist() for s in range(6)] == [  # recomputable: what --resume needs
+        train.batch_indices(s, n, batch, seed).tolist() for s in range(6)]
+    assert not np.array_equal(epochs[0], np.concatenate([train.batch_indices(s, n, batch, 1) for s in range(3)]))  # --seed matters
+    # 14 windows in batches of 4: 3 steps an epoch, 12 distinct windows, 2 left for another epoch
+    uneven = np.concatenate([train.batch_indices(s, 14, 4, seed) for s in range(3)])
+    assert len(set(uneven.tolist())) == 12 and set(uneven.tolist()) <= set(range(14))
+
+
+def test_learning_rate_warms_up_from_lr_over_warmup_not_from_zero():
+    """Linear warm-up over W steps: step s (from 0) gets lr (s + 1) / W, so the first step already learns;
+    cosine then decays from lr to 10% of it at --steps (train.py --help)."""
+    from argparse import Namespace
+
+    constant = Namespace(lr=1e-3, warmup=4, steps=20, schedule="constant")
+    assert [train.learning_rate(s, constant) for s in range(6)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+    assert train.learning_rate(0, Namespace(lr=1e-3, warmup=0, steps=20, schedule="constant")) == 1e-3
+    cosine = Namespace(lr=1e-3, warmup=4, steps=20, schedule="cosine")
+    assert [train.learning_rate(s, cosine) for s in range(4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    # after warm-up, 16 steps of decay: progress (s - 4) / 16
+    for s, lr in [(4, 1e-3), (8, 1e-3 * (0.1 + 0.45 * (1 + 0.5 ** 0.5))), (12, 0.55e-3), (20, 1e-4), (30, 1e-4)]:
+        assert train.learning_rate(s, cosine) == pytest.approx(lr, rel=1e-9), s
+    assert train.learning_rate(0, Namespace(lr=1e-3, warmup=0, steps=20, schedule="cosine")) == pytest.approx(1e-3)
+
+
+def test_a_run_reshuffles_each_epoch_warms_up_from_step_one_and_validates_at_its_last_step(ckpt, tmp_path, monkeypatch):
+    """What a run really does: the windows each step trained on, the lr it logged, the steps it validated at."""
+    flags = ["--n-series", "4", "--context", "200"]
+    args = train.parse_args(run_args(ckpt, "unused") + flags)
+    n = len(train.build_data(args, Tokenizer.from_pretrained(ckpt), Qwen2Config.from_json(ckpt / "config.json"))[0].input_ids)
+    batch = n // 2  # 2 steps an epoch
+    assert batch >= 4, n
+    seen, real_build, real_to_batch = [], train.build_data, train.to_batch
+
+    def build_data(*a, **k):
+        out = real_build(*a, **k)
+        seen.append(out[0])  # the training windows
+        return out
+
+    def to_batch(w, idx, device):
+        if seen and w is seen[0]:
+            seen.append(np.asarray(idx).tolist())
+        return real_to_batch(w, idx, device)
+    monkeypatch.setattr(train, "build_data", build_data)
+    monkeypatch.setattr(train, "to_batch", to_batch)
+    run = tmp_path / "run"  # 5 steps, validation every 2: at 0 (the base model), 2, 4, and 5, the last
+    train.main(run_args(ckpt, run, *flags, "--batch", str(batch), "--steps", "5", "--eval-every", "2",
+                        "--warmup", "3", "--lr", "3e-3", "--patience", "0"))
+    steps = seen[1:]
+    assert len(steps) == 5 and all(len(s) == batch for s in steps)
+    epoch0, epoch1 = steps[0] + steps[1], steps[2] + steps[3]
+    for epoch in (epoch0, epoch1):
+        assert len(set(epoch)) == 2 * batch and set(epoch) <= set(range(n))  # every window at most once; all when n is even
+    assert epoch0 != epoch1  # reshuffled
+    assert [r["step"] for r in records(run, "val")] == [0, 2, 4, 5]
+    assert [r["lr"] for r in records(run, "train")] == pytest.approx([1e-3, 2e-3, 3e-3, 3e-3, 3e-3])
