@@ -32,10 +32,12 @@ from data import baselines, llmtime, lotka_volterra, metrics, protocols, splits,
 from data.forecast import forecast_tasks, read_forecast
 import flops
 from qwen_min import GenerationConfig, Qwen2, Qwen2Config, Tokenizer, generate
+from qwen_min.cli import HelpFormatter
 from qwen_min.errors import UserError, run_cli
 from qwen_min.files import FolderLock, atomic_write_json
 from qwen_min.generate import produced_lengths
 from qwen_min.loss import mean_cross_entropy, mean_of_batch_means
+from qwen_min.progress import progress, tracked
 from qwen_min.weights import resolve_checkpoint
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -53,16 +55,16 @@ REPORT_FIXED = {
 PRESETS = sorted(protocols.PROTOCOLS.keys() - {"ours"}) + sorted(protocols.ALIASES)
 
 
-def parse_args(argv=None):
+def build_parser():
     presets_help = "; ".join(f"{p.name}: {p.summary}" for p in protocols.PROTOCOLS.values() if p.name != "ours")
-    p = argparse.ArgumentParser(description="Forecasting evaluation of Qwen2.5 (+ LoRA) on Lotka-Volterra trajectories.")
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter, description="Forecasting evaluation of Qwen2.5 (+ LoRA) on Lotka-Volterra trajectories.")
     g = p.add_argument_group("model")
     g.add_argument("--run", help="a train.py run folder: its model, adapter (best/), data, split and scaling")
     g.add_argument("--model", help=f"checkpoint folder or hub id (default: the run's, else {DEFAULTS['model']})")
     g.add_argument("--adapter", help="LoRA adapter folder, ours or peft's (default: RUN/best, else RUN/adapter, else none)")
     g.add_argument("--no-adapter", action="store_true", help="evaluate the base model even with --run")
     g.add_argument("--lm-head-bias", action="store_true", default=None, help="the model has an lm_head bias (in the adapter)")
-    g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights and activations (bfloat16 is for GPUs)")
     g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     g = p.add_argument_group("protocol and data (default: ours, with the run's data, else the simulator)")
     g.add_argument("--preset", choices=PRESETS, help=f"a published protocol as its authors' code ran it, quirks included "
@@ -76,10 +78,10 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, help="split (and simulation) seed")
     g.add_argument("--split", choices=["ours", *splits.REPORT_SPLITS],
                    help="which split's test series the default protocol scores (default: the run's, else ours; a preset uses its report's)")
-    g.add_argument("--scaling", choices=["global", "per-series"])
-    g.add_argument("--percentile", type=float)
-    g.add_argument("--scale-target", type=float)
-    g.add_argument("--decimals", type=int, choices=[1, 2, 3])
+    g.add_argument("--scaling", choices=["global", "per-series"], help="(default: the run's, else global; a preset uses its report's)")
+    g.add_argument("--percentile", type=float, help="(default: the run's, else 95; a preset uses its report's)")
+    g.add_argument("--scale-target", type=float, help="(default: the run's, else 10; a preset uses its report's)")
+    g.add_argument("--decimals", type=int, choices=[1, 2, 3], help="(default: the run's, else 2; a preset uses its report's)")
     g.add_argument("--context", type=int, help="tokens per cross-entropy window")
     g.add_argument("--k", type=int, help="context steps in the prompt")
     g.add_argument("--h", type=int, help="steps to forecast")
@@ -88,19 +90,24 @@ def parse_args(argv=None):
     g.add_argument("--samples", type=int, default=1, help="forecasts per series; > 1 samples and takes the median "
                    "(report-b: the mean, as it did)")
     g.add_argument("--temperature", type=float, default=None, help="default: 0 (greedy) for 1 sample, 0.7 for more")
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--sample-seed", type=int, default=0)
+    g.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens (default: none; a preset: the generation config's)")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling in (0, 1] (default: none; a preset: the generation config's)")
+    g.add_argument("--sample-seed", type=int, default=0, help="seed of the sampled forecasts")
     g.add_argument("--unrestricted", action="store_true", help="let the model emit any token (default: digits and separators)")
     g.add_argument("--batch", type=int, default=20, help="sequences decoded at once (series x samples)")
     g = p.add_argument_group("output")
     g.add_argument("--out", help="folder for results.json and plots (default: RUN/eval, else evals/<time>)")
     g.add_argument("--label", help="name of this model in tables (default: the adapter's run, or 'base')")
     g.add_argument("--no-ce", action="store_true", help="skip the cross-entropy")
-    g.add_argument("--no-baselines", action="store_true")
+    g.add_argument("--no-baselines", action="store_true", help="skip the persistence and fitted-LV baselines")
     g.add_argument("--lv-iterations", type=int, default=150, help="Nelder-Mead iterations of the LV baseline fit")
     g.add_argument("--plots", type=int, default=4, help="series in forecasts.png (0 = no plots)")
     g.add_argument("--compare", nargs="+", metavar="RESULTS", help="print two or more results.json side by side, then exit")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     if args.compare:
         if len(args.compare) < 2:
@@ -329,7 +336,7 @@ def cross_entropy(model, tok, scaled, args):
     w = windows.dataset_windows(scaled, tok, args.context, args.context, args.decimals, tok.pad_id)
     batches = [tuple(torch.from_numpy(a).to(args.device) for a in windows.batch(w, slice(start, start + args.batch)))
                for start in range(0, len(w.input_ids), args.batch)]
-    mean, tokens = mean_cross_entropy(model, batches)
+    mean, tokens = mean_cross_entropy(model, tracked(batches, "cross-entropy", "batch"))
     spent = sum(flops.forward(model.config, ids.shape[0], ids.shape[1] - 1, lm_head_bias=model.lm_head_bias is not None).coursework
                 for ids, _ in batches)  # the loss feeds T - 1 tokens
     return {"mean": mean, "tokens": tokens, "windows": len(w.input_ids), "flops": spent, "convention": "per token, padding masked"}
@@ -342,7 +349,7 @@ def cross_entropy_report_a(model, tok, texts, args):
     rows = [windows.fixed_windows(tok.encode(t), args.context, args.context, tok.pad_id) for t in texts]
     w = np.concatenate(rows)  # (W, L)
     batches = [(torch.from_numpy(w[i : i + 1]).to(args.device),) * 2 for i in range(len(w))]
-    mean = mean_of_batch_means(model, batches)
+    mean = mean_of_batch_means(model, tracked(batches, "cross-entropy", "window"))
     spent = len(w) * flops.forward(model.config, 1, args.context - 1, lm_head_bias=model.lm_head_bias is not None).coursework
     return {"mean": mean, "tokens": int(w.size - len(w)), "windows": len(w), "flops": spent,
             "convention": "report A: padding counted, mean of per-window means"}
@@ -404,6 +411,7 @@ def forecast(model, tok, tasks, scaler, args):
     check_positions(model, max(len(t.prompt_ids) for t in tasks), max_new)
     values = np.zeros((len(tasks), args.samples, args.h, 2))
     repairs, repaired, n_tokens, spent = Counter(), 0, 0, 0.0
+    bar = progress(len(tasks), "forecast", "series")
     for start in range(0, len(tasks), per_batch):
         batch = tasks[start:start + per_batch]
         prompts = [t.prompt_ids.tolist() for t in batch]
@@ -418,6 +426,8 @@ def forecast(model, tok, tasks, scaler, args):
                 values[start + i, s], decoded = read_forecast(text, task, scaler, args.decimals)
                 repairs.update(decoded.issues)
                 repaired += decoded.n_repaired > 0
+        bar.update(len(batch))
+    bar.close()
     return values, {"forecasts_repaired": repaired, "forecasts": len(tasks) * args.samples, "by_kind": dict(repairs)}, n_tokens, spent
 
 
@@ -444,6 +454,7 @@ def forecast_report_a(model, tok, texts, args, gc):
     check_positions(model, max(map(len, prompts)), max(budgets))
     values, kept = np.zeros((len(texts), 1, args.h, 2)), np.zeros(len(texts), dtype=bool)
     n_tokens, spent = 0, 0.0
+    bar = progress(len(texts), "forecast", "series")
     for start in range(0, len(texts), args.batch):
         rows = range(start, min(start + args.batch, len(texts)))
         new, cost, produced = generate_as_transformers(model, [prompts[i] for i in rows], max(budgets[i] for i in rows), gc, tok)
@@ -453,6 +464,8 @@ def forecast_report_a(model, tok, texts, args, gc):
             read = protocols.report_a_read(full, n_truth[i], args.h)
             if read is not None and np.isfinite(read).all():
                 values[i, 0], kept[i] = read, True
+        bar.update(len(rows))
+    bar.close()
     lost = int((~kept).sum())
     return values, kept, {"forecasts_repaired": lost, "forecasts": len(texts), "by_kind": {"lost_series": lost} if lost else {}}, n_tokens, spent
 
@@ -468,6 +481,7 @@ def forecast_report_b(model, tok, contexts, args, gc):
     values = np.zeros((len(contexts), args.samples, args.h, 2))
     padded, n_tokens, spent = Counter(), 0, 0.0
     per_batch = max(1, args.batch // args.samples)
+    bar = progress(len(contexts), "forecast", "series")
     for start in range(0, len(contexts), per_batch):
         rows = range(start, min(start + per_batch, len(contexts)))
         new, cost, produced = generate_as_transformers(model, [prompts[i] for i in rows], max_new, gc, tok,
@@ -478,6 +492,8 @@ def forecast_report_b(model, tok, contexts, args, gc):
                 values[i, s], found = protocols.report_b_read(tok.decode(new[j, s].tolist()), scaled[i][1], args.h)
                 padded["forecasts"] += found < args.h
                 padded["zero_steps"] += args.h - found
+        bar.update(len(rows))
+    bar.close()
     by_kind = {"zero_padded_steps": padded["zero_steps"]} if padded["zero_steps"] else {}
     return values, {"forecasts_repaired": padded["forecasts"], "forecasts": len(contexts) * args.samples, "by_kind": by_kind}, n_tokens, spent
 

@@ -88,6 +88,7 @@ from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
 
+from qwen_min.cli import HelpFormatter
 from qwen_min.errors import run_cli
 from qwen_min.files import append_jsonl, atomic_write_text
 
@@ -975,18 +976,18 @@ def _fmt_table(rows) -> str:
     return "\n".join([fmt(head)] + [fmt(r) for r in body])
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="flops.py", description="Exact FLOPs of qwen-min: one forward pass, a LoRA training step, a run.")
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter, prog="flops.py", description="Exact FLOPs of qwen-min: one forward pass, a LoRA training step, a run.")
     p.add_argument("--config", help="a Qwen2 config.json (default: Qwen2.5-0.5B)")
     p.add_argument("--convention", choices=list(CONVENTIONS), default="ours",
                    help="ours: every operation as it runs (matmul view equal to FlopCounterMode); report-a, "
                         "report-b: the same mirror counted as each published report counted it, with its tables "
                         "(docs/flops.md)")
     p.add_argument("--context", type=int, default=512, help="tokens per training window")
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--batch", type=int, default=4, help="training windows per step")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank")
     p.add_argument("--lora-targets", default="q,v", help="comma-separated: q,k,v,o,gate,up,down; none: no LoRA")
-    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--steps", type=int, default=2000, help="training steps")
     p.add_argument("--lm-head-bias", action="store_true", help="train the coursework's lm_head bias")
     p.add_argument("--vocab", choices=["full", "numeric"], default="full",
                    help="loss over the full vocabulary or the 13 LLMTIME tokens (head of 13 rows)")
@@ -997,15 +998,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--val-batches", type=int, default=0, help="batches per validation")
     p.add_argument("--eval-series", type=int, default=0, help="series forecast in the final evaluation")
     p.add_argument("--eval-batch", type=int, default=1, help="series generated at once")
-    p.add_argument("--eval-context-steps", type=int, default=50)
-    p.add_argument("--eval-horizon-steps", type=int, default=50)
+    p.add_argument("--eval-context-steps", type=int, default=50, help="forecast prompt: context time steps")
+    p.add_argument("--eval-horizon-steps", type=int, default=50, help="forecast: time steps generated")
     p.add_argument("--tokens-per-step", type=int, default=10, help="LLMTIME tokens per time step (10 at 2 decimals)")
     p.add_argument("--gen-head-rows", type=int, default=NUMERIC_ROWS, help="head rows while decoding (vocab: all)")
     p.add_argument("--no-kv-cache", action="store_true", help="generation recomputes the context every token")
-    p.add_argument("--budget", type=float, default=BUDGET)
+    p.add_argument("--budget", type=float, default=BUDGET, help="the FLOP budget the plan is checked against")
     p.add_argument("--stage", default="run", help="stage name in the ledger")
     p.add_argument("--ledger", help="append the plan to this JSON-lines ledger")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the numbers as JSON")
     return p
 
 
@@ -1053,7 +1054,7 @@ def check_flags(a, cfg) -> list:
 def main(argv=None):
     from qwen_min.config import Qwen2Config
 
-    p = parser()
+    p = build_parser()
     a = p.parse_args(argv)
     try:
         cfg = Qwen2Config.from_json(a.config) if a.config else Qwen2Config()

@@ -37,10 +37,12 @@ import flops
 import lora
 from data import llmtime, lotka_volterra, splits, windows
 from qwen_min import Qwen2, Qwen2Config, Tokenizer
+from qwen_min.cli import HelpFormatter
 from qwen_min.errors import UserError, run_cli
 from qwen_min.files import (FolderLock, append_jsonl, atomic_write, atomic_write_json, atomic_write_text,
                             clean_leftovers, recover_folder, sync)
 from qwen_min.loss import causal_lm_loss, mean_cross_entropy
+from qwen_min.progress import progress
 from qwen_min.weights import hf_name, resolve_checkpoint, save_pretrained
 
 on_step = None  # called with the step number after every step; tests use it to kill a run midway
@@ -60,10 +62,10 @@ STATE_KEYS = {"step", "trainable", "best", "optimizer", "rng", "cuda_rng", "best
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="LoRA fine-tuning of Qwen2.5 on Lotka-Volterra trajectories (LLMTIME text).")
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter, description="LoRA fine-tuning of Qwen2.5 on Lotka-Volterra trajectories (LLMTIME text).")
     g = p.add_argument_group("model and LoRA")
     g.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct", help="checkpoint folder or hub id")
-    g.add_argument("--rank", type=int, default=8)
+    g.add_argument("--rank", type=int, default=8, help="LoRA rank r")
     g.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: = rank, scale 1)")
     g.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
     g.add_argument("--targets", default="q,v", help=f"comma list of {','.join(TARGET_NAMES)}")
@@ -71,35 +73,35 @@ def build_parser():
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None, help="h5 file in the coursework layout (default: simulate)")
     g.add_argument("--n-series", type=int, default=1000, help="trajectories to simulate when no --data")
-    g.add_argument("--decimals", type=int, default=2, choices=[1, 2, 3])
-    g.add_argument("--scaling", default="global", choices=["global", "per-series"])
-    g.add_argument("--percentile", type=float, default=95.0)
+    g.add_argument("--decimals", type=int, default=2, choices=[1, 2, 3], help="decimals per value in the LLMTIME text")
+    g.add_argument("--scaling", default="global", choices=["global", "per-series"], help="one scale for all series (fit on the training split) or one per series")
+    g.add_argument("--percentile", type=float, default=95.0, help="percentile of the values that maps to --scale-target")
     g.add_argument("--scale-target", type=float, default=10.0, help="the percentile maps to this value")
     g.add_argument("--context", type=int, default=512, help="tokens per training window (at most the model's positions)")
     g.add_argument("--stride", type=int, default=None, help="window stride (default: context / 2)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=1e-4)
-    g.add_argument("--batch", type=int, default=4)
-    g.add_argument("--steps", type=int, default=2000)
-    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW)")
+    g.add_argument("--batch", type=int, default=4, help="windows per step")
+    g.add_argument("--steps", type=int, default=2000, help="optimizer steps in all (raise it with --resume to train on)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on the LoRA weights")
     g.add_argument("--schedule", default="constant", choices=["constant", "cosine"], help="cosine: linear warm-up then cosine decay to 10%%")
     g.add_argument("--warmup", type=int, default=0, help="warm-up steps")
     g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
     g.add_argument("--vocab", default="full", choices=["full", "numeric"], help="numeric: softmax over the 13 LLMTIME tokens only")
     g = p.add_argument_group("validation, budget and run")
-    g.add_argument("--eval-every", type=int, default=100)
-    g.add_argument("--eval-batches", type=int, default=10)
+    g.add_argument("--eval-every", type=int, default=100, help="steps between validation losses (and at the last step)")
+    g.add_argument("--eval-batches", type=int, default=10, help="validation batches, a fixed subset")
     g.add_argument("--patience", type=int, default=5, help="evaluations without improvement before stopping (0 = never)")
-    g.add_argument("--flops-budget", type=float, default=1e17)
+    g.add_argument("--flops-budget", type=float, default=1e17, help="stop before spending more FLOPs than this (coursework convention)")
     g.add_argument("--precision", default=None, choices=["fp32", "bf16"], help="default: bf16 on CUDA, fp32 on CPU")
     g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seed for data, split, initialisation and batch order")
     g.add_argument("--split", default="ours", choices=["ours", *splits.REPORT_SPLITS],
                    help="ours: 70/15/15 by --seed; report-a / report-b: that report's split of the coursework file, "
                         "so evaluate.py --preset of the same name tests on series the run never saw")
     g.add_argument("--out", default=None, help="run folder (default: runs/<time>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar: plain log lines (step, loss, lr, tokens/s, FLOPs) every 30 s, as when output is not a terminal")
     g.add_argument("--export-merged", action="store_true",
                    help="at the end, also write the best adapter merged into a full checkpoint (<out>/merged) that transformers loads")
     return p
@@ -572,8 +574,6 @@ def train(args, run):
         print(f"warning: training on CPU: at least {est:.0f} s per step at this CPU's matmul rate (measured runs take about 1.5x "
               f"that), {est * (args.steps - step) / 3600:.1f} h or more for the run; use a CUDA GPU for real runs.", file=sys.stderr)
 
-    from tqdm import tqdm
-
     def validate():
         """Validation loss on the fixed subset; keeps the best adapter and checkpoints. True = stop early."""
         nonlocal spent, best_val, bad_evals, best
@@ -591,7 +591,7 @@ def train(args, run):
         checkpoint()
         return bool(args.patience) and bad_evals >= args.patience
 
-    bar = tqdm(total=args.steps, initial=step, disable=args.no_progress, dynamic_ncols=True)
+    bar = progress(args.steps, "train", "step", initial=step, bar=False if args.no_progress else None)
     if step == 0 and not resuming and eval_flops + first_step <= args.flops_budget:
         validate()  # the base model's loss: the baseline every later evaluation must beat
     stop_reason = "steps"

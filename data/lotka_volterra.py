@@ -161,7 +161,7 @@ def compare_table(real, simulated):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__.splitlines()[0])
     parser.add_argument("--compare", metavar="PATH", help="h5 file to compare the simulator with")
     parser.add_argument("--write", metavar="PATH", help="write simulated data to this h5 file")
     parser.add_argument("-n", type=int, default=1000, help="number of trajectories")

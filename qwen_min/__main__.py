@@ -13,6 +13,7 @@ import argparse
 
 import torch
 
+from .cli import HelpFormatter
 from .config import Qwen2Config
 from .errors import UserError, run_cli
 from .generate import generate
@@ -22,21 +23,26 @@ from .tokenizer import Tokenizer
 from .weights import resolve_checkpoint
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Generate text with qwen-min's Qwen2.5, decoding as the checkpoint's "
+def build_parser():
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter, description="Generate text with qwen-min's Qwen2.5, decoding as the checkpoint's "
                                             "generation_config.json says unless flags override it.")
     p.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct", help="checkpoint folder or hub id")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in Qwen's chat template")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy, > 0 samples (default: the generation config)")
     p.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens; 0 = all (default: the generation config)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling, in (0, 1]; 1 = off (default: the generation config)")
     p.add_argument("--repetition-penalty", type=float, default=None, help="> 0; 1 = none (default: the generation config)")
     p.add_argument("--no-generation-config", action="store_true", help="ignore generation_config.json: greedy, no penalty, unless flags say otherwise")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling (default: unseeded)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights and activations (bfloat16 is for GPUs)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda if available, else cpu")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
         p.error("--max-new-tokens must be at least 1")
