@@ -1,6 +1,7 @@
 """qwen_min.generate: KV-cached batched generation against transformers and its own options."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from qwen_min import GenerationConfig, Tokenizer, generate
 from qwen_min.__main__ import main
 from qwen_min.errors import UserError, run_cli
 from qwen_min.generate import pad_left, penalize_repeats, sample, tokens_seen
+from qwen_min.kv_cache import KVCache
 
 ROWS = [[5, 6, 7, 8, 9, 10, 11, 12], [20, 21, 22], [30, 31, 32, 33, 34]]
 
@@ -339,3 +341,162 @@ def test_command_line_honours_the_generation_config_unless_told_not_to(tmp_path,
     for flags, want in (([], expected[0]), (["--no-generation-config"], expected[1]), (["--repetition-penalty", "1"], expected[1])):
         main(["--model", str(folder), "--prompt", "1.2,3.4;", "--max-new-tokens", "20"] + flags)
         assert capsys.readouterr().out == want + "\n"
+
+
+# ---------------------------------------------------------------- the sampling distribution, by hand and by transformers
+
+def multinomial_inputs(monkeypatch):
+    """Records the probabilities (r, V) of every torch.multinomial draw (the one draw per decoding step)."""
+    recorded, draw = [], torch.multinomial
+
+    def spy(probs, num_samples, **kwargs):
+        recorded.append(probs.detach().clone())
+        return draw(probs, num_samples, **kwargs)
+
+    monkeypatch.setattr(torch, "multinomial", spy)
+    return recorded
+
+
+def transformers_distribution(logits, temperature, top_k=None, top_p=None):
+    """softmax of logits (r, V) after transformers' own warpers, in their order."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    scores = TemperatureLogitsWarper(temperature)(None, logits.float())
+    if top_k:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p is not None:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    return scores.softmax(-1)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_draws_follow_softmax_of_logits_over_temperature(temperature):
+    """20,000 draws from one row: the frequencies are softmax(logits / T), computed by hand
+    (T = 0.5: 0.016, 0.117, 0.867, 0.002; T = 2: 0.187, 0.308, 0.507, 0.114 with logits 0, 1, 2, -1)."""
+    logits = [0.0, 1.0, 2.0, -1.0]
+    weights = [math.exp(x / temperature) for x in logits]
+    expected = [w / sum(weights) for w in weights]
+    draws = sample(torch.tensor([logits]).expand(20_000, 4), temperature, generator=torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(draws, minlength=4) / 20_000
+    assert frequencies.tolist() == pytest.approx(expected, abs=0.012)  # 4 standard errors at most
+
+
+def test_temperature_distribution_is_softmax_of_logits_over_t(monkeypatch):
+    probs = multinomial_inputs(monkeypatch)
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1.0], [3.0, -2.0, 0.5, 0.5]])
+    for temperature in (0.5, 2.0):
+        sample(logits, temperature, generator=torch.Generator().manual_seed(0))
+        weights = [[math.exp(x / temperature) for x in row] for row in logits.tolist()]
+        expected = [[w / sum(row) for w in row] for row in weights]
+        torch.testing.assert_close(probs[-1], torch.tensor(expected), atol=1e-6, rtol=0)
+
+
+def test_top_k_keeps_exactly_the_k_largest(monkeypatch):
+    probs = multinomial_inputs(monkeypatch)
+    logits = torch.tensor([[0.1, 2.0, -1.0, 1.5, 0.7, 3.0]])
+    sample(logits, 1.0, top_k=3, generator=torch.Generator().manual_seed(0))
+    kept = [math.exp(x) if i in (5, 1, 3) else 0.0 for i, x in enumerate(logits[0].tolist())]  # 3.0, 2.0, 1.5
+    torch.testing.assert_close(probs[-1], torch.tensor([[w / sum(kept) for w in kept]]), atol=1e-6, rtol=0)
+    sample(torch.tensor([[1.0, 2.0, 2.0, 0.0]]), 1.0, top_k=2, generator=torch.Generator().manual_seed(0))
+    assert (probs[-1] > 0).tolist() == [[False, True, True, False]]
+    sample(torch.tensor([[1.0, 2.0, 2.0, 0.0]]), 1.0, top_k=3, generator=torch.Generator().manual_seed(0))
+    assert (probs[-1] > 0).tolist() == [[True, True, True, False]]
+
+
+@pytest.mark.parametrize("top_p, kept", [(0.75, [0, 1]), (0.76, [0, 1, 2]), (0.5, [0]), (0.1, [0]), (0.95, [0, 1, 2, 3])])
+def test_top_p_keeps_the_smallest_set_whose_probability_reaches_p(monkeypatch, top_p, kept):
+    """Probabilities 1/2, 1/4, 5/32, 3/32 (exact in float32, and so are their sums): top-p 0.75 is
+    reached by the first two exactly, so they alone stay; a hair above needs the third."""
+    probs = multinomial_inputs(monkeypatch)
+    p = [0.5, 0.25, 0.15625, 0.09375]
+    sample(torch.log(torch.tensor([p])), 1.0, top_p=top_p, generator=torch.Generator().manual_seed(0))
+    expected = [p[i] / sum(p[j] for j in kept) if i in kept else 0.0 for i in range(4)]
+    torch.testing.assert_close(probs[-1], torch.tensor([expected]), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.5, None, None), (1.7, 4, None), (0.8, None, 0.6), (0.6, 5, 0.85)])
+def test_processed_distribution_equals_transformers_warpers(monkeypatch, temperature, top_k, top_p):
+    probs = multinomial_inputs(monkeypatch)
+    logits = torch.randn(5, 24, generator=torch.Generator().manual_seed(3)) * 2
+    sample(logits, temperature, top_k, top_p, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(probs[-1], transformers_distribution(logits, temperature, top_k, top_p), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("allowed", [None, [3, 17, 42, 99, 120, 150, 7, 8]], ids=["full", "allowed"])
+def test_every_draw_is_from_the_models_logits_warped_as_transformers(monkeypatch, allowed):
+    """Each decoding step draws from softmax(top-p(top-k(logits / T))) of the logits a full forward
+    pass (no cache) gives at that prefix: in the allowed columns only, when restricted."""
+    model = random_model(tiny_config(eos_token_id=999))
+    probs = multinomial_inputs(monkeypatch)
+    ids, mask = pad_left(ROWS, pad_id=0)
+    n = 6
+    out = generate(model, ids, n, attention_mask=mask, temperature=0.6, top_k=5, top_p=0.85, seed=0,
+                   allowed_token_ids=allowed, stop_token_ids=[], pad_token_id=0)
+    with torch.no_grad():
+        logits = model(out, torch.cat([mask, torch.ones(3, n, dtype=mask.dtype)], dim=1)).float()  # (3, T + n, V)
+    assert len(probs) == n
+    T = ids.shape[1]
+    for step, p in enumerate(probs):
+        scores = logits[:, T - 1 + step]  # the logits that predict new token `step`
+        scores = scores if allowed is None else scores[:, allowed]
+        torch.testing.assert_close(p, transformers_distribution(scores, 0.6, 5, 0.85), atol=1e-5, rtol=0)
+        drawn = out[:, T + step] if allowed is None else torch.tensor([allowed.index(t) for t in out[:, T + step].tolist()])
+        assert (p[torch.arange(3), drawn] > 0).all()  # and the token written is one it could draw
+
+
+# ---------------------------------------------------------------- the restricted head and bfloat16
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_restricted_head_is_the_full_heads_columns_bias_included(tied):
+    model = random_model(tiny_config(tie_embeddings=tied), lm_head_bias=True)
+    with torch.no_grad():
+        model.lm_head_bias.normal_(0, 2.0)
+    h = torch.randn(2, 3, 64)
+    ids = [13, 5, 0, 77, 159, 40]
+    W = model.embed_tokens.weight if tied else model.lm_head.weight  # (V, D)
+    full = torch.einsum("btd,vd->btv", h, W) + model.lm_head_bias  # the full head by hand, (2, 3, V)
+    with torch.no_grad():
+        torch.testing.assert_close(model.head(h, torch.tensor(ids)), full[..., ids], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.head(h), full, atol=1e-5, rtol=1e-5)
+
+
+def test_restricted_decoding_with_an_lm_head_bias_equals_transformers():
+    """A large bias on a few allowed tokens changes what greedy restricted decoding writes, so a head
+    that dropped it in the allowed columns would write other tokens than transformers'."""
+    model = random_model(tiny_config(eos_token_id=999), lm_head_bias=True)
+    allowed = [3, 17, 42, 99, 120, 150]
+    with torch.no_grad():
+        model.lm_head_bias[allowed] = torch.tensor([0.0, 1.5, -1.0, 0.5, 2.0, -0.5])
+    ids, mask = pad_left(ROWS, pad_id=0)
+    ours = generate(model, ids, 15, attention_mask=mask, allowed_token_ids=allowed, stop_token_ids=[], pad_token_id=0)
+    theirs = hf_twin(model).generate(ids, attention_mask=mask, max_new_tokens=15, do_sample=False, pad_token_id=0,
+                                     prefix_allowed_tokens_fn=lambda batch, prefix: allowed, eos_token_id=None)
+    assert ours.tolist() == theirs.tolist()
+    with torch.no_grad():
+        model.lm_head_bias.zero_()
+    unbiased = generate(model, ids, 15, attention_mask=mask, allowed_token_ids=allowed, stop_token_ids=[], pad_token_id=0)
+    assert unbiased.tolist() != ours.tolist()  # the bias mattered
+
+
+def test_bfloat16_model_gets_a_bfloat16_cache_and_generates_as_full_recomputation():
+    """bf16 generation: the cache holds bf16 keys and values, and every greedy token is the argmax of
+    a bf16 forward pass over its prefix without any cache. The cached and the full pass round
+    differently (here by up to 2 bf16 steps of the logits, 0.03 at |logit| ~ 4), so where the two
+    largest full-pass logits are closer than TOL either may be written; elsewhere only the argmax."""
+    TOL = 0.0625  # 4 bf16 steps for logits in [2, 4)
+    model = random_model(tiny_config(eos_token_id=999), dtype=torch.bfloat16)
+    cache = KVCache.for_model(model, 3, 40)
+    assert cache.k.dtype == cache.v.dtype == torch.bfloat16
+    ids, mask = pad_left(ROWS, pad_id=0)
+    T, n = ids.shape[1], 12
+    out = generate(model, ids, n, attention_mask=mask, stop_token_ids=[], pad_token_id=0)
+    with torch.no_grad():  # causal: position T - 1 + j sees exactly the prefix new token j was chosen from
+        logits = model(out[:, :-1], torch.cat([mask, torch.ones(3, n - 1, dtype=mask.dtype)], dim=1))
+    assert logits.dtype == torch.bfloat16
+    logits = logits[:, T - 1:].float()  # (3, n, V)
+    chosen = out[:, T:]  # (3, n)
+    top2 = logits.topk(2, dim=-1).values
+    decisive = top2[..., 0] - top2[..., 1] > TOL
+    assert decisive.float().mean() > 0.75  # the check below bites at most steps
+    assert torch.equal(chosen[decisive], logits.argmax(-1)[decisive])
+    assert (logits.gather(-1, chosen[..., None])[..., 0] >= top2[..., 0] - TOL).all()
