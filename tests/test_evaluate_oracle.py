@@ -50,10 +50,11 @@ class Oracle:
         self.tok, self.traj, self.k, self.h, self.error = tok, traj, k, h, error
         self.scale = np.ones(len(traj)) if scale is None else scale
         self.row_of = {text_of(x[:k] / c): r for r, (x, c) in enumerate(zip(traj, self.scale))}  # every series' prompt, by hand
-        self.batches = []  # prompts per call
+        self.batches, self.settings = [], []  # per call: the number of prompts, the decoding keywords
 
     def __call__(self, model, prompts, max_new_tokens, num_samples=1, pad_token_id=0, **settings):
         self.batches.append(len(prompts))
+        self.settings.append(settings | {"num_samples": num_samples})
         out = []
         for p in prompts:
             r = self.row_of[self.tok.decode(p)]  # KeyError: the prompt is not the series' context as encoded by hand
@@ -151,10 +152,18 @@ def test_a_known_error_per_series_and_step_is_scored_exactly(ours, tmp_path, mon
 
 def test_samples_are_summarised_by_their_median(ours, tmp_path, monkeypatch):
     """Three samples per series, prey + 0, + 4, + 1: the median is the truth + 1 (the mean would be
-    + 5/3); decoded two series per batch (--batch 6 // 3 samples), three batches."""
+    + 5/3); decoded two series per batch (--batch 6 // 3 samples), three batches, each with the
+    decoding flags given, over the 13 LLMTIME characters, up to H separators, no generation config."""
     res, saved, oracle, truth = run_ours(ours, tmp_path, monkeypatch, lambda r, s: np.array([SAMPLE_OFFSETS[s], 0.0]),
-                                         ["--batch", "6", "--samples", "3"])
+                                         ["--batch", "6", "--samples", "3", "--temperature", "0.5", "--top-k", "3",
+                                          "--top-p", "0.9"])
     assert oracle.batches == [2, 2, 2]
+    tok = Tokenizer.from_pretrained(ours[0])
+    alphabet = sorted(tok.encode(c)[0] for c in "0123456789.,;")
+    for s in oracle.settings:
+        assert (s["temperature"], s["top_k"], s["top_p"], s["num_samples"], s["stop_after"]) == (0.5, 3, 0.9, 3, (tok.encode(";")[0], H))
+        assert sorted(s["allowed_token_ids"]) == alphabet and s["use_generation_config"] is False and s["repetition_penalty"] == 1.0
+    assert len({s["seed"] for s in oracle.settings}) == 3  # each batch its own draws
     np.testing.assert_array_equal(np.array(saved["series"]["forecasts"]["model"]), truth + [1.0, 0.0])
     model = res["results"]["model"]
     assert model["overall"]["mae"] == 0.5 and model["overall"]["mse"] == 0.5  # prey off by 1, predator exact
