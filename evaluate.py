@@ -31,12 +31,13 @@ import torch
 from data import baselines, llmtime, lotka_volterra, metrics, protocols, splits, windows
 from data.forecast import forecast_tasks, read_forecast
 import flops
-from qwen_min import GenerationConfig, Qwen2, Qwen2Config, Tokenizer, generate
+from qwen_min import GenerationConfig, Qwen2Config, Tokenizer, generate
 from qwen_min.cli import HelpFormatter
 from qwen_min.errors import UserError, run_cli
 from qwen_min.files import FolderLock, atomic_write_json
 from qwen_min.generate import produced_lengths
 from qwen_min.loss import mean_cross_entropy, mean_of_batch_means
+from qwen_min import run_folder
 from qwen_min.progress import progress, tracked
 from qwen_min.weights import resolve_checkpoint
 
@@ -117,31 +118,6 @@ def parse_args(argv=None):
     return args
 
 
-def read_run_args(run, p):
-    """A run folder's args.json as a dict, or a one-sentence error."""
-    path = Path(run) / "args.json"
-    if not path.is_file():
-        p.error(f"{run} holds no args.json; pass a train.py run folder to --run")
-    try:
-        run_args = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        p.error(f"{path} is not valid JSON; is {run} a train.py run folder?")
-    if not isinstance(run_args, dict):
-        p.error(f"{path} holds a JSON {type(run_args).__name__}, not the object train.py writes; is {run} a train.py run folder?")
-    is_int = lambda x: isinstance(x, int) and not isinstance(x, bool)
-    is_num = lambda x: (is_int(x) or isinstance(x, float)) and np.isfinite(x)
-    checks = {"model": lambda x: isinstance(x, str) and x, "data": lambda x: x is None or isinstance(x, str),
-              "n_series": is_int, "seed": is_int, "scaling": lambda x: x in ("global", "per-series"), "percentile": is_num,
-              "scale_target": is_num, "decimals": lambda x: x in (1, 2, 3) and is_int(x), "context": is_int,
-              "lm_head_bias": lambda x: isinstance(x, bool), "split": lambda x: x in ("ours", *splits.REPORT_SPLITS)}
-    for key, ok in checks.items():
-        if key == "model" and key not in run_args:
-            p.error(f"{path} names no 'model'; restore the run's args.json (train.py writes every flag there)")
-        if key in run_args and not ok(run_args[key]):
-            p.error(f"{path}: '{key}' is {run_args[key]!r}, not a value train.py writes; restore the run's args.json")
-    return run_args
-
-
 def resolve(args, p):
     """Fills unset flags: explicit flag > the run's args.json > the preset > DEFAULTS. With --run, the
     flags that make its split and encoding (RUN_FIXED) cannot differ from the run's; with a report
@@ -164,7 +140,10 @@ def resolve(args, p):
         p.error("--score scores forecasts from a file and loads no model; leave out --run and --adapter")
     run_args = {}
     if args.run:
-        run_args = read_run_args(args.run, p)
+        try:
+            run_args = run_folder.read_args(args.run)
+        except UserError as e:
+            p.error(str(e).rstrip("."))
         run = Path(args.run)
         changed = [k for k in RUN_FIXED if k not in fixed and getattr(args, k) is not None and getattr(args, k) != run_args.get(k)]
         if changed:
@@ -172,7 +151,7 @@ def resolve(args, p):
                     "by the run (train.py's args.json), so evaluate it without that flag")
         args.trained_on = (run_args.get("split", "ours"), run_args.get("seed", 0))  # to find test series it trained on
         if args.adapter is None and not args.no_adapter:
-            args.adapter = str(run / "best") if (run / "best").is_dir() else str(run / "adapter")
+            args.adapter = str(run_folder.adapter_of(run))
     for key, default in DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, fixed[key] if key in fixed else run_args.get(key, default))
@@ -216,18 +195,7 @@ def resolve(args, p):
 
 def load_model(args):
     """Base checkpoint, plus the adapter merged in (and its lm_head bias), ready for inference."""
-    import lora
-    from qwen_min.weights import hf_name
-
-    dtype = getattr(torch, args.dtype)
-    model = Qwen2.from_pretrained(args.model, dtype=dtype, device=args.device, lm_head_bias=bool(args.lm_head_bias))
-    if args.adapter:
-        extra = lora.load_adapter(model, args.adapter, module_name=hf_name)
-        lora.merge_lora(model.to(dtype))
-        if "lm_head_bias" in extra:
-            with torch.no_grad():
-                model.add_lm_head_bias().copy_(extra["lm_head_bias"])
-    return model.to(args.device).eval()
+    return run_folder.load_model(args.model, args.adapter, getattr(torch, args.dtype), args.device, bool(args.lm_head_bias))
 
 
 def named_split(name, n, seed):
@@ -306,25 +274,10 @@ def scalers(args, traj, split, test):
         return fit(traj[test, : args.k], True), fit(traj[test], True)
     saved = Path(args.run) / "scaler.json" if args.run else None
     if saved is not None and saved.is_file():  # absent (or a folder): refit, which gives the same scale
-        scaler = read_scaler(saved)
+        scaler = run_folder.read_scaler(saved)
     else:
         scaler = fit(traj[split.train], False)
     return scaler, scaler
-
-
-def read_scaler(path):
-    """A run's scaler.json (llmtime.Scaler.to_dict), checked: one sentence for anything else."""
-    try:
-        d = json.loads(Path(path).read_text())
-        scaler = llmtime.Scaler.from_dict(d)
-        ok = (not scaler.per_series and scaler.level.shape == () and np.isfinite(scaler.level) and scaler.level > 0
-              and 0 < scaler.percentile <= 100 and np.isfinite(scaler.target) and scaler.target > 0)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
-        ok = False
-    if not ok:
-        raise UserError(f"{path} is not a global scaler train.py writes (a positive 'level', 'percentile', 'target', "
-                        "'per_series' false); restore it, or delete it to refit the scale on the run's train split.")
-    return scaler
 
 
 # ---------------------------------------------------------------- cross-entropy

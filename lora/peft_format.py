@@ -6,7 +6,7 @@ with peft's tensor names:
     base_model.model.<module path in transformers>.lora_A.weight    (r, in)
     base_model.model.<module path in transformers>.lora_B.weight    (out, r)
 
-`module_name` maps our module paths to transformers' (for Qwen2: `layers.0.self_attn.q_proj` ->
+`module_name` (default: the model's `checkpoint_name`, which Qwen2 has) maps our module paths to transformers' (for Qwen2: `layers.0.self_attn.q_proj` ->
 `model.layers.0.self_attn.q_proj`); `extra` tensors (e.g. the coursework's lm_head bias, which
 peft has no slot for) go to `extra_parameters.safetensors` beside them, which peft ignores.
 """
@@ -29,7 +29,13 @@ CONFIG, WEIGHTS, EXTRA = "adapter_config.json", "adapter_model.safetensors", "ex
 MAX_RANK = 4096
 
 
-def save_adapter(model, folder, module_name=lambda n: n, base_model_name_or_path=None, extra=None):
+def names_in_checkpoint(model, module_name=None):
+    """How the model's module names read in a peft file: `module_name` if given, else the model's own
+    `checkpoint_name` (a model that loads transformers checkpoints knows their names), else unchanged."""
+    return module_name or getattr(model, "checkpoint_name", None) or (lambda name: name)
+
+
+def save_adapter(model, folder, module_name=None, base_model_name_or_path=None, extra=None):
     """Writes the model's LoRA layers (and `extra` {name: tensor}) to `folder` in peft's format.
 
     The folder is the adapter's alone: it is written beside its place and swapped in whole
@@ -46,6 +52,7 @@ def save_adapter(model, folder, module_name=lambda n: n, base_model_name_or_path
     if foreign:
         raise UserError(f"{folder} holds files that are not an adapter's ({', '.join(foreign[:3])}), which saving an adapter "
                         "there would delete; choose a new or adapter-only folder.")
+    module_name = names_in_checkpoint(model, module_name)
     tensors = {}
     for name, m in layers.items():
         key = PEFT_PREFIX + module_name(name)
@@ -100,7 +107,7 @@ def read_adapter_config(folder) -> dict:
     return config | {"lora_alpha": alpha, "target_modules": targets}
 
 
-def load_adapter(model, folder, module_name=lambda n: n):
+def load_adapter(model, folder, module_name=None):
     """Injects LoRA as `folder`'s adapter_config.json describes and loads its weights.
 
     Returns the `extra` tensors saved beside it ({} when none). Whatever does not fit the model
@@ -116,6 +123,7 @@ def load_adapter(model, folder, module_name=lambda n: n):
     if unknown:
         raise UserError(f"{folder / CONFIG} targets {', '.join(unknown)}, which this model does not have; was it trained on another model?")
     inject_lora(model, r=r, alpha=alpha, targets=targets)
+    module_name = names_in_checkpoint(model, module_name)
     expected = {}
     for name, m in lora_layers(model).items():
         key = PEFT_PREFIX + module_name(name)

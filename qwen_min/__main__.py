@@ -1,24 +1,38 @@
-"""Try the model from the shell:
+"""Try the model, or a fine-tune, from the shell:
 
-    python -m qwen_min --model DIR_OR_HUB_ID --prompt "What is 2+2?" --chat
-    python -m qwen_min --model DIR --prompt "2.73,2.99;2.13,2.24;1.96,1.62;" --max-new-tokens 20 --temperature 0
+    python -m qwen_min --model DIR_OR_HUB_ID --prompt "What is 2+2?" --chat     # one chat turn
+    python -m qwen_min --model DIR --prompt "2.73,2.99;2.13,2.24;" --max-new-tokens 20 --temperature 0
+    python -m qwen_min --run runs/cpu512 --chat                                # talk to a fine-tune (Ctrl-D ends)
+    python -m qwen_min --run runs/cpu512 --forecast "2.1,1.0; 2.5,0.9; 2.9,0.9" --steps 10
 
-Decoding follows the checkpoint's generation_config.json, as transformers' generate does (for
-Qwen2.5-Instruct: sampling at temperature 0.7, top-k 20, top-p 0.8, repetition penalty 1.1);
-each flag given overrides its field, and --no-generation-config ignores the file (greedy, no
-penalty, unless flags say otherwise). --temperature 0 is greedy.
+--run takes a train.py run folder (its model, its best adapter, its scale); --adapter takes any
+adapter folder, ours or peft's. Text decoding follows the checkpoint's generation_config.json,
+as transformers' generate does (for Qwen2.5-Instruct: sampling at temperature 0.7, top-k 20,
+top-p 0.8, repetition penalty 1.1); each flag given overrides its field, and
+--no-generation-config ignores the file. --temperature 0 is greedy.
+
+--forecast continues a series of prey,predator pairs (original units, steps separated by ';')
+the way evaluate.py forecasts: scaled (the run's scale, else one fit on the series itself),
+written as LLMTIME text, decoded greedily over digits and separators only, read back and
+unscaled.
 """
 
 import argparse
+import math
+import sys
+from pathlib import Path
 
+import numpy as np
 import torch
 
+from data import llmtime
+
+from . import run_folder
 from .cli import HelpFormatter
 from .config import Qwen2Config
 from .errors import UserError, run_cli
 from .generate import generate
 from .generation_config import GenerationConfig
-from .model import Qwen2
 from .tokenizer import Tokenizer
 from .weights import resolve_checkpoint
 
@@ -26,10 +40,14 @@ from .weights import resolve_checkpoint
 def build_parser():
     p = argparse.ArgumentParser(formatter_class=HelpFormatter, description="Generate text with qwen-min's Qwen2.5, decoding as the checkpoint's "
                                             "generation_config.json says unless flags override it.")
-    p.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct", help="checkpoint folder or hub id")
-    p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in Qwen's chat template")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
+    p.add_argument("--model", help="checkpoint folder or hub id (default: the run's, else Qwen/Qwen2.5-0.5B-Instruct)")
+    p.add_argument("--run", help="a train.py run folder: its model, its adapter (best/, else adapter/) and its scale")
+    p.add_argument("--adapter", help="a LoRA adapter folder, ours or peft's (default: the run's)")
+    p.add_argument("--prompt", help="text to continue (with --chat: one user message)")
+    p.add_argument("--chat", action="store_true", help="Qwen's chat template; without --prompt, an interactive chat on stdin")
+    p.add_argument("--forecast", metavar="SERIES", help="prey,predator pairs separated by ';' to continue for --steps steps")
+    p.add_argument("--steps", type=int, default=10, help="time steps to forecast with --forecast")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most per reply")
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy, > 0 samples (default: the generation config)")
     p.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens; 0 = all (default: the generation config)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling, in (0, 1]; 1 = off (default: the generation config)")
@@ -44,6 +62,12 @@ def build_parser():
 def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
+    if (args.prompt is None) == (args.forecast is None) and not (args.chat and args.forecast is None):
+        p.error("give --prompt TEXT, --chat (interactive), or --forecast SERIES: one of them")
+    if args.forecast is not None and args.chat:
+        p.error("--forecast continues numbers; leave out --chat")
+    if args.steps < 1:
+        p.error("--steps must be at least 1")
     if args.max_new_tokens < 1:
         p.error("--max-new-tokens must be at least 1")
     if args.temperature is not None and not args.temperature >= 0:  # `not >=` also refuses nan
@@ -67,25 +91,133 @@ def parse_args(argv=None):
     return args
 
 
+def from_run(args):
+    """Fills --model and --adapter from --run; returns the run's args.json ({} without --run)."""
+    run = run_folder.read_args(args.run) if args.run else {}
+    args.model = args.model or run.get("model") or "Qwen/Qwen2.5-0.5B-Instruct"
+    if args.run and args.adapter is None:
+        args.adapter = str(run_folder.adapter_of(args.run))
+    if args.adapter and not Path(args.adapter).is_dir():
+        raise UserError(f"--adapter {args.adapter} is not a folder; give a LoRA adapter folder (ours or peft's).")
+    return run
+
+
+def read_series(text):
+    """'2.1,1.0; 2.5,0.9' -> (k, 2) float64 prey, predator in original units."""
+    steps = [step for step in text.replace("\n", ";").split(";") if step.strip()]
+    values = []
+    for n, step in enumerate(steps, 1):
+        try:
+            pair = [float(x) for x in step.split(",")]
+        except ValueError:
+            pair = []
+        if len(pair) != 2 or not all(math.isfinite(x) and x >= 0 for x in pair):
+            raise UserError(f"--forecast: step {n} ({step.strip()!r}) is not a pair 'prey,predator' of numbers >= 0; "
+                            "separate steps with ';', e.g. --forecast \"2.1,1.0; 2.5,0.9\".")
+        values.append(pair)
+    if not values:
+        raise UserError("--forecast is empty; give the series so far, e.g. --forecast \"2.1,1.0; 2.5,0.9\".")
+    return np.array(values)
+
+
+def forecast(model, tok, context, h, run, run_args):
+    """Continue `context` (k, 2) for h steps as evaluate.py's protocol does -> (values (h, 2), llmtime.Decoded).
+    run: the run folder (None without --run); run_args: its args.json."""
+    decimals = run_args.get("decimals", 2)
+    saved = Path(run) / "scaler.json" if run else None
+    if run_args.get("scaling", "global") == "global" and saved is not None and saved.is_file():
+        scaler = run_folder.read_scaler(saved)  # the scale the model was trained on
+    else:  # no run, or per-series scaling: scale the series by itself, as LLMTIME does
+        scaler = fit_scale(context, run_args.get("percentile", 95.0), run_args.get("scale_target", 10.0))
+    prompt = llmtime.encode(scaler.transform(context, rows=0), decimals, trailing_sep=True)
+    ids = tok.encode(prompt)
+    sep_id = tok.encode(";")[0]
+    max_new = math.ceil(h * (len(ids) / len(context) + 2))  # each step's tokens as in the prompt, plus slack
+    check_length(model, len(ids), max_new, "--forecast with --steps")
+    out = generate(model, [ids], max_new, temperature=0.0, allowed_token_ids=tok.character_ids(llmtime.ALPHABET),
+                   stop_token_ids=tok.stop_ids, stop_after=(sep_id, h), pad_token_id=tok.pad_id,
+                   use_generation_config=False, repetition_penalty=1.0)
+    decoded = llmtime.decode(tok.decode(out[0, len(ids):].tolist()), n_steps=h, decimals=decimals)
+    return scaler.inverse(decoded.values, rows=0), decoded
+
+
+def fit_scale(context, percentile, target):
+    try:
+        return llmtime.Scaler.fit(context[None], percentile, target, per_series=True)
+    except ValueError:
+        raise UserError("--forecast: the series is all zeros, so it has no scale to write it at; give a series with some "
+                        "population.") from None
+
+
+def check_length(model, n_prompt, n_new, what):
+    positions = model.config.max_seq_len
+    if n_prompt + n_new > positions:
+        raise UserError(f"{what}: {n_prompt} prompt tokens and up to {n_new} new ones run past the model's {positions} "
+                        "positions; shorten the input or ask for less.")
+
+
+def chat(model, tok, reply, max_new, read=input, write=print):
+    """An interactive chat on stdin: each line is a user message, the whole conversation is the prompt.
+    The oldest exchanges are forgotten when it outgrows the model's positions. Ctrl-D (EOF) ends it."""
+    history = []
+    write("chat with qwen-min (Ctrl-D to end)")
+    while True:
+        try:
+            line = read("you> ")
+        except EOFError:
+            write("")
+            return history
+        if not line.strip():
+            continue
+        kept = history + [{"role": "user", "content": line}]
+        ids = tok.encode(tok.chat_prompt(kept))
+        while len(ids) + max_new > model.config.max_seq_len and len(kept) > 1:
+            kept = kept[2:]  # forget the oldest user message and its answer
+            ids = tok.encode(tok.chat_prompt(kept))
+        if len(ids) + max_new > model.config.max_seq_len:  # the message alone is too long: keep the conversation
+            write(f"(that message is too long for the model's {model.config.max_seq_len} positions; try a shorter one)")
+            continue
+        answer = reply(ids).strip()
+        write(answer)
+        history = kept + [{"role": "assistant", "content": answer}]
+
+
 def main(argv=None):
     args = parse_args(argv)
-    gen_config = GenerationConfig() if args.no_generation_config else GenerationConfig.from_pretrained(args.model)
+    run_args = from_run(args)
+    context = read_series(args.forecast) if args.forecast is not None else None  # checked before loading weights
     tok = Tokenizer.from_pretrained(args.model)
-    prompt = tok.chat_prompt(args.prompt) if args.chat else args.prompt
-    ids = tok.encode(prompt)
-    positions = Qwen2Config.from_json(resolve_checkpoint(args.model) / "config.json").max_seq_len  # checked before loading the weights
-    if not ids:
-        raise UserError("--prompt is empty; give the model some text to continue.")
-    if len(ids) + args.max_new_tokens > positions:
-        raise UserError(f"--max-new-tokens {args.max_new_tokens} after a {len(ids)}-token prompt runs past the model's "
-                        f"{positions} positions; ask for at most {max(positions - len(ids), 0)} new tokens or shorten --prompt.")
-    model = Qwen2.from_pretrained(args.model, dtype=getattr(torch, args.dtype), device=args.device)
-    # The tokenizer's stop ids and padding unless the generation config names its own (Qwen's names the same two).
-    out = generate(model, [ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   repetition_penalty=args.repetition_penalty, seed=args.seed, generation_config=gen_config,
-                   stop_token_ids=None if gen_config.eos_token_id else tok.stop_ids,
-                   pad_token_id=None if gen_config.pad_token_id is not None else tok.pad_id)
-    print(tok.decode(out[0, len(ids):].tolist()))
+    ids = None
+    if args.prompt is not None:
+        ids = tok.encode(tok.chat_prompt(args.prompt) if args.chat else args.prompt)
+        positions = Qwen2Config.from_json(resolve_checkpoint(args.model) / "config.json").max_seq_len  # checked before loading the weights
+        if not ids:
+            raise UserError("--prompt is empty; give the model some text to continue.")
+        if len(ids) + args.max_new_tokens > positions:
+            raise UserError(f"--max-new-tokens {args.max_new_tokens} after a {len(ids)}-token prompt runs past the model's "
+                            f"{positions} positions; ask for at most {max(positions - len(ids), 0)} new tokens or shorten --prompt.")
+    dtype = getattr(torch, args.dtype)
+    model = run_folder.load_model(args.model, args.adapter, dtype, args.device, lm_head_bias=False)
+    if context is not None:
+        values, decoded = forecast(model, tok, context, args.steps, args.run, run_args)
+        print("; ".join(f"{prey:.4g},{predator:.4g}" for prey, predator in values))
+        if decoded.n_repaired:
+            kinds = ", ".join(f"{kind} x{n}" for kind, n in decoded.issues.items())
+            print(f"note: the model's text needed repairs to give {args.steps} steps ({kinds}; docs/data.md lists the repair rules).", file=sys.stderr)
+        return values
+    gen_config = GenerationConfig() if args.no_generation_config else GenerationConfig.from_pretrained(args.model)
+
+    def reply(ids):
+        # The tokenizer's stop ids and padding unless the generation config names its own (Qwen's names the same two).
+        out = generate(model, [ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                       repetition_penalty=args.repetition_penalty, seed=args.seed, generation_config=gen_config,
+                       stop_token_ids=None if gen_config.eos_token_id else tok.stop_ids,
+                       pad_token_id=None if gen_config.pad_token_id is not None else tok.pad_id)
+        return tok.decode(out[0, len(ids):].tolist())
+
+    if ids is None:
+        return chat(model, tok, reply, args.max_new_tokens)
+    print(reply(ids))
 
 
 if __name__ == "__main__":

@@ -148,6 +148,15 @@ class Qwen2(nn.Module):
 
         return load_pretrained(cls, path_or_hub_id, dtype=dtype, device=device, lm_head_bias=lm_head_bias)
 
+    @staticmethod
+    def checkpoint_name(name):
+        """Our module or parameter name -> transformers' (`layers.0.self_attn.q_proj` -> `model.layers.0.self_attn.q_proj`).
+
+        lora.save_adapter / load_adapter read it, so adapters are written and read under peft's names."""
+        from .weights import hf_name
+
+        return hf_name(name)
+
     def add_lm_head_bias(self):
         """Adds the coursework's trainable lm_head bias, initialised to zero (a no-op until trained)."""
         if self.lm_head_bias is None:
