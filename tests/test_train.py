@@ -10,11 +10,12 @@ import time
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import lora
 import train
-from conftest import random_model, tiny_config, write_checkpoint
+from conftest import hf_twin, random_model, tiny_config, write_checkpoint
 from qwen_min import Qwen2, Qwen2Config, Tokenizer
 from qwen_min.errors import UserError
 from qwen_min.files import FolderLock
@@ -101,10 +102,40 @@ def test_resuming_an_early_stopped_run_trains_no_further(ckpt, tmp_path):
     assert again["steps"] == first["steps"] and again["flops_spent"] == first["flops_spent"]
 
 
-def test_bfloat16_precision_trains_with_float32_adapters(ckpt, tmp_path):
+def first_batch(monkeypatch):
+    """Records the first training batch train.py scores, and the dtypes it scores it with."""
+    seen = {}
+    real = train.causal_lm_loss
+
+    def recording(model, ids, labels, vocab_ids=None):
+        if not seen:
+            lora_dtypes = {p.dtype for n, p in model.named_parameters() if "lora_" in n}
+            seen.update(ids=ids.clone(), labels=labels.clone(), base=model.embed_tokens.weight.dtype,
+                        lora=lora_dtypes, autocast=torch.is_autocast_enabled("cpu"))
+        return real(model, ids, labels, vocab_ids)
+    monkeypatch.setattr(train, "causal_lm_loss", recording)
+    return seen
+
+
+def base_logits(ids):
+    """transformers' logits of the tiny checkpoint's base model (the `ckpt` fixture), float32."""
+    with torch.no_grad():
+        return hf_twin(random_model(tiny_config()))(ids).logits
+
+
+def test_bfloat16_precision_trains_with_float32_adapters(ckpt, tmp_path, monkeypatch):
+    """Step 1's loss is the base model's (B = 0): computed in bf16 it is near the float32 loss of
+    the same batch, but not equal to it, as an ignored --precision would leave it."""
+    batch = first_batch(monkeypatch)
     run = tmp_path / "run"
     summary = train.main(run_args(ckpt, run, "--steps", "3", "--precision", "bf16", "--lr", "1e-2"))
-    assert summary["steps"] == 3 and all(r["loss"] == r["loss"] for r in records(run, "train"))  # finite, not NaN
+    assert summary["steps"] == 3
+    assert batch["base"] == torch.bfloat16 and batch["lora"] == {torch.float32} and batch["autocast"]
+    ids, labels = batch["ids"], batch["labels"]
+    fp32 = F.cross_entropy(base_logits(ids[:, :-1]).flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100).item()
+    step1 = records(run, "train")[0]["loss"]
+    assert abs(step1 - fp32) <= 0.002 * fp32  # bf16 rounding (measured: 0.011%, 6e-4)
+    assert abs(step1 - fp32) > 1e-4  # float32 gives it to 1e-6
     tensors = load_file(str(run / "adapter/adapter_model.safetensors"))
     assert all(t.dtype == torch.float32 for t in tensors.values())
 
@@ -140,11 +171,24 @@ def test_early_stopping_after_patience_evaluations_without_improvement(ckpt, tmp
     assert [r["best"] for r in val] == [True, False, False, False]
 
 
-def test_numeric_vocabulary_loss_trains(ckpt, tmp_path):
+def test_numeric_vocabulary_loss_trains(ckpt, tmp_path, monkeypatch):
+    """--vocab numeric: the softmax runs over the 13 LLMTIME tokens only. Step 1's loss (the base
+    model's, B = 0 and the head bias 0) is worked out by hand over those 13 columns."""
+    batch = first_batch(monkeypatch)
     run = tmp_path / "run"
     train.main(run_args(ckpt, run, "--steps", "20", "--lr", "1e-2", "--vocab", "numeric", "--lm-head-bias"))
     losses = [r["loss"] for r in records(run, "train")]
     assert sum(losses[-5:]) < sum(losses[:5])
+    ids, labels = batch["ids"], batch["labels"]
+    logits = base_logits(ids[:, :-1])  # (B, T-1, 160)
+    columns = list(range(3, 16))  # "0123456789.,;" in conftest's tokenizer: 3 specials, then "0"-"9" 3-12, "." 13, "," 14, ";" 15
+    targets = labels[:, 1:]
+    assert set(targets[targets != -100].tolist()) <= set(columns)
+    restricted = torch.where(targets == -100, -100, targets - 3)  # token id -> column among the 13
+    numeric = F.cross_entropy(logits[..., columns].flatten(0, 1), restricted.flatten(), ignore_index=-100).item()
+    full = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100).item()
+    assert losses[0] == pytest.approx(numeric, abs=1e-5)
+    assert full > numeric + 0.1  # the full vocabulary's loss is far off: the test tells the two apart
 
 
 # ---------------------------------------------------------------- errors a user can cause: one sentence each
