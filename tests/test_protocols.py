@@ -118,11 +118,13 @@ def test_report_b_overall_equals_scikit_learn():
 
 
 def test_report_b_sample_point_is_the_mean_and_uncertainty_the_std():
-    samples = np.array([[[[1.0, 2.0]], [[3.0, 6.0]]]])  # (N=1, S=2, h=1, 2)
-    assert protocols.point_forecast(protocols.REPORT_B, samples).tolist() == [[[2.0, 4.0]]]
-    assert protocols.point_forecast(protocols.OURS, samples).tolist() == [[[2.0, 4.0]]]  # median of 2 = mean
+    """Three skewed samples, so the mean and the median differ: prey {0, 1, 4}, predator {2, 2, 8}."""
+    samples = np.array([[[[0.0, 2.0]], [[1.0, 2.0]], [[4.0, 8.0]]]])  # (N=1, S=3, h=1, 2)
+    np.testing.assert_allclose(protocols.point_forecast(protocols.REPORT_B, samples), [[[5 / 3, 4.0]]])  # mean
+    np.testing.assert_allclose(protocols.point_forecast(protocols.OURS, samples), [[[1.0, 2.0]]])  # median
     s = protocols.score(protocols.REPORT_B, samples.mean(1), np.zeros((1, 1, 2)) + 1, samples)
-    assert s["published"]["overall"]["avg_uncertainty"] == pytest.approx(1.5)  # std (ddof 0): 1 and 2
+    # std with ddof 0: prey sqrt(((5/3)^2 + (2/3)^2 + (7/3)^2) / 3) = sqrt(26) / 3, predator sqrt((4 + 4 + 16) / 3) = sqrt(8)
+    assert s["published"]["overall"]["avg_uncertainty"] == pytest.approx((math.sqrt(26) / 3 + math.sqrt(8)) / 2)
 
 
 # ---------------------------------------------------------------- report A's cross-entropy convention
