@@ -70,15 +70,19 @@ def test_save_then_load_round_trips(tmp_path):
 
 
 def test_compare_cli_prints_the_table(tmp_path, capsys):
+    """The file (seed 5) beside a simulation of another seed (6): each column holds its own data's
+    percentiles, computed here with numpy and printed to 4 significant digits."""
     traj, t = lotka_volterra.simulate(20, seed=5)
     lotka_volterra.save(tmp_path / "lv.h5", traj, t)
-    lotka_volterra.main(["--compare", str(tmp_path / "lv.h5"), "-n", "20", "--seed", "5"])
+    lotka_volterra.main(["--compare", str(tmp_path / "lv.h5"), "-n", "20", "--seed", "6"])
     out = capsys.readouterr().out
-    assert "| p95 |" in out and "| cycles per window, mean |" in out
-    # Same seed on both sides: every row reads the same number twice.
-    p95_row = next(line for line in out.splitlines() if line.startswith("| p95 |"))
-    _, real, sim, _ = p95_row.split("|")[1:]
-    assert real == sim
+    assert out.splitlines()[0] == "| statistic | real file | simulated |" and "| cycles per window, mean |" in out
+    other = lotka_volterra.simulate(20, seed=6)[0]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:4]] for line in out.splitlines()[2:]}
+    both = slice(None)
+    for name, q, cut in (("p95", 95, both), ("p50", 50, both), ("prey p95", 95, 0), ("predator p50", 50, 1)):
+        expected = [f"{np.percentile(x[..., cut].astype(np.float64), q):.4g}" for x in (traj, other)]
+        assert expected[0] != expected[1] and rows[name] == expected, name
 
 
 def _write(path, **datasets):
