@@ -27,7 +27,37 @@ def test_encode_decode_and_special_tokens(tmp_path):
 def test_character_ids_are_the_ids_of_each_character(tmp_path):
     write_tokenizer(tmp_path / "tokenizer.json")
     tok = Tokenizer.from_pretrained(tmp_path)
-    assert tok.character_ids("01;") == [tok.encode("0")[0], tok.encode("1")[0], tok.encode(";")[0]]
+    # conftest's vocabulary: 3 special tokens, then "0123456789.,;:" from id 3
+    assert tok.character_ids("01;") == [3, 4, 15]
+    assert tok.character_ids("0123456789.,;") == list(range(3, 16))
+
+
+def write_byte_level_bpe(path):
+    """A tiny byte-level BPE tokenizer.json, as Qwen's is: one token per byte, and one merge, ".,"
+    (Qwen has it too). Returns its vocabulary."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {t: i for i, t in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()) + [".,"])}
+    tok = HFTokenizer(models.BPE(vocab, [(".", ",")]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(specials)
+    tok.save(str(path))
+    return vocab
+
+
+def test_character_ids_encode_each_character_alone_and_refuse_multi_token_characters(tmp_path):
+    """Byte-level BPE merges ".," into one token, so the ids must come character by character;
+    a character of several bytes is several tokens, which LLMTIME decoding cannot use: refused."""
+    vocab = write_byte_level_bpe(tmp_path / "tokenizer.json")
+    tok = Tokenizer(tmp_path / "tokenizer.json")
+    assert tok.encode("1.,2") == [vocab["1"], vocab[".,"], vocab["2"]]  # the merge is real
+    assert tok.character_ids("1.,2") == [vocab["1"], vocab["."], vocab[","], vocab["2"]]
+    assert len(tok.encode("\U0001d11e")) == 4  # the G clef: 4 UTF-8 bytes, no merges
+    with pytest.raises(UserError, match="does not give the character\\(s\\) '\U0001d11e' one token each"):
+        tok.character_ids("1\U0001d11e")
 
 
 def test_own_system_prompt_replaces_the_default():
