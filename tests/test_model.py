@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from conftest import hf_twin, random_model, tiny_config
-from qwen_min import KVCache, Qwen2Config
+from conftest import hf_twin, random_model, tiny_config, write_checkpoint
+from qwen_min import KVCache, Qwen2, Qwen2Config
 from qwen_min.generate import pad_left
 from qwen_min.errors import UserError
 
@@ -153,6 +153,36 @@ def test_hf_config_roundtrip_and_nested_rope_parameters():
     assert Qwen2Config.from_hf_dict(hf).rope_theta == 12345.0
 
 
+def test_loading_builds_on_meta_and_runs_no_random_init(tmp_path, monkeypatch):
+    """The tiny counterpart of test_real_weights.py's peak-memory test: from_pretrained never
+    initialises a real tensor it would then overwrite (nn.init on a meta tensor allocates nothing),
+    and every parameter ends up holding the checkpoint's values."""
+    model = random_model(tiny_config())
+    folder = write_checkpoint(model, tmp_path / "ckpt")
+    ids = torch.randint(0, 160, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = hf_twin(model)(ids).logits  # (2, 9, 160), before init is refused (transformers initialises)
+
+    def refuse_on_real_tensors(name):
+        real = getattr(torch.nn.init, name)
+
+        def init(tensor, *args, **kwargs):
+            assert tensor.is_meta, f"from_pretrained ran torch.nn.init.{name} on a real {tuple(tensor.shape)} tensor"
+            return real(tensor, *args, **kwargs)
+        return init
+    for name in ("kaiming_uniform_", "kaiming_normal_", "uniform_", "normal_", "trunc_normal_", "xavier_uniform_"):
+        monkeypatch.setattr(torch.nn.init, name, refuse_on_real_tensors(name))
+    loaded = Qwen2.from_pretrained(folder, lm_head_bias=True)
+    assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
+    saved = model.state_dict()
+    for n, p in loaded.state_dict().items():
+        assert torch.equal(p, torch.zeros(160) if n == "lm_head_bias" else saved[n]), n  # a fresh bias is zero
+    with torch.no_grad():  # the RoPE tables, built after the meta model, are transformers'
+        assert (loaded(ids) - expected).abs().max().item() <= 1e-4
+
+
+# CUDA only: the GPU's bf16 kernels. The CPU counterparts are test_bfloat16_is_as_accurate_as_transformers
+# (the forward) and test_generate.py's test_bfloat16_model_gets_a_bfloat16_cache_and_generates_as_full_recomputation.
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bfloat16_matches_cpu_float32():
     cfg = tiny_config()

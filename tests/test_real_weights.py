@@ -113,6 +113,8 @@ def test_sampling_with_the_checkpoints_generation_config_equals_transformers(mod
     assert greedy.tolist() != mine.tolist()  # it really sampled
 
 
+# Real-weight only for the ids (15-24, 13, 11, 26 are Qwen's vocabulary's) and the template against
+# transformers'; the ".," merge and the multi-token refusal also run on a tiny BPE in test_tokenizer.py.
 def test_real_tokenizer_digits_separators_and_chat_template(models, checkpoint):
     transformers = pytest.importorskip("transformers")
     _, _, tok = models
@@ -131,6 +133,8 @@ def test_real_tokenizer_digits_separators_and_chat_template(models, checkpoint):
     assert tok.encode(text) == hf_tok(text, add_special_tokens=False)["input_ids"]
 
 
+# Real-weight only: a tiny model's bytes vanish in the interpreter's RSS noise. The tiny counterpart
+# (built on meta, no random init) is test_model.py's test_loading_builds_on_meta_and_runs_no_random_init.
 def test_loading_does_not_need_twice_the_model_in_memory(checkpoint, tmp_path):
     """Built on the meta device and filled tensor by tensor: peak memory is one float32 model plus
     the memory-mapped bfloat16 file, not a random-initialised model and a loaded copy (> 2x)."""
