@@ -37,7 +37,7 @@ import flops
 import lora
 from data import llmtime, lotka_volterra, splits, windows
 from qwen_min import Qwen2, Qwen2Config, Tokenizer
-from qwen_min.cli import HelpFormatter
+from qwen_min.cli import HelpFormatter, renamed
 from qwen_min.errors import UserError, run_cli
 from qwen_min.files import (FolderLock, append_jsonl, atomic_write, atomic_write_json, atomic_write_text,
                             clean_leftovers, recover_folder, sync)
@@ -53,7 +53,6 @@ RESUMABLE = ("steps", "lr", "patience", "flops_budget", "device", "no_progress",
 # CUDA with grouped kv heads may fall back to the math kernel, which flops.py counts as
 # kernel="math": about 1% fewer FLOPs per step at 512 tokens. Not yet checked on a GPU.)
 ATTENTION_KERNEL = "fused"
-TARGET_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 # What a run folder holds; a fresh start clears these (args.json is replaced, not removed).
 RUN_FILES = ("scaler.json", "metrics.jsonl", "ledger.jsonl", "state.pt", "loss.png", "summary.json")
 RUN_FOLDERS = ("adapter", "best", "merged")
@@ -68,7 +67,8 @@ def build_parser():
     g.add_argument("--rank", type=int, default=8, help="LoRA rank r")
     g.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: = rank, scale 1)")
     g.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
-    g.add_argument("--targets", default="q,v", help=f"comma list of {','.join(TARGET_NAMES)}")
+    g.add_argument("--targets", default="q,v", help="layers LoRA adapts: a comma list of q,k,v,o,gate,up,down, "
+                   "peft's names (q_proj,v_proj), or all-linear")
     g.add_argument("--lm-head-bias", action="store_true", help="also train a bias on the output layer (the coursework's)")
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None, help="h5 file in the coursework layout (default: simulate)")
@@ -93,7 +93,8 @@ def build_parser():
     g.add_argument("--eval-batches", type=int, default=10, help="validation batches, a fixed subset")
     g.add_argument("--patience", type=int, default=5, help="evaluations without improvement before stopping (0 = never)")
     g.add_argument("--flops-budget", type=float, default=1e17, help="stop before spending more FLOPs than this (coursework convention)")
-    g.add_argument("--precision", default=None, choices=["fp32", "bf16"], help="default: bf16 on CUDA, fp32 on CPU")
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="the base model's weights and activations; LoRA stays float32 (default: bfloat16 on CUDA, float32 on CPU)")
     g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     g.add_argument("--seed", type=int, default=0, help="seed for data, split, initialisation and batch order")
     g.add_argument("--split", default="ours", choices=["ours", *splits.REPORT_SPLITS],
@@ -104,18 +105,22 @@ def build_parser():
     g.add_argument("--no-progress", action="store_true", help="no progress bar: plain log lines (step, loss, lr, tokens/s, FLOPs) every 30 s, as when output is not a terminal")
     g.add_argument("--export-merged", action="store_true",
                    help="at the end, also write the best adapter merged into a full checkpoint (<out>/merged) that transformers loads")
+    renamed(p, "--precision", "--dtype", {"fp32": "float32", "bf16": "bfloat16"})
     return p
 
 
 def flag_problem(args):
     """The first flag whose value makes no sense, as a sentence; None when all are sound."""
     finite = math.isfinite
-    bad = [t for t in args.targets.split(",") if t not in TARGET_NAMES]
+    try:
+        bad = not lora.parse_targets(args.targets) and "--targets names no layer; give some of q,k,v,o,gate,up,down or all-linear"
+    except ValueError as e:
+        bad = f"--targets: {e}"
     checks = [
         (args.rank >= 1, "--rank must be at least 1"),
         (args.alpha is None or (args.alpha > 0 and finite(args.alpha)), "--alpha must be a positive number (the LoRA scale is alpha / rank)"),
         (0 <= args.dropout < 1, "--dropout must be in [0, 1)"),
-        (not bad, f"unknown --targets {bad}; choose from {','.join(TARGET_NAMES)}"),
+        (not bad, bad),
         (args.n_series >= 4, "--n-series must be at least 4 (train, validation and test need trajectories)"),
         (0 < args.percentile <= 100 and 0 < args.scale_target and finite(args.scale_target),
          "need 0 < --percentile <= 100 and a positive, finite --scale-target"),
@@ -154,7 +159,7 @@ def parse_args(argv=None):
         p.error(f"unknown --device '{args.device}'; use cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda was asked for, but this PyTorch sees no CUDA GPU")
-    args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     args.out = args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
     return args
 
@@ -262,7 +267,7 @@ def why_not_finite(model, what, step, args):
     if trained:
         return f"{what} at step {step}: the LoRA weights hold NaN or inf (e.g. {trained[0]}) after too large updates; {resume}."
     if step == 0:
-        return f"{what} before any update, with finite weights: the model overflows on this data; try --precision fp32."
+        return f"{what} before any update, with finite weights: the model overflows on this data; try --dtype float32."
     return f"{what} at step {step} with finite weights: the updates have grown too large; {resume}."
 
 
@@ -349,6 +354,8 @@ def resumed_args(args, run):
     fix = "restore it or start a new run in another folder"
     saved = read_json_object(run / "args.json", fix)
     saved.setdefault("split", "ours")  # runs made before --split existed
+    if "precision" in saved:  # runs made before --precision fp32|bf16 became --dtype float32|bfloat16
+        saved.setdefault("dtype", {"fp32": "float32", "bf16": "bfloat16"}.get(saved.pop("precision")))
     problem = saved_flag_problem(saved, build_parser())
     if problem:
         raise UserError(f"{run / 'args.json'}: {problem}; {fix}.")
@@ -503,9 +510,9 @@ def train(args, run):
     cfg = Qwen2Config.from_json(resolve_checkpoint(args.model) / "config.json")
     tok = Tokenizer.from_pretrained(args.model)
     train_w, val_w, scaler, split = build_data(args, tok, cfg)
-    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    dtype = getattr(torch, args.dtype)
     model = Qwen2.from_pretrained(args.model, dtype=dtype, device=args.device, lm_head_bias=args.lm_head_bias)
-    targets = [TARGET_NAMES[t] for t in args.targets.split(",")]
+    targets = lora.parse_targets(args.targets)
     lora.inject_lora(model, r=args.rank, alpha=args.alpha, dropout=args.dropout, targets=targets)
     trainable = lora.mark_only_lora_as_trainable(model, also=("lm_head_bias",))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -516,7 +523,7 @@ def train(args, run):
     vocab_ids = torch.tensor(tok.character_ids(llmtime.ALPHABET), device=args.device) if args.vocab == "numeric" else None
 
     def autocast():
-        return torch.autocast(device_type=torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+        return torch.autocast(device_type=torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
 
     # FLOPs from the FLOP model, for the batch shapes really run (trailing padding is cut off).
     lora_ranks = flops.lora_targets(args.targets, args.rank)

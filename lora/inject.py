@@ -13,6 +13,27 @@ from .layer import LoRALinear
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")
 TIED_HEAD_NAMES = ("lm_head", "embed_tokens")
+# The linear layers of a Llama-family block (Qwen2's), in order; peft's "all-linear" is these.
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def parse_targets(text: str) -> tuple:
+    """A --targets value -> module names: short ("q,v"), peft's ("q_proj,v_proj") or "all-linear".
+
+    "none" (or nothing) -> (). Anything else is a ValueError naming the choices."""
+    if text.strip() in ("", "none"):
+        return ()
+    if text.strip() == "all-linear":
+        return ALL_LINEAR
+    names = []
+    for t in filter(None, (t.strip() for t in text.split(","))):
+        name = t if t.endswith("_proj") else f"{t}_proj"
+        if name not in ALL_LINEAR:
+            raise ValueError(f"unknown LoRA target '{t}'; use some of q,k,v,o,gate,up,down (or peft's q_proj, ...), "
+                             "all-linear, or none")
+        if name not in names:
+            names.append(name)
+    return tuple(names)
 
 
 def inject_lora(model: nn.Module, r: int, alpha: float = None, dropout: float = 0.0,

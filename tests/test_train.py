@@ -199,7 +199,8 @@ def one_sentence(text):
 
 @pytest.mark.parametrize("flags, message", [
     (["--rank", "0"], "--rank"),
-    (["--targets", "q,lm_head"], "unknown --targets"),
+    (["--targets", "q,lm_head"], "--targets: unknown LoRA target 'lm_head'"),
+    (["--targets", "none"], "--targets names no layer"),
     (["--stride", "100"], "--stride"),
     (["--lr", "nan"], "--lr"),
     (["--lr", "0"], "--lr"),
