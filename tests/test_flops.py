@@ -384,6 +384,8 @@ RMS_FWD = {"mul": 60 + 60 + 60, "add": 50 + 10, "div": 10 + 10, "sqrt": 10}
 #     x * r:        dx = dx^ r (60 mul); dr = sum_j dx^ x: 60 mul + 10 x 5 add
 #     rsqrt(u):     du = dr * (-1/2) r^3: r^3 2 mul, * -1/2 1, * dr 1 -> 4 x 10 = 40 mul
 #     + eps: free;  mean: dm / 6, once per row, then broadcast           10 div
+#                   (autograd's mean backward divides after broadcasting, 60 div; flops.py counts the
+#                   10 the math needs, and so does this test)
 #     x^2:          2 x * dm                                             2 x 60 = 120 mul
 #     x feeds x^2 and x * r: the two gradients summed                    60 add
 RMS_BWD = {"mul": 60 + 60 + 60 + 40 + 120, "add": 50 + 60, "div": 10}
@@ -529,6 +531,12 @@ def test_attention_backward_by_hand():
     fused = flops.attention_backward(SMALL, 2, 5, lora=QV2, grad_input=False, kernel="fused")
     assert part_prims(fused) == {**ATTN_BWD_FIRST, "sdpa": plus(ATTN_BWD["sdpa"], {
         "mul": 600 + 150, "add": 450 + 150 + 270, "cmp": 120, "exp": 150, "div": 150})}
+    # LoRA on o_proj only, input needing no gradient: o_proj's LoRA gradients and nothing under them:
+    # dB = dy^T h (6x10)(10x2) 120 mul, 108 add; dh = dy B (10x6)(6x2) 120, 100; * alpha/r 20; dA = dh^T y
+    # (2x10)(10x12) 240 mul, 216 add; no dy of the attention output, so no SDPA, RoPE or q, k, v backward
+    o_only = flops.attention_backward(SMALL, 2, 5, lora={"o_proj": 2}, grad_input=False)
+    assert {k: v for k, v in part_prims(o_only).items() if v} == {"o_proj": {"mul": 120 + 120 + 20 + 240,
+                                                                              "add": 108 + 100 + 216}}
     # nothing trainable in or under it: no backward at all
     assert flops.attention_backward(SMALL, 2, 5, lora={"down_proj": 2}, grad_input=False) == Cost()
 
