@@ -7,6 +7,7 @@ and exit with status 2, argparse's code for a usage error. Any other exception i
 qwen-min and keeps its traceback, so it can be reported.
 """
 
+import os
 import sys
 
 
@@ -21,3 +22,6 @@ def run_cli(main, argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except BrokenPipeError:  # `python flops.py | head`: the reader left; stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the interpreter's final flush cannot fail
+        raise SystemExit(1) from None

@@ -39,3 +39,18 @@ def test_the_formatter_adds_the_default_only_where_there_is_one_to_show():
     assert "run folder --fast" in text  # nothing added after a None default
     assert "go fast" in text and "go fast (default" not in text
     assert "scale (default: = rank)" in text and "(default: 2.0)" not in text
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback():
+    """`python flops.py | head -1`: the pipe closes under the writer; it stops quietly (exit 1), as Unix tools do."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    proc = subprocess.Popen([sys.executable, "flops.py"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = proc.stdout.readline()
+    proc.stdout.close()  # as head does after its line
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 1 and first.startswith(b"Convention")
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
