@@ -1,0 +1,112 @@
+"""Mutation testing, on demand: plant small bugs in one area of the code, run that area's tests, count survivors.
+
+    pip install -r requirements-mutation.txt
+    python tests/mutation.py lora              # one area: minutes
+    python tests/mutation.py --list            # the areas, their files and tests
+    python tests/mutation.py all               # every area: hours on two cores
+
+A mutant is the code with one small change (`+` for `-`, `<` for `<=`, a constant off by one, an
+argument dropped); a test suite that still passes on it has a blind spot, unless the change cannot
+alter behaviour (an equivalent mutant: docs/testing.md lists those found and why). mutmut 3 makes
+and runs the mutants in a scratch clone of the last commit, so the working tree is never touched.
+Each area runs only its own test files: the whole suite per mutant would take days on two cores.
+Writes OUT/<area>.json (counts, score, every surviving mutant's diff) and prints one line per area.
+Not part of CI (too slow); docs/testing.md records the last measured scores.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+# area -> (files to mutate, test files that own them)
+AREAS = {
+    "lora": (["lora/*"], ["tests/test_lora.py"]),
+    "loss": (["qwen_min/loss.py", "data/windows.py"], ["tests/test_loss.py", "tests/test_data_windows.py"]),
+    "model": (["qwen_min/model.py", "qwen_min/kv_cache.py", "qwen_min/config.py"], ["tests/test_model.py"]),
+    "generate": (["qwen_min/generate.py", "qwen_min/generation_config.py"], ["tests/test_generate.py"]),
+    "weights": (["qwen_min/weights.py", "qwen_min/tokenizer.py"], ["tests/test_weights.py", "tests/test_tokenizer.py"]),
+    "files": (["qwen_min/files.py", "qwen_min/progress.py", "qwen_min/cli.py"],
+              ["tests/test_files.py", "tests/test_progress.py", "tests/test_cli.py"]),
+    "data": (["data/llmtime.py", "data/metrics.py", "data/splits.py", "data/lotka_volterra.py", "data/h5file.py",
+              "data/forecast.py", "data/baselines.py"],
+             ["tests/test_data_llmtime.py", "tests/test_data_metrics.py", "tests/test_data_splits.py",
+              "tests/test_data_lotka_volterra.py"]),
+    "protocols": (["data/protocols.py"], ["tests/test_protocols.py"]),
+    "flops": (["flops.py"], ["tests/test_flops.py"]),
+    "train": (["train.py"], ["tests/test_train.py"]),
+    "evaluate": (["evaluate.py"], ["tests/test_evaluate.py", "tests/test_evaluate_oracle.py"]),
+}
+SOURCES = ["qwen_min/", "lora/", "data/", "flops.py", "train.py", "evaluate.py"]  # copied into the scratch tree
+
+
+def mutmut_config(files, tests):
+    """The [tool.mutmut] table for one area (TOML)."""
+    def toml_list(xs):
+        return "[" + ", ".join(json.dumps(x) for x in xs) + "]"
+    return (f"\n[tool.mutmut]\nsource_paths = {toml_list(SOURCES)}\nonly_mutate = {toml_list(files)}\n"
+            f"pytest_add_cli_args_test_selection = {toml_list(tests)}\n"
+            f"also_copy = {toml_list(['docs/', 'README.md', 'requirements.txt', 'requirements-test.txt'])}\n")
+
+
+def score(counts):
+    """Mutants caught (killed or timed out) over all mutants made; one that no test runs counts as a survivor."""
+    caught = counts["killed"] + counts["timeout"]
+    return caught / max(1, counts["total"] - counts["skipped"])
+
+
+def run_area(area, out, children):
+    files, tests = AREAS[area]
+    with tempfile.TemporaryDirectory(prefix=f"qwen-min-mutation-{area}-") as tmp:
+        subprocess.run(["git", "clone", "--quiet", str(REPO), tmp], check=True)
+        with open(Path(tmp) / "pyproject.toml", "a") as f:
+            f.write(mutmut_config(files, tests))
+        env = {k: v for k, v in os.environ.items() if k != "QWEN_MIN_CHECKPOINT"} | {"OMP_NUM_THREADS": "1"}
+        mutmut = [sys.executable, "-m", "mutmut"]
+        run = subprocess.run(mutmut + ["run", "--max-children", str(children)], cwd=tmp, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        subprocess.run(mutmut + ["export-cicd-stats"], cwd=tmp, env=env, check=True, capture_output=True)
+        counts = json.loads((Path(tmp) / "mutants" / "mutmut-cicd-stats.json").read_text())
+        listed = subprocess.run(mutmut + ["results"], cwd=tmp, env=env, check=True, capture_output=True, text=True).stdout
+        survivors = []
+        for line in listed.splitlines():  # "    name: status" for every mutant not killed
+            name, _, status = line.strip().rpartition(": ")
+            if name:
+                diff = subprocess.run(mutmut + ["show", name], cwd=tmp, env=env, capture_output=True, text=True).stdout
+                survivors.append({"name": name, "status": status, "diff": diff})
+    result = {"area": area, "files": files, "tests": tests, "counts": counts, "score": score(counts),
+              "mutmut_exit": run.returncode, "survivors": survivors}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{area}.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("areas", nargs="*", help=f"areas to mutate, or 'all': {', '.join(AREAS)}")
+    p.add_argument("--out", type=Path, default=REPO / "runs" / "mutation", help="folder for <area>.json")
+    p.add_argument("--children", type=int, default=2, help="mutants run at once (default: 2)")
+    p.add_argument("--list", action="store_true", help="print the areas, their files and tests, then exit")
+    args = p.parse_args(argv)
+    if args.list:
+        for area, (files, tests) in AREAS.items():
+            print(f"{area:10s} {' '.join(files)}  <-  {' '.join(tests)}")
+        return
+    areas = list(AREAS) if args.areas == ["all"] else args.areas
+    unknown = [a for a in areas if a not in AREAS]
+    if unknown or not areas:
+        p.error(f"name areas from: {', '.join(AREAS)} (or 'all'); got {' '.join(unknown) or 'none'}")
+    for area in areas:
+        r = run_area(area, args.out, args.children)
+        c = r["counts"]
+        print(f"{area:10s} {100 * r['score']:5.1f}%  {c['killed'] + c['timeout']} of {c['total'] - c['skipped']} caught, "
+              f"{len(r['survivors'])} not killed -> {args.out / (area + '.json')}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
