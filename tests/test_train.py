@@ -128,7 +128,7 @@ def test_bfloat16_precision_trains_with_float32_adapters(ckpt, tmp_path, monkeyp
     the same batch, but not equal to it, as an ignored --precision would leave it."""
     batch = first_batch(monkeypatch)
     run = tmp_path / "run"
-    summary = train.main(run_args(ckpt, run, "--steps", "3", "--precision", "bf16", "--lr", "1e-2"))
+    summary = train.main(run_args(ckpt, run, "--steps", "3", "--dtype", "bfloat16", "--lr", "1e-2"))
     assert summary["steps"] == 3
     assert batch["base"] == torch.bfloat16 and batch["lora"] == {torch.float32} and batch["autocast"]
     ids, labels = batch["ids"], batch["labels"]
