@@ -88,7 +88,8 @@ from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
 
-from qwen_min.cli import HelpFormatter
+from lora.inject import parse_targets
+from qwen_min.cli import HelpFormatter, renamed
 from qwen_min.errors import run_cli
 from qwen_min.files import append_jsonl, atomic_write_text
 
@@ -929,23 +930,14 @@ def _fmt_report(name: str, t: dict, B: int, T: int, lora) -> str:
 
 # ---------------------------------------------------------------- command line
 
-TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 # Upper bounds far above any real run and far below sizes whose counts would overflow a float or
 # whose generation loop would not finish: a typo fails here with one sentence.
 MAX_BATCH, MAX_STEPS, MAX_SERIES, MAX_BUDGET = 1 << 20, 10**9, 10**7, 1e30
 
 
 def lora_targets(targets: str, rank: int) -> dict:
-    """"q,v" -> {"q_proj": rank, "v_proj": rank}; "none" or rank 0 -> {}."""
-    if targets.strip() == "none":
-        return {}
-    out = {}
-    for t in filter(None, (t.strip() for t in targets.split(","))):
-        t = t.removesuffix("_proj")
-        if t not in TARGETS:
-            raise ValueError(f"unknown LoRA target '{t}'; use some of {','.join(TARGETS)}, or none.")
-        out[f"{t}_proj"] = rank
-    return out if rank else {}
+    """A --targets value ("q,v", peft's "q_proj,v_proj", "all-linear", "none") -> {"q_proj": rank, ...}; rank 0 -> {}."""
+    return dict.fromkeys(parse_targets(targets), rank) if rank else {}
 
 
 def layer_widths(cfg) -> dict:
@@ -986,7 +978,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=512, help="tokens per training window")
     p.add_argument("--batch", type=int, default=4, help="training windows per step")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank")
-    p.add_argument("--lora-targets", default="q,v", help="comma-separated: q,k,v,o,gate,up,down; none: no LoRA")
+    p.add_argument("--targets", default="q,v", help="layers LoRA adapts: q,k,v,o,gate,up,down, peft's q_proj,..., "
+                                                   "all-linear, or none (no LoRA)")
     p.add_argument("--steps", type=int, default=2000, help="training steps")
     p.add_argument("--lm-head-bias", action="store_true", help="train the coursework's lm_head bias")
     p.add_argument("--vocab", choices=["full", "numeric"], default="full",
@@ -994,19 +987,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", choices=["math", "fused"], default=None,
                    help="attention backward: fused (flash / memory-efficient, what training runs; default) or math; "
                         "our convention only")
-    p.add_argument("--val-every", type=int, default=0, help="validate every N steps (0: never)")
-    p.add_argument("--val-batches", type=int, default=0, help="batches per validation")
-    p.add_argument("--eval-series", type=int, default=0, help="series forecast in the final evaluation")
-    p.add_argument("--eval-batch", type=int, default=1, help="series generated at once")
-    p.add_argument("--eval-context-steps", type=int, default=50, help="forecast prompt: context time steps")
-    p.add_argument("--eval-horizon-steps", type=int, default=50, help="forecast: time steps generated")
+    p.add_argument("--eval-every", type=int, default=0, help="validate every N steps, as train.py's --eval-every (0: never)")
+    p.add_argument("--eval-batches", type=int, default=0, help="batches per validation, as train.py's --eval-batches")
+    p.add_argument("--forecast-series", type=int, default=0, help="series forecast in the final evaluation (evaluate.py)")
+    p.add_argument("--forecast-batch", type=int, default=1, help="series generated at once, as evaluate.py's --batch")
+    p.add_argument("--k", type=int, default=50, help="forecast prompt: context time steps, as evaluate.py's --k")
+    p.add_argument("--h", type=int, default=50, help="forecast: time steps generated, as evaluate.py's --h")
     p.add_argument("--tokens-per-step", type=int, default=10, help="LLMTIME tokens per time step (10 at 2 decimals)")
     p.add_argument("--gen-head-rows", type=int, default=NUMERIC_ROWS, help="head rows while decoding (vocab: all)")
     p.add_argument("--no-kv-cache", action="store_true", help="generation recomputes the context every token")
-    p.add_argument("--budget", type=float, default=BUDGET, help="the FLOP budget the plan is checked against")
+    p.add_argument("--flops-budget", type=float, default=BUDGET, help="the FLOP budget the plan is checked against, as train.py's")
     p.add_argument("--stage", default="run", help="stage name in the ledger")
     p.add_argument("--ledger", help="append the plan to this JSON-lines ledger")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    for old, new in (("--lora-targets", "--targets"), ("--budget", "--flops-budget"), ("--val-every", "--eval-every"),
+                     ("--val-batches", "--eval-batches"), ("--eval-series", "--forecast-series"),
+                     ("--eval-batch", "--forecast-batch"), ("--eval-context-steps", "--k"), ("--eval-horizon-steps", "--h")):
+        renamed(p, old, new)  # the names before one vocabulary across the scripts
     return p
 
 
@@ -1018,31 +1015,31 @@ def check_flags(a, cfg) -> list:
 
     positions = f" (the model's {cfg.max_seq_len} positions)"
     problems = (within("--context", 2, cfg.max_seq_len, positions) + within("--batch", 1, MAX_BATCH)
-                + within("--steps", 1, MAX_STEPS) + within("--val-every", 0, MAX_STEPS)
-                + within("--val-batches", 0, MAX_SERIES) + within("--eval-series", 0, MAX_SERIES)
-                + within("--eval-batch", 1, MAX_BATCH) + within("--gen-head-rows", 1, cfg.vocab_size, " (the vocabulary)")
-                + within("--eval-context-steps", 1, cfg.max_seq_len) + within("--eval-horizon-steps", 1, cfg.max_seq_len)
+                + within("--steps", 1, MAX_STEPS) + within("--eval-every", 0, MAX_STEPS)
+                + within("--eval-batches", 0, MAX_SERIES) + within("--forecast-series", 0, MAX_SERIES)
+                + within("--forecast-batch", 1, MAX_BATCH) + within("--gen-head-rows", 1, cfg.vocab_size, " (the vocabulary)")
+                + within("--k", 1, cfg.max_seq_len) + within("--h", 1, cfg.max_seq_len)
                 + within("--tokens-per-step", 1, cfg.max_seq_len))
-    if (a.val_every > 0) != (a.val_batches > 0):
-        problems.append("--val-every and --val-batches go together: give both, or neither, a value above 0")
-    if not problems and a.eval_series:
-        tokens = (a.eval_context_steps + a.eval_horizon_steps) * a.tokens_per_step
+    if (a.eval_every > 0) != (a.eval_batches > 0):
+        problems.append("--eval-every and --eval-batches go together: give both, or neither, a value above 0")
+    if not problems and a.forecast_series:
+        tokens = (a.k + a.h) * a.tokens_per_step
         if tokens > cfg.max_seq_len:
-            problems.append(f"a forecast of --eval-context-steps + --eval-horizon-steps = "
-                            f"{a.eval_context_steps + a.eval_horizon_steps} steps of {a.tokens_per_step} tokens is "
+            problems.append(f"a forecast of --k + --h = "
+                            f"{a.k + a.h} steps of {a.tokens_per_step} tokens is "
                             f"{tokens} tokens, more than the model's {cfg.max_seq_len} positions")
     try:
-        targets = lora_targets(a.lora_targets, 1)
+        targets = lora_targets(a.targets, 1)
     except ValueError as e:
-        return problems + [f"--lora-targets: {e}".rstrip(".")]
-    if a.lora_targets.strip() != "none":
+        return problems + [f"--targets: {e}".rstrip(".")]
+    if a.targets.strip() != "none":
         if not targets:
-            problems.append(f"--lora-targets {a.lora_targets!r} names no layer; give some of {','.join(TARGETS)}, or none")
+            problems.append(f"--targets {a.targets!r} names no layer; give some of q,k,v,o,gate,up,down, all-linear, or none")
         else:  # a rank above a layer's narrower side is no longer low-rank
             width, name = min((min(layer_widths(cfg)[m]), m) for m in targets)
             problems += within("--rank", 1, width, f" (the width of {name})")
-    if not (0 < a.budget <= MAX_BUDGET):  # also refuses nan and inf
-        problems.append(f"--budget must be a number of FLOPs above 0 and at most {MAX_BUDGET:g}, not {a.budget}")
+    if not (0 < a.flops_budget <= MAX_BUDGET):  # also refuses nan and inf
+        problems.append(f"--flops-budget must be a number of FLOPs above 0 and at most {MAX_BUDGET:g}, not {a.flops_budget}")
     if a.attention and a.convention != "ours":
         problems.append(f"--attention chooses the backward kernel, which {a.convention} does not count "
                         "(backward = 2 x forward); leave it out")
@@ -1064,7 +1061,7 @@ def main(argv=None):
     if problems:
         p.error(problems[0] + ".")
     c = CONVENTIONS[a.convention]
-    lora = lora_targets(a.lora_targets, a.rank)
+    lora = lora_targets(a.targets, a.rank)
     rows = NUMERIC_ROWS if a.vocab == "numeric" else cfg.vocab_size
     kernel = a.attention or "fused"
     T = c.tokens_fed(a.context)  # ours: the loss feeds context - 1 tokens (qwen_min/loss.py); the reports: all
@@ -1072,14 +1069,14 @@ def main(argv=None):
     fwd = qwen2(cfg, a.batch, a.context, lora, a.lm_head_bias, rows, convention=c)
     step = train_step(cfg, a.batch, T, lora, a.lm_head_bias, rows, kernel, convention=c)
     estimate = coursework_estimate(step)
-    run = plan_run(cfg, a.steps, a.batch, a.context, lora, a.lm_head_bias, rows, kernel, a.val_every,
-                   a.val_batches, a.eval_series, a.eval_batch, a.eval_context_steps, a.eval_horizon_steps,
+    run = plan_run(cfg, a.steps, a.batch, a.context, lora, a.lm_head_bias, rows, kernel, a.eval_every,
+                   a.eval_batches, a.forecast_series, a.forecast_batch, a.k, a.h,
                    a.tokens_per_step, a.gen_head_rows, not a.no_kv_cache, convention=c)
     total = sum(run.values(), FREE)
     tables = {"report-a": report_a_tables, "report-b": report_b_tables}.get(c.name)
     report = tables(cfg, a.batch, a.context, a.steps, lora) if tables else None
     try:
-        ledger = Ledger(a.ledger, a.budget)
+        ledger = Ledger(a.ledger, a.flops_budget)
         for kind, cost in run.items():
             if cost.matmul or cost.ops:
                 ledger.add(a.stage, kind, cost, source="plan", **({} if c.name == "ours" else {"convention": c.name}))
@@ -1097,7 +1094,7 @@ def main(argv=None):
                               "coursework_estimate": estimate.to_dict(),
                               "executed_over_estimate": step.coursework / estimate.coursework},
                "run": {**total.to_dict(), **{k: x.to_dict() for k, x in run.items()}, "steps": a.steps,
-                       "budget": a.budget, "budget_share": total.coursework / a.budget}}
+                       "budget": a.flops_budget, "budget_share": total.coursework / a.flops_budget}}
         if report and c.name == "report-a":  # its Table 3 columns: Add., Mult., Div., Exp. and Sqrt weighted, Total
             report["table3"] = {k: {**{o: WEIGHTS[o] * x.ops.get(o, 0) for o in ("add", "mul", "div", "exp", "sqrt")},
                                     "total": x.coursework} for k, x in report["table3"].items()}
@@ -1124,7 +1121,7 @@ def main(argv=None):
     print(f"Run: {a.steps} steps")
     for name, x in [*run.items(), ("total", total)]:
         print(f"  {name:<32}{x.matmul:>12.4g}{x.coursework:>14.4g}")
-    print(f"  share of the {a.budget:.3g} budget: {100 * total.coursework / a.budget:.2f}%")
+    print(f"  share of the {a.flops_budget:.3g} budget: {100 * total.coursework / a.flops_budget:.2f}%")
     print()
     print(ledger.markdown())
     if report:

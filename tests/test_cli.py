@@ -54,3 +54,50 @@ def test_a_reader_that_leaves_early_gets_no_traceback():
     err = proc.stderr.read().decode()
     assert proc.wait() == 1 and first.startswith(b"Convention")
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+# One vocabulary: each concept has one flag in every script that has it; older spellings are hidden aliases.
+VOCABULARY = {"--model": "checkpoint folder or hub id", "--rank": "LoRA rank", "--targets": "layers LoRA adapts",
+              "--dtype": "weights and activations dtype", "--device": "torch device",
+              "--flops-budget": "FLOP budget", "--eval-every": "steps between validations",
+              "--eval-batches": "batches per validation", "--context": "tokens per window", "--k": "context steps",
+              "--h": "forecast steps", "--seed": "seed", "--temperature": "sampling temperature", "--top-k": "top-k",
+              "--top-p": "top-p", "--lm-head-bias": "the coursework's output bias"}
+OLD_SPELLINGS = {"--precision": "--dtype", "--lora-targets": "--targets", "--budget": "--flops-budget",
+                 "--val-every": "--eval-every", "--val-batches": "--eval-batches", "--eval-context-steps": "--k",
+                 "--eval-horizon-steps": "--h", "--eval-series": "--forecast-series", "--eval-batch": "--forecast-batch"}
+
+
+def visible_flags(parser):
+    return {s for a in flags(parser) if a.help != argparse.SUPPRESS for s in a.option_strings}
+
+
+def test_one_flag_per_concept_across_the_scripts():
+    shown = {script: visible_flags(build()) for script, build in PARSERS.items()}
+    for script, names in shown.items():
+        assert not names & set(OLD_SPELLINGS), f"{script} shows old spellings {names & set(OLD_SPELLINGS)}"
+    # each concept that two or more scripts share appears under its one name (a spelling variant would be missed)
+    by_dest = {}
+    for script, build in PARSERS.items():
+        for a in flags(build()):
+            if a.help != argparse.SUPPRESS:
+                by_dest.setdefault(a.dest, set()).add(a.option_strings[0])
+    assert all(len(names) == 1 for names in by_dest.values()), {d: n for d, n in by_dest.items() if len(n) > 1}
+    assert all(sum(flag in names for names in shown.values()) >= 2 for flag in VOCABULARY), \
+        [flag for flag in VOCABULARY if sum(flag in names for names in shown.values()) < 2]
+
+
+@pytest.mark.parametrize("script, old, new, value", [
+    ("train.py", ["--precision", "bf16"], ["--dtype", "bfloat16"], "bfloat16"),
+    ("flops.py", ["--lora-targets", "q,o"], ["--targets", "q,o"], "q,o"),
+    ("flops.py", ["--budget", "1e16"], ["--flops-budget", "1e16"], 1e16),
+    ("flops.py", ["--val-every", "7"], ["--eval-every", "7"], 7),
+    ("flops.py", ["--eval-batch", "3"], ["--forecast-batch", "3"], 3),
+    ("flops.py", ["--eval-horizon-steps", "9"], ["--h", "9"], 9),
+])
+def test_old_spellings_still_work_with_one_line_naming_the_new(script, old, new, value, capsys):
+    parser = PARSERS[script]()
+    dest = next(a.dest for a in parser._actions if new[0] in a.option_strings)
+    assert getattr(parser.parse_args(old), dest) == value == getattr(PARSERS[script]().parse_args(new), dest)
+    err = capsys.readouterr().err
+    assert err.count(f"note: {old[0]} is now {new[0]}") == 1, err

@@ -762,7 +762,7 @@ def test_ledger_roundtrip_and_table(tmp_path):
 
 def test_cli_json(capsys):
     flops.main(["--context", "128", "--batch", "2", "--rank", "4", "--steps", "10", "--json",
-                "--val-every", "5", "--val-batches", "1", "--eval-series", "2", "--eval-horizon-steps", "2"])
+                "--eval-every", "5", "--eval-batches", "1", "--forecast-series", "2", "--h", "2"])
     out = json.loads(capsys.readouterr().out)
     lora = {"q_proj": 4, "v_proj": 4}
     assert out["forward"]["matmul_view"] == flops.qwen2(REAL, 2, 128, lora).matmul
@@ -786,7 +786,7 @@ def test_cli_text_numeric_vocab_config_and_errors(tmp_path, capsys):
     fwd = flops.qwen2(cfg, 4, 16, {"q_proj": 8, "v_proj": 8}, True, 13)
     assert f"{fwd.matmul:.4g}" in text
     assert Ledger.read(tmp_path / "l.jsonl").total("plan") > 0
-    for bad, says in ((["--lora-targets", "q,zz"], "unknown LoRA target 'zz'"),
+    for bad, says in ((["--targets", "q,zz"], "unknown LoRA target 'zz'"),
                       (["--config", str(tmp_path / "none.json")], "No config.json at"),
                       (["--context", "1"], "--context must be from 2 to 32768")):
         with pytest.raises(SystemExit):
@@ -1029,7 +1029,7 @@ def test_cli_prints_each_reports_tables(capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["convention"] == "report-b" and out["report"]["table4_calflops"]["forward"] == flops.calflops(REAL, 4, 512)
     assert out["train_step"]["executed_over_estimate"] == 1.0
-    flops.main(["--lora-targets", "none", "--json"])  # no LoRA
+    flops.main(["--targets", "none", "--json"])  # no LoRA
     assert json.loads(capsys.readouterr().out)["shape"]["lora"] == {}
 
 
@@ -1055,22 +1055,22 @@ def bad_flags(tmp_path):
         (["--steps", "0"], "--steps"), (["--steps", "-3"], "--steps"), (["--steps", huge], "--steps"),
         (["--rank", "0"], "--rank"), (["--rank", "-4"], "--rank"), (["--rank", "200"], "width of v_proj"),
         (["--rank", huge], "--rank"),
-        (["--lora-targets", "q,zz"], "unknown LoRA target 'zz'"), (["--lora-targets", ","], "names no layer"),
-        (["--lora-targets", ""], "names no layer"),
+        (["--targets", "q,zz"], "unknown LoRA target 'zz'"), (["--targets", ","], "names no layer"),
+        (["--targets", ""], "names no layer"),
         (["--convention", "report-c"], "--convention"), (["--convention", ""], "--convention"),
         (["--attention", "math", "--convention", "report-a"], "--attention"),
-        (["--val-every", "-1"], "--val-every"), (["--val-batches", "-2"], "--val-batches"),
-        (["--val-every", "100"], "--val-batches"), (["--val-batches", "5"], "--val-every"),
-        (["--eval-series", "-1"], "--eval-series"), (["--eval-series", huge], "--eval-series"),
-        (["--eval-series", "2", "--eval-batch", "0"], "--eval-batch"),
-        (["--eval-series", "1", "--eval-context-steps", "0"], "--eval-context-steps"),
-        (["--eval-series", "1", "--eval-horizon-steps", "-5"], "--eval-horizon-steps"),
-        (["--eval-series", "1", "--eval-horizon-steps", "4000"], "32768 positions"),
-        (["--eval-series", "1", "--eval-horizon-steps", huge], "--eval-horizon-steps"),
+        (["--eval-every", "-1"], "--eval-every"), (["--eval-batches", "-2"], "--eval-batches"),
+        (["--eval-every", "100"], "--eval-batches"), (["--eval-batches", "5"], "--eval-every"),
+        (["--forecast-series", "-1"], "--forecast-series"), (["--forecast-series", huge], "--forecast-series"),
+        (["--forecast-series", "2", "--forecast-batch", "0"], "--forecast-batch"),
+        (["--forecast-series", "1", "--k", "0"], "--k"),
+        (["--forecast-series", "1", "--h", "-5"], "--h"),
+        (["--forecast-series", "1", "--h", "4000"], "32768 positions"),
+        (["--forecast-series", "1", "--h", huge], "--h"),
         (["--tokens-per-step", "0"], "--tokens-per-step"), (["--tokens-per-step", huge], "--tokens-per-step"),
         (["--gen-head-rows", "0"], "--gen-head-rows"), (["--gen-head-rows", "200000"], "vocabulary"),
-        (["--budget", "0"], "--budget"), (["--budget", "-1"], "--budget"), (["--budget", "nan"], "--budget"),
-        (["--budget", "inf"], "--budget"), (["--budget", "1e400"], "--budget"), (["--budget", "lots"], "--budget"),
+        (["--flops-budget", "0"], "--flops-budget"), (["--flops-budget", "-1"], "--flops-budget"), (["--flops-budget", "nan"], "--flops-budget"),
+        (["--flops-budget", "inf"], "--flops-budget"), (["--flops-budget", "1e400"], "--flops-budget"), (["--flops-budget", "lots"], "--flops-budget"),
         (["--stage", " "], "--stage"),
         (["--vocab", "words"], "--vocab"), (["--unknown-flag"], "unrecognized arguments"),
         (["--config", str(tmp_path / "none.json")], "No config.json"), (["--config", str(tmp_path)], "No config.json"),
@@ -1094,8 +1094,8 @@ def test_every_bad_flag_ends_in_one_sentence(tmp_path, capsys):
 
 def test_flags_at_their_limits_still_count(capsys):
     """The bounds refuse nonsense, not big honest runs: the longest context and forecast finish at once."""
-    flops.main(["--context", "32768", "--batch", "1", "--rank", "128", "--eval-series", "3", "--eval-batch", "2",
-                "--eval-context-steps", "1", "--eval-horizon-steps", "3275", "--no-kv-cache", "--json"])
+    flops.main(["--context", "32768", "--batch", "1", "--rank", "128", "--forecast-series", "3", "--forecast-batch", "2",
+                "--k", "1", "--h", "3275", "--no-kv-cache", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert out["run"]["generate"]["matmul_view"] > 0 and math.isfinite(out["run"]["budget_share"])
 

@@ -467,7 +467,7 @@ BAD_FLAGS = [
     ("evaluate.py", "--top-p", "0"), ("evaluate.py", "--top-k", "0"), ("evaluate.py", "--limit", "0"), ("evaluate.py", "--batch", "0"),
     ("evaluate.py", "--context", "100000"),
     ("flops.py", "--context", "1"), ("flops.py", "--batch", "0"), ("flops.py", "--rank", "-1"), ("flops.py", "--steps", "-1"),
-    ("flops.py", "--budget", "0"), ("flops.py", "--budget", "nan"),
+    ("flops.py", "--flops-budget", "0"), ("flops.py", "--flops-budget", "nan"),
     ("python -m qwen_min", "--max-new-tokens", "0"), ("python -m qwen_min", "--temperature", "-1"),
     ("python -m qwen_min", "--top-p", "1.5"), ("python -m qwen_min", "--top-k", "-1"),
     ("python -m qwen_min", "--repetition-penalty", "0"),
