@@ -186,9 +186,22 @@ def resolve(args, p):
         args.no_ce = True  # report B published no test cross-entropy
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.label = args.label or (Path(args.score).stem if args.score else Path(args.adapter).resolve().parent.name if args.adapter else "base")
-    args.out = args.out or (str(Path(args.run) / "eval") if args.run else f"evals/{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.out and (Path(args.out) / "results.json").exists():
+        p.error(f"--out {args.out} already holds an evaluation's results.json; choose a new folder (or leave out --out: "
+                "each evaluation then gets its own)")
+    args.out = args.out or default_out(args)
     if Path(args.out).exists() and not Path(args.out).is_dir():
         p.error(f"--out {args.out} is a file, not a folder; choose a folder for results.json")
+
+
+def default_out(args):
+    """Each evaluation its own folder, never on top of another: RUN/eval/<protocol>-<adapter or base>, else
+    evals/<label>-<protocol>; a time stamp is added when that folder already holds results."""
+    which = Path(args.adapter).name if args.adapter else "base"
+    out = Path(args.run) / "eval" / f"{args.protocol}-{which}" if args.run else Path("evals") / f"{args.label}-{args.protocol}"
+    if (out / "results.json").exists():
+        out = out.with_name(f"{out.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return str(out)
 
 
 # ---------------------------------------------------------------- model and data
@@ -771,7 +784,7 @@ def evaluate(args):
     config = config_of(args, len(series_json["index"])) | {"max_new_tokens": token_budget(tasks, args.h) if args.protocol == "ours" else None}
     res = {"config": config, "cross_entropy": ce, "results": scores, "repairs": repairs, "tokens_generated": n_tokens,
            "flops": {"cross_entropy": ce["flops"] if ce else 0.0, "generate": generate_flops}, "timing": timing,
-           "series": series_json}
+           "series": series_json, "provenance": run_folder.provenance(args.device)}
     if args.run:  # the run's FLOP ledger gets what its evaluation spent, beside its training
         ledger = flops.Ledger(Path(args.run) / "ledger.jsonl")
         # step -1: not a training step, so a later --resume of the run keeps these lines

@@ -42,6 +42,7 @@ from qwen_min.errors import UserError, run_cli
 from qwen_min.files import (FolderLock, append_jsonl, atomic_write, atomic_write_json, atomic_write_text,
                             clean_leftovers, recover_folder, sync)
 from qwen_min.loss import causal_lm_loss, mean_cross_entropy
+from qwen_min import run_folder
 from qwen_min.progress import progress
 from qwen_min.weights import hf_name, resolve_checkpoint, save_pretrained
 
@@ -503,6 +504,7 @@ def main(argv=None):
 
 def train(args, run):
     """The run in `run`, whose lock the caller holds: build, restore or start, loop, report."""
+    t_start = time.perf_counter()  # this invocation's wall time, for summary.json
     args, resuming = open_run(args, run)
     torch.manual_seed(args.seed)
 
@@ -652,7 +654,8 @@ def train(args, run):
     if args.export_merged:
         export_merged(run, args)
     summary = {"steps": step, "stop_reason": stop_reason, "best_val_loss": best_val, "flops_spent": spent,
-               "flops_budget": args.flops_budget, "budget_used": spent / args.flops_budget, "run": str(run)}
+               "flops_budget": args.flops_budget, "budget_used": spent / args.flops_budget, "run": str(run),
+               "wall_s": time.perf_counter() - t_start, "provenance": run_folder.provenance(args.device)}
     atomic_write_json(run / "summary.json", summary)
     print(f"done after {step} steps ({stop_reason}): best validation loss {best_val:.4f}, "
           f"{spent:.3g} FLOPs ({100 * spent / args.flops_budget:.2f}% of the budget); adapter in {run / 'best'}")

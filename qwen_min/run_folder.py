@@ -98,3 +98,29 @@ def set_extra(model, extra):
     if "lm_head_bias" in extra:
         with torch.no_grad():
             model.add_lm_head_bias().copy_(extra["lm_head_bias"])
+
+
+def provenance(device="cpu") -> dict:
+    """What produced a result, for summary.json and results.json: versions, the code's commit, the device, threads."""
+    import platform
+    import subprocess
+    import sys
+
+    import numpy
+
+    repo = Path(__file__).resolve().parent.parent
+
+    def git(*args):
+        try:
+            out = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):  # no git here
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    changed = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    dev = torch.device(device)
+    return {"commit": commit, "uncommitted_changes": bool(changed) if commit else None,
+            "python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
+            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.machine()})",
+            "torch_threads": torch.get_num_threads(), "platform": platform.platform(), "argv": sys.argv}

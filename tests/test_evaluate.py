@@ -1,6 +1,7 @@
 """evaluate.py on a tiny random model: decoding rules, batching, repairs, the run folder, the report."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -147,7 +148,7 @@ def test_run_folder_gives_model_adapter_data_and_scaling(ckpt, tok, tmp_path):
     res = evaluate.main(["--run", str(run), "--k", "6", "--h", "3", "--no-baselines", "--plots", "0"])
     c = res["config"]
     assert (c["n_series"], c["seed"], c["scaling"], c["decimals"], c["adapter"]) == (24, 3, "per-series", 1, str(run / "best"))
-    assert c["label"] == "run" and (run / "eval" / "results.json").is_file()
+    assert c["label"] == "run" and (run / "eval" / "ours-best" / "results.json").is_file()
     assert res["series"]["index"] == splits.split(24, seed=3).test.tolist()
     args = evaluate.parse_args(["--run", str(run), "--k", "6", "--h", "3"])
     traj, _, split, test = evaluate.load_series(args)
@@ -163,6 +164,13 @@ def test_run_folder_gives_model_adapter_data_and_scaling(ckpt, tok, tmp_path):
     assert ledger[0]["flops"] == res["flops"]["cross_entropy"] > 0 and ledger[1]["flops"] == res["flops"]["generate"] > 0
     with pytest.raises(SystemExit):  # the run fixes its split: another seed would test on training series
         evaluate.parse_args(["--run", str(run), "--seed", "4"])
+    # each evaluation its own folder: a second one never lands on the first
+    again = evaluate.parse_args(["--run", str(run), "--k", "6", "--h", "3"])
+    assert Path(again.out).parent == run / "eval" and Path(again.out).name.startswith("ours-best-")
+    assert evaluate.parse_args(["--run", str(run), "--no-adapter", "--preset", "report-b"]).out == str(run / "eval" / "report-b-base")
+    with pytest.raises(SystemExit):  # an explicit --out that holds results is refused, not overwritten
+        evaluate.parse_args(["--run", str(run), "--out", str(tmp_path / "base")])
+    assert res["provenance"]["torch"] == torch.__version__ and res["provenance"]["device"].startswith("cpu")
 
 
 def test_generation_flops_count_only_rows_still_generating(ckpt, tmp_path):

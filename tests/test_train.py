@@ -44,6 +44,9 @@ def test_training_lowers_the_loss_and_writes_every_output(ckpt, tmp_path):
     assert len(train_loss) == 30 and len(val_loss) == 7  # the base model at step 0, then every 5 steps
     assert sum(train_loss[-5:]) / 5 < 0.8 * sum(train_loss[:5]) / 5
     assert min(val_loss) < val_loss[0] and summary["best_val_loss"] == min(val_loss)
+    made_by = json.loads((run / "summary.json").read_text())["provenance"]  # what produced it, for a reader later
+    assert made_by["torch"] == torch.__version__ and made_by["torch_threads"] == torch.get_num_threads()
+    assert made_by["device"].startswith("cpu") and summary["wall_s"] > 0
     for name in ("args.json", "scaler.json", "ledger.jsonl", "state.pt", "loss.png", "summary.json",
                  "adapter/adapter_model.safetensors", "best/adapter_config.json"):
         assert (run / name).is_file(), name
