@@ -49,10 +49,9 @@ def test_a_reader_that_leaves_early_gets_no_traceback():
     from conftest import REPO
 
     proc = subprocess.Popen([sys.executable, "flops.py"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    first = proc.stdout.readline()
-    proc.stdout.close()  # as head does after its line
+    proc.stdout.close()  # the reader is gone before the writer (still importing torch) prints a line
     err = proc.stderr.read().decode()
-    assert proc.wait() == 1 and first.startswith(b"Convention")
+    assert proc.wait() == 1
     assert "Traceback" not in err and "BrokenPipe" not in err, err
 
 
