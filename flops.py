@@ -970,7 +970,7 @@ def _fmt_table(rows) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(formatter_class=HelpFormatter, prog="flops.py", description="Exact FLOPs of qwen-min: one forward pass, a LoRA training step, a run.")
-    p.add_argument("--config", help="a Qwen2 config.json (default: Qwen2.5-0.5B)")
+    p.add_argument("--model", help="a checkpoint folder or its config.json: the shape to count (default: Qwen2.5-0.5B's)")
     p.add_argument("--convention", choices=list(CONVENTIONS), default="ours",
                    help="ours: every operation as it runs (matmul view equal to FlopCounterMode); report-a, "
                         "report-b: the same mirror counted as each published report counted it, with its tables "
@@ -1000,7 +1000,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", default="run", help="stage name in the ledger")
     p.add_argument("--ledger", help="append the plan to this JSON-lines ledger")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
-    for old, new in (("--lora-targets", "--targets"), ("--budget", "--flops-budget"), ("--val-every", "--eval-every"),
+    for old, new in (("--config", "--model"), ("--lora-targets", "--targets"), ("--budget", "--flops-budget"), ("--val-every", "--eval-every"),
                      ("--val-batches", "--eval-batches"), ("--eval-series", "--forecast-series"),
                      ("--eval-batch", "--forecast-batch"), ("--eval-context-steps", "--k"), ("--eval-horizon-steps", "--h")):
         renamed(p, old, new)  # the names before one vocabulary across the scripts
@@ -1054,9 +1054,10 @@ def main(argv=None):
     p = build_parser()
     a = p.parse_args(argv)
     try:
-        cfg = Qwen2Config.from_json(a.config) if a.config else Qwen2Config()
+        path = Path(a.model) / "config.json" if a.model and Path(a.model).is_dir() else a.model
+        cfg = Qwen2Config.from_json(path) if a.model else Qwen2Config()
     except (ValueError, OSError) as e:
-        p.error(f"--config {a.config}: {e}")
+        p.error(f"--model {a.model}: {e}")
     problems = check_flags(a, cfg)
     if problems:
         p.error(problems[0] + ".")

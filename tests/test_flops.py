@@ -779,7 +779,7 @@ def test_cli_json(capsys):
 def test_cli_text_numeric_vocab_config_and_errors(tmp_path, capsys):
     cfg = tiny_config()
     (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
-    flops.main(["--config", str(tmp_path / "config.json"), "--context", "16", "--vocab", "numeric",
+    flops.main(["--model", str(tmp_path / "config.json"), "--context", "16", "--vocab", "numeric",
                 "--lm-head-bias", "--steps", "3", "--ledger", str(tmp_path / "l.jsonl")])
     text = capsys.readouterr().out
     assert "layers.*.mlp.silu" in text and "3 x forward" in text and "| run | plan |" in text
@@ -787,7 +787,7 @@ def test_cli_text_numeric_vocab_config_and_errors(tmp_path, capsys):
     assert f"{fwd.matmul:.4g}" in text
     assert Ledger.read(tmp_path / "l.jsonl").total("plan") > 0
     for bad, says in ((["--targets", "q,zz"], "unknown LoRA target 'zz'"),
-                      (["--config", str(tmp_path / "none.json")], "No config.json at"),
+                      (["--model", str(tmp_path / "none.json")], "No config.json at"),
                       (["--context", "1"], "--context must be from 2 to 32768")):
         with pytest.raises(SystemExit):
             run_cli(flops.main, bad)
@@ -1043,13 +1043,15 @@ def bad_flags(tmp_path):
     impossible.write_text(json.dumps({**tiny_config().to_hf_dict(), "num_key_value_heads": 0}))
     garbage = tmp_path / "garbage.json"
     garbage.write_text("{not json")
+    empty = tmp_path / "no-checkpoint"  # a folder without a config.json
+    empty.mkdir()
     ledger = tmp_path / "ledger.jsonl"
     ledger.write_text("this is not a ledger\n{}\n")
     huge = str(10**30)
     return [  # (argv, what the sentence must name)
         (["--context", "0"], "--context"), (["--context", "-5"], "--context"), (["--context", "1"], "--context"),
         (["--context", "40000"], "32768 positions"), (["--context", "abc"], "--context"),
-        (["--config", str(cfg), "--context", "300"], "256 positions"),
+        (["--model", str(cfg), "--context", "300"], "256 positions"),
         (["--batch", "0"], "--batch"), (["--batch", "-1"], "--batch"), (["--batch", huge], "--batch"),
         (["--batch", "2.5"], "--batch"),
         (["--steps", "0"], "--steps"), (["--steps", "-3"], "--steps"), (["--steps", huge], "--steps"),
@@ -1073,8 +1075,8 @@ def bad_flags(tmp_path):
         (["--flops-budget", "inf"], "--flops-budget"), (["--flops-budget", "1e400"], "--flops-budget"), (["--flops-budget", "lots"], "--flops-budget"),
         (["--stage", " "], "--stage"),
         (["--vocab", "words"], "--vocab"), (["--unknown-flag"], "unrecognized arguments"),
-        (["--config", str(tmp_path / "none.json")], "No config.json"), (["--config", str(tmp_path)], "No config.json"),
-        (["--config", str(garbage)], "not valid JSON"), (["--config", str(impossible)], "num_key_value_heads"),
+        (["--model", str(tmp_path / "none.json")], "No config.json"), (["--model", str(empty)], "No config.json"),
+        (["--model", str(garbage)], "not valid JSON"), (["--model", str(impossible)], "num_key_value_heads"),
         (["--ledger", str(tmp_path)], "--ledger"), (["--ledger", str(ledger)], "not a ledger entry"),
     ]
 

@@ -208,7 +208,7 @@ def ckpt_argv(key):
 
 TARGETS = {
     "config.json": Target("ckpt", "config.json", ckpt_argv("ckpt") | {
-        "flops.py": lambda c, tmp: ["--config", str(c / "config.json"), "--steps", "1", "--context", "32"]}),
+        "flops.py": lambda c, tmp: ["--model", str(c / "config.json"), "--steps", "1", "--context", "32"]}),
     "model.safetensors": Target("ckpt", "model.safetensors", ckpt_argv("ckpt")),
     "model.safetensors.index.json": Target("sharded", "model.safetensors.index.json", ckpt_argv("sharded")),
     "tokenizer.json": Target("ckpt", "tokenizer.json", ckpt_argv("ckpt")),
