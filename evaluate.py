@@ -32,7 +32,7 @@ from data import baselines, llmtime, lotka_volterra, metrics, protocols, splits,
 from data.forecast import forecast_tasks, read_forecast
 import flops
 from qwen_min import GenerationConfig, Qwen2Config, Tokenizer, generate
-from qwen_min.cli import HelpFormatter
+from qwen_min.cli import HelpFormatter, with_config
 from qwen_min.errors import UserError, run_cli
 from qwen_min.files import FolderLock, atomic_write_json
 from qwen_min.generate import produced_lengths
@@ -104,11 +104,16 @@ def build_parser():
     g.add_argument("--lv-iterations", type=int, default=150, help="Nelder-Mead iterations of the LV baseline fit")
     g.add_argument("--plots", type=int, default=4, help="series in forecasts.png (0 = no plots)")
     g.add_argument("--compare", nargs="+", metavar="RESULTS", help="print two or more results.json side by side, then exit")
+    g.add_argument("--config", metavar="FILE", help="flag values from a TOML, YAML or JSON file; flags given here override the file's")
     return p
 
 
 def parse_args(argv=None):
     p = build_parser()
+    try:
+        with_config(p, argv)
+    except UserError as e:
+        p.error(str(e).rstrip("."))
     args = p.parse_args(argv)
     if args.compare:
         if len(args.compare) < 2:

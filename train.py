@@ -37,7 +37,7 @@ import flops
 import lora
 from data import llmtime, lotka_volterra, splits, windows
 from qwen_min import Qwen2, Qwen2Config, Tokenizer
-from qwen_min.cli import HelpFormatter, renamed
+from qwen_min.cli import HelpFormatter, renamed, with_config
 from qwen_min.errors import UserError, run_cli
 from qwen_min.files import (FolderLock, append_jsonl, atomic_write, atomic_write_json, atomic_write_text,
                             clean_leftovers, recover_folder, sync)
@@ -107,6 +107,8 @@ def build_parser():
     g.add_argument("--export-merged", action="store_true",
                    help="at the end, also write the best adapter merged into a full checkpoint (<out>/merged) that transformers loads")
     renamed(p, "--precision", "--dtype", {"fp32": "float32", "bf16": "bfloat16"})
+    p.add_argument("--config", metavar="FILE", help="flag values from a TOML, YAML or JSON file (a run's args.json "
+                   "relaunches it); flags given here override the file's")
     return p
 
 
@@ -143,6 +145,7 @@ def flag_problem(args):
 
 def parse_args(argv=None):
     p = build_parser()
+    with_config(p, argv, skip=("resume", "given"))
     args = p.parse_args(argv)
     for action in p._actions:  # parse again with no defaults: which flags did the user give?
         action.default = argparse.SUPPRESS
@@ -333,7 +336,7 @@ def read_json_object(path, what):
 def saved_flag_problem(saved, parser):
     """What is wrong with a saved args.json's flags (a missing key, a wrong type); None when sound."""
     for a in parser._actions:
-        if a.dest in ("help", "resume"):
+        if a.dest in ("help", "resume", "config"):
             continue
         if a.dest not in saved:
             return f"lacks the flag '{a.dest}'"
@@ -360,7 +363,7 @@ def resumed_args(args, run):
     problem = saved_flag_problem(saved, build_parser())
     if problem:
         raise UserError(f"{run / 'args.json'}: {problem}; {fix}.")
-    changed = [k for k in args.given if k not in ("out", "resume") and getattr(args, k) != saved.get(k)]
+    changed = [k for k in args.given if k not in ("out", "resume", "config") and getattr(args, k) != saved.get(k)]
     refused = [k for k in changed if k not in RESUMABLE]
     if refused:
         raise UserError(f"--resume continues the saved run, so --{refused[0].replace('_', '-')} cannot change; "
@@ -554,7 +557,8 @@ def train(args, run):
         print(f"resuming {run} at step {step} (best validation loss {best_val:.4f})")
     else:
         clear_run(run)
-    atomic_write_json(run / "args.json", {k: v for k, v in vars(args).items() if k not in ("resume", "given")})  # with a resume's changes
+    # every flag's value, a resume's changes included: `train.py --config RUN/args.json --out NEW` runs it again
+    atomic_write_json(run / "args.json", {k: v for k, v in vars(args).items() if k not in ("resume", "given", "config")})
     ledger = flops.Ledger(run / "ledger.jsonl", budget=args.flops_budget)  # on resume: the spending so far
     if not resuming:
         atomic_write_json(run / "scaler.json", scaler.to_dict() | {"decimals": args.decimals, "split_seed": args.seed})

@@ -42,3 +42,76 @@ def renamed(parser, old, new, values=None):
     choices = None if target.choices is None else list(target.choices) + list(values or {})
     parser.add_argument(old, dest=target.dest, action=_Renamed, new=new, values=values, type=target.type,
                         choices=choices, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def read_config(path) -> dict:
+    """A --config file -> {flag name: value}: TOML (.toml), YAML (.yaml, .yml; needs PyYAML), or JSON (a run's args.json)."""
+    import json
+    from pathlib import Path
+
+    from .errors import UserError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--config {path}: no such file; give a TOML, YAML or JSON file of flag values (a run's args.json works).")
+    suffix = path.suffix.lower()
+    try:
+        text = path.read_text(encoding="utf-8")
+        if suffix == ".toml":
+            import tomllib  # Python 3.11+
+
+            values = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise UserError(f"--config {path}: reading YAML needs PyYAML (pip install pyyaml); or write the file as TOML or JSON.") from None
+            values = yaml.safe_load(text)  # safe_load: a config file can never run code
+        else:
+            values = json.loads(text)
+    except UserError:
+        raise
+    except ImportError:
+        raise UserError(f"--config {path}: reading TOML needs Python 3.11 or later; write the file as JSON instead.") from None
+    except Exception as e:  # the parsers' own error types differ (tomllib, yaml, json); all mean a malformed file
+        raise UserError(f"--config {path} is not valid {suffix.lstrip('.').upper() or 'JSON'} ({str(e).splitlines()[0][:80]}); fix the file.") from None
+    if not isinstance(values, dict):
+        raise UserError(f"--config {path} holds a {type(values).__name__}, not a table of flag names and values.")
+    return values
+
+
+def with_config(parser, argv, skip=()):
+    """If argv names `--config FILE`, the file's values become the parser's defaults, so the flags given
+    on the command line still win. Keys are flag names with '-' or '_' ('lora-rank' or 'lora_rank');
+    `skip` keys are ignored (what a script records in args.json but no flag sets). Returns the file's
+    values ({} without --config)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if not known.config:
+        return {}
+    from .errors import UserError
+
+    values = read_config(known.config)
+    by_flag = {s: a for a in parser._actions for s in a.option_strings}
+    defaults = {}
+    for key, value in values.items():
+        if key in skip:
+            continue
+        action = by_flag.get("--" + str(key).replace("_", "-"))
+        if action is None or action.dest in ("help", "config"):
+            raise UserError(f"--config {known.config}: '{key}' is not a flag of this script; see --help for the names.")
+        if isinstance(action, _Renamed):
+            value = action.values.get(value, value)
+        if value is not None and action.type is not None and not isinstance(value, bool):
+            try:
+                value = action.type(value)
+            except (TypeError, ValueError):
+                raise UserError(f"--config {known.config}: '{key}' is {value!r}, not a value --{key} takes.") from None
+        if action.choices is not None and value is not None and value not in action.choices:
+            raise UserError(f"--config {known.config}: '{key}' is {value!r}; choose from {', '.join(map(str, action.choices))}.")
+        if action.nargs == 0 and not isinstance(value, bool):
+            raise UserError(f"--config {known.config}: '{key}' is a switch; give true or false, not {value!r}.")
+        defaults[action.dest] = value
+    parser.set_defaults(**defaults)
+    return values

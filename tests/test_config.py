@@ -1,0 +1,96 @@
+"""--config FILE: a run relaunched from its own args.json is the same run, bit for bit; TOML/YAML files
+with flags overriding them; bad files in one sentence."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import evaluate
+import train
+from conftest import random_model, tiny_config, write_checkpoint
+from qwen_min.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return write_checkpoint(random_model(tiny_config()), tmp_path_factory.mktemp("tiny") / "ckpt")
+
+
+def short_run(ckpt, out, *extra):
+    return ["--model", str(ckpt), "--n-series", "12", "--context", "48", "--batch", "4", "--rank", "2", "--alpha", "4",
+            "--targets", "q,o", "--lr", "3e-3", "--steps", "4", "--eval-every", "2", "--eval-batches", "1",
+            "--schedule", "cosine", "--warmup", "1", "--seed", "7", "--out", str(out), "--no-progress", *extra]
+
+
+def losses(run):
+    return [json.loads(line).get("loss", json.loads(line).get("val_loss")) for line in open(run / "metrics.jsonl")]
+
+
+def test_a_run_relaunched_from_its_args_json_is_the_same_run_bit_for_bit(ckpt, tmp_path):
+    first, again = tmp_path / "first", tmp_path / "again"
+    train.main(short_run(ckpt, first))
+    train.main(["--config", str(first / "args.json"), "--out", str(again)])
+    a, b = load_file(first / "best" / "adapter_model.safetensors"), load_file(again / "best" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(first) == losses(again) and len(losses(first)) == 4 + 3  # 4 steps, validations at 0, 2, 4
+    recorded = json.loads((again / "args.json").read_text())
+    assert recorded == json.loads((first / "args.json").read_text()) | {"out": str(again)}
+    assert (recorded["rank"], recorded["alpha"], recorded["targets"], recorded["seed"]) == (2, 4.0, "q,o", 7)
+
+
+def test_flags_override_a_toml_file(ckpt, tmp_path):
+    cfg = tmp_path / "recipe.toml"
+    cfg.write_text(f'model = "{ckpt}"\nn-series = 12\ncontext = 48\nrank = 4\ntargets = "q_proj,v_proj"\n'
+                   'lr = 0.002\nsteps = 2\neval_every = 2\neval-batches = 1\nno-progress = true\n')
+    args = train.parse_args(["--config", str(cfg), "--rank", "2", "--out", str(tmp_path / "r")])
+    assert (args.rank, args.targets, args.lr, args.n_series, args.eval_every, args.no_progress) == (2, "q_proj,v_proj", 0.002, 12, 2, True)
+    assert {"rank", "lr"} <= set(args.given) and "alpha" not in args.given  # asked for in the file or on the line
+    saved = tmp_path / "saved"  # a run made with rank 8: resuming it with this file would change the rank
+    saved.mkdir()
+    (saved / "args.json").write_text(json.dumps({k: v for k, v in vars(args).items() if k not in ("given", "resume", "config")}
+                                                | {"rank": 8}))
+    with pytest.raises(UserError, match="--rank cannot change"):
+        train.resumed_args(args, saved)
+
+
+def test_a_yaml_file_and_old_names_in_an_old_args_json(ckpt, tmp_path):
+    pytest.importorskip("yaml")
+    cfg = tmp_path / "recipe.yaml"
+    cfg.write_text(f"model: {ckpt}\nrank: 3\nprecision: fp32\ndecimals: 3\n")
+    args = train.parse_args(["--config", str(cfg), "--out", str(tmp_path / "r")])
+    assert (args.rank, args.dtype, args.decimals) == (3, "float32", 3)  # precision fp32: the old name and value
+
+
+@pytest.mark.parametrize("text, suffix, says", [
+    ("rank = 4\nlearning_rate = 1\n", ".toml", "'learning_rate' is not a flag of this script"),
+    ('rank = "four"\n', ".toml", "'rank' is 'four', not a value --rank takes"),
+    ('scaling = "log"\n', ".toml", "'scaling' is 'log'; choose from global, per-series"),
+    ("no-progress = 3\n", ".toml", "'no-progress' is a switch; give true or false"),
+    ("rank = 4\n[", ".toml", "is not valid TOML"),
+    ("[1, 2]", ".json", "holds a list, not a table"),
+    ("{", ".json", "is not valid JSON"),
+    ("help = true\n", ".toml", "'help' is not a flag"),
+])
+def test_a_bad_config_file_is_one_sentence(tmp_path, text, suffix, says, capsys):
+    path = tmp_path / f"bad{suffix}"
+    path.write_text(text)
+    with pytest.raises(UserError, match=None) as e:
+        train.parse_args(["--config", str(path)])
+    assert says in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(SystemExit):  # evaluate.py refuses it the same way, as a usage error
+        evaluate.parse_args(["--config", str(path)])
+    assert "error: --config" in capsys.readouterr().err
+
+
+def test_a_missing_config_file_is_one_sentence(tmp_path):
+    with pytest.raises(UserError, match="no such file"):
+        train.parse_args(["--config", str(tmp_path / "nowhere.toml")])
+
+
+def test_evaluate_takes_a_config_file_too(ckpt, tmp_path):
+    cfg = tmp_path / "eval.toml"
+    cfg.write_text(f'model = "{ckpt}"\nk = 6\nh = 3\nn-series = 20\nno-ce = true\nbatch = 5\n')
+    args = evaluate.parse_args(["--config", str(cfg), "--h", "4", "--out", str(tmp_path / "e")])
+    assert (args.k, args.h, args.n_series, args.no_ce, args.batch) == (6, 4, 20, True, 5)
