@@ -44,11 +44,12 @@ from qwen_min.files import (FolderLock, append_jsonl, atomic_write, atomic_write
 from qwen_min.loss import causal_lm_loss, mean_cross_entropy
 from qwen_min import run_folder
 from qwen_min.progress import progress
+from qwen_min.scalars import Scalars
 from qwen_min.weights import hf_name, resolve_checkpoint, save_pretrained
 
 on_step = None  # called with the step number after every step; tests use it to kill a run midway
 # Flags a --resume may change; every other flag is the saved run's.
-RESUMABLE = ("steps", "lr", "patience", "flops_budget", "device", "no_progress", "export_merged")
+RESUMABLE = ("steps", "lr", "patience", "flops_budget", "device", "no_progress", "export_merged", "log")
 # Training calls scaled_dot_product_attention with is_causal=True, which runs PyTorch's fused
 # flash kernels on CPU and, in bf16, on CUDA; flops.py counts their backward accordingly. (fp32 on
 # CUDA with grouped kv heads may fall back to the math kernel, which flops.py counts as
@@ -56,7 +57,7 @@ RESUMABLE = ("steps", "lr", "patience", "flops_budget", "device", "no_progress",
 ATTENTION_KERNEL = "fused"
 # What a run folder holds; a fresh start clears these (args.json is replaced, not removed).
 RUN_FILES = ("scaler.json", "metrics.jsonl", "ledger.jsonl", "state.pt", "loss.png", "summary.json")
-RUN_FOLDERS = ("adapter", "best", "merged")
+RUN_FOLDERS = ("adapter", "best", "merged", "tensorboard")
 OWN = {"args.json", ".lock", *RUN_FILES, *RUN_FOLDERS}
 STATE_KEYS = {"step", "trainable", "best", "optimizer", "rng", "cuda_rng", "best_val", "bad_evals", "spent"}
 
@@ -103,6 +104,9 @@ def build_parser():
                         "so evaluate.py --preset of the same name tests on series the run never saw")
     g.add_argument("--out", default=None, help="run folder (default: runs/<time>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    g.add_argument("--log", choices=["none", "tensorboard"], default="none",
+                   help="tensorboard: also write loss, lr, tokens/s, FLOPs and validation to <out>/tensorboard "
+                        "(metrics.jsonl is always written and stays the record)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar: plain log lines (step, loss, lr, tokens/s, FLOPs) every 30 s, as when output is not a terminal")
     g.add_argument("--export-merged", action="store_true",
                    help="at the end, also write the best adapter merged into a full checkpoint (<out>/merged) that transformers loads")
@@ -358,6 +362,7 @@ def resumed_args(args, run):
     fix = "restore it or start a new run in another folder"
     saved = read_json_object(run / "args.json", fix)
     saved.setdefault("split", "ours")  # runs made before --split existed
+    saved.setdefault("log", "none")  # runs made before --log existed
     if "precision" in saved:  # runs made before --precision fp32|bf16 became --dtype float32|bfloat16
         saved.setdefault("dtype", {"fp32": "float32", "bf16": "bfloat16"}.get(saved.pop("precision")))
     problem = saved_flag_problem(saved, build_parser())
@@ -599,12 +604,16 @@ def train(args, run):
         if improved:
             best = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         append_jsonl(run / "metrics.jsonl", {"kind": "val", "step": step, "val_loss": val_loss, "best": improved, "flops": spent})
+        scalars.add("val/loss", val_loss, step)
+        scalars.add("flops/spent", spent, step)
         ledger.add(run.name, "eval", eval_flops, step=step)
         bar.write(f"step {step}: validation loss {val_loss:.4f}{' (best)' if improved else ''}")
         checkpoint()
         return bool(args.patience) and bad_evals >= args.patience
 
     bar = progress(args.steps, "train", "step", initial=step, bar=False if args.no_progress else None)
+    # a resume drops the events a killed run wrote after its checkpoint, as metrics.jsonl drops its lines
+    scalars = Scalars(run / "tensorboard", args.log == "tensorboard", purge_step=step + 1 if resuming else None)
     if step == 0 and not resuming and eval_flops + first_step <= args.flops_budget:
         validate()  # the base model's loss: the baseline every later evaluation must beat
     stop_reason = "steps"
@@ -640,6 +649,8 @@ def train(args, run):
         append_jsonl(run / "metrics.jsonl", {"kind": "train", "step": step, "loss": loss.item(), "lr": lr,
                                              "tokens_per_s": tokens_per_s, "flops": spent})
         ledger.add(run.name, "train", cost, step=step)
+        for tag, value in (("train/loss", loss.item()), ("train/lr", lr), ("train/tokens_per_s", tokens_per_s), ("flops/spent", spent)):
+            scalars.add(tag, value, step)
         bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}", flops=f"{spent:.2e}")
         bar.update(1)
 
@@ -652,6 +663,7 @@ def train(args, run):
                 stop_reason = "early stopping"
                 break
     bar.close()
+    scalars.close()
     if saved_step != step:
         checkpoint()
     plot_losses(run, run / "loss.png")

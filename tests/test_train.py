@@ -532,3 +532,26 @@ def test_a_run_reshuffles_each_epoch_warms_up_from_step_one_and_validates_at_its
     assert epoch0 != epoch1  # reshuffled
     assert [r["step"] for r in records(run, "val")] == [0, 2, 4, 5]
     assert [r["lr"] for r in records(run, "train")] == pytest.approx([1e-3, 2e-3, 3e-3, 3e-3, 3e-3])
+
+
+def test_log_tensorboard_mirrors_metrics_jsonl_and_a_resume_drops_what_a_kill_left(ckpt, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    train.main(run_args(ckpt, run, "--steps", "4", "--lr", "1e-2", "--log", "tensorboard"))
+
+    def scalars():
+        events = EventAccumulator(str(run / "tensorboard"))
+        events.Reload()
+        return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+    tb = scalars()
+    train_rows, val_rows = records(run, "train"), records(run, "val")
+    assert tb["train/loss"] == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in train_rows]
+    assert tb["train/lr"] == [(r["step"], pytest.approx(r["lr"], rel=1e-6)) for r in train_rows]
+    assert tb["val/loss"] == [(r["step"], pytest.approx(r["val_loss"], rel=1e-6)) for r in val_rows]
+    assert [s for s, _ in tb["val/loss"]] == [0, 4]
+    # resume to 6 steps: steps 5 and 6 appear once each, after the first run's 1-4
+    train.main(["--out", str(run), "--resume", "--steps", "6", "--no-progress"])
+    assert [s for s, _ in scalars()["train/loss"]] == [1, 2, 3, 4, 5, 6]
