@@ -39,6 +39,7 @@ from qwen_min.generate import produced_lengths
 from qwen_min.loss import mean_cross_entropy, mean_of_batch_means
 from qwen_min import run_folder
 from qwen_min.progress import progress, tracked
+from qwen_min.scalars import Scalars, require_tensorboard
 from qwen_min.weights import resolve_checkpoint
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -104,6 +105,9 @@ def build_parser():
     g.add_argument("--lv-iterations", type=int, default=150, help="Nelder-Mead iterations of the LV baseline fit")
     g.add_argument("--plots", type=int, default=4, help="series in forecasts.png (0 = no plots)")
     g.add_argument("--compare", nargs="+", metavar="RESULTS", help="print two or more results.json side by side, then exit")
+    g.add_argument("--log", choices=["none", "tensorboard"], default="none",
+                   help="tensorboard: also write the overall metrics as TensorBoard scalars (RUN/tensorboard with --run, "
+                        "else OUT/tensorboard), at the run's last step")
     g.add_argument("--config", metavar="FILE", help="flag values from a TOML, YAML or JSON file; flags given here override the file's")
     return p
 
@@ -187,6 +191,8 @@ def resolve(args, p):
     for ok, message in checks:
         if not ok:
             p.error(message)
+    if args.log == "tensorboard":
+        require_tensorboard()
     if args.protocol == "report-b":
         args.no_ce = True  # report B published no test cross-entropy
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -679,11 +685,30 @@ def write_results(args, res):
     except OSError as e:
         raise UserError(f"cannot create --out {out} ({e.strerror}); choose another folder.") from None
     atomic_write_json(out / "results.json", res)
+    if args.log == "tensorboard":
+        log_scalars(args, res)
     print(markdown(res))
     if args.plots:
         plot(res, out, args.plots)
     print(f"\nwrote {out / 'results.json'}" + (f", {out / 'forecasts.png'}, {out / 'error_vs_horizon.png'}" if args.plots else ""))
     return res
+
+
+def log_scalars(args, res):
+    """The overall metrics (and cross-entropy) as TensorBoard scalars, tagged eval/<protocol>-<adapter>/<forecaster>/<metric>,
+    at the run's last training step, so they sit on the run's own curves."""
+    summary = Path(args.run) / "summary.json" if args.run else None
+    step = json.loads(summary.read_text()).get("steps", 0) if summary and summary.is_file() else 0
+    where = Path(args.run) / "tensorboard" if args.run else Path(args.out) / "tensorboard"
+    name = f"eval/{args.protocol}-{Path(args.adapter).name if args.adapter else 'base'}"
+    scalars = Scalars(where)
+    for forecaster, scores in res["results"].items():
+        for metric, value in scores["overall"].items():
+            if isinstance(value, (int, float)):
+                scalars.add(f"{name}/{forecaster}/{metric}", value, step)
+    if res["cross_entropy"]:
+        scalars.add(f"{name}/cross_entropy", res["cross_entropy"]["mean"], step)
+    scalars.close()
 
 
 def config_of(args, n_test):

@@ -44,7 +44,7 @@ from qwen_min.files import (FolderLock, append_jsonl, atomic_write, atomic_write
 from qwen_min.loss import causal_lm_loss, mean_cross_entropy
 from qwen_min import run_folder
 from qwen_min.progress import progress
-from qwen_min.scalars import Scalars
+from qwen_min.scalars import Scalars, require_tensorboard
 from qwen_min.weights import hf_name, resolve_checkpoint, save_pretrained
 
 on_step = None  # called with the step number after every step; tests use it to kill a run midway
@@ -159,6 +159,8 @@ def parse_args(argv=None):
         p.error(problem)
     if args.resume and not args.out:
         p.error("--resume needs --out, the folder of the run to continue")
+    if args.log == "tensorboard":
+        require_tensorboard()
     args.stride = args.stride or max(1, args.context // 2)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:

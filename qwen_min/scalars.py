@@ -6,7 +6,23 @@ open first: `tensorboard --logdir runs`. The writer is torch's own; it needs the
 package, which qwen-min does not otherwise require.
 """
 
+import importlib
+
 from .errors import UserError
+
+
+def require_tensorboard():
+    """Checked before long work starts, so a missing package is said at once, not after the run."""
+    try:
+        importlib.import_module("torch.utils.tensorboard")  # which imports the tensorboard package
+    except ImportError:
+        raise UserError("--log tensorboard needs the tensorboard package (pip install tensorboard); "
+                        "or leave out --log: the JSON logs hold the same numbers.") from None
+
+
+def _writer(log_dir, purge_step=None):
+    require_tensorboard()
+    return importlib.import_module("torch.utils.tensorboard").SummaryWriter(log_dir=log_dir, purge_step=purge_step)
 
 
 class Scalars:
@@ -16,15 +32,7 @@ class Scalars:
     metrics.jsonl drops its lines, so the curves never show a step twice."""
 
     def __init__(self, folder, enabled=True, purge_step=None):
-        self.writer = None
-        if not enabled:
-            return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise UserError("--log tensorboard needs the tensorboard package (pip install tensorboard); "
-                            "or leave out --log: metrics.jsonl holds the same numbers.") from None
-        self.writer = SummaryWriter(log_dir=str(folder), purge_step=purge_step)
+        self.writer = _writer(str(folder), purge_step) if enabled else None
 
     def add(self, tag, value, step):
         if self.writer is not None:

@@ -336,3 +336,16 @@ def test_evaluating_a_run_folder_another_process_holds_is_one_sentence(ckpt, tmp
         with pytest.raises(SystemExit):
             run_cli(evaluate.main, ["--run", str(run), "--no-adapter", *FAST, "--no-baselines"])
     assert "in use by another qwen-min process" in capsys.readouterr().err
+
+
+def test_log_tensorboard_writes_the_overall_metrics_of_results_json(ckpt, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    res = evaluate.main(["--model", str(ckpt), *FAST, "--no-ce", "--plots", "0", "--log", "tensorboard", "--out", str(tmp_path / "e")])
+    events = EventAccumulator(str(tmp_path / "e" / "tensorboard"))
+    events.Reload()
+    for forecaster in ("model", "persistence"):
+        for metric in ("mae", "rmse"):
+            (event,) = events.Scalars(f"eval/ours-base/{forecaster}/{metric}")
+            assert event.step == 0 and event.value == pytest.approx(res["results"][forecaster]["overall"][metric], rel=1e-6)
