@@ -286,6 +286,21 @@ def test_full_dotted_target_modules_from_peft_load(tmp_path):
     assert (logits(peft_model) - logits(model)).abs().max().item() <= 1e-5
 
 
+def test_module_name_given_to_load_is_the_one_used(tmp_path):
+    """An adapter saved under our own module names (module_name = identity) loads when the same
+    module_name is given, and not under the model's default (transformers') names."""
+    source = random_model(tiny_config())
+    inject_lora(source, r=4, alpha=8)
+    randomise(source)
+    save_adapter(source, tmp_path / "a", module_name=lambda name: name)
+    assert "base_model.model.layers.0.self_attn.q_proj.lora_A.weight" in load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    model = random_model(tiny_config())
+    load_adapter(model, tmp_path / "a", module_name=lambda name: name)
+    assert torch.equal(logits(model), logits(source))
+    with pytest.raises(UserError):
+        load_adapter(random_model(tiny_config()), tmp_path / "a")
+
+
 def test_load_refusals_are_whole_sentences(tmp_path):
     _, folder = saved(tmp_path / "a")
     path = edit_config(folder, target_modules=["q_proj", "zz_proj", "qkv_proj"])
