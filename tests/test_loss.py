@@ -105,3 +105,67 @@ def test_mean_cross_entropy_over_a_restricted_vocabulary_and_no_batches():
     mean, n = mean_cross_entropy(model, batches, vocab_ids=ALPHABET)
     assert n == 12 + 4 and mean == pytest.approx(torch.cat(losses).mean().item(), abs=1e-5)
     assert mean_cross_entropy(model, []) == (0.0, 0)
+
+
+RESTRICTED_ERROR = ("A label lies outside the restricted vocabulary; "
+                    "restrict the loss only for text made of those tokens.")
+
+
+def _restricted_by_hand(model, ids, labels, vocab):
+    """Cross-entropy over the columns `vocab` of the full logits, scored labels only, targets
+    looked up by a Python dict: the restricted loss computed without the code's lookup table."""
+    index = {int(t): j for j, t in enumerate(vocab)}
+    with torch.no_grad():
+        logits = model(ids)[:, :-1][..., vocab]  # (B, T-1, n)
+    targets = labels[:, 1:]
+    keep = targets != -100
+    mapped = torch.tensor([index[int(t)] for t in targets[keep]])
+    return F.cross_entropy(logits[keep], mapped)
+
+
+def test_restricted_vocabulary_scores_token_id_zero_and_skips_padding():
+    """Token 0 is a label like any other (the lookup clamps only the -100 padding to a valid
+    index); padding labels are skipped with a restricted vocabulary as without one."""
+    model = random_model(tiny_config())
+    vocab = torch.tensor([0, 5, 7, 9])  # 1 is not in it: a clamp to 1 would find no label there
+    ids = torch.tensor([[5, 0, 7, 0, 9, 0], [0, 9, 0, 5, 7, 5]])
+    labels = ids.clone()
+    labels[1, 4:] = -100  # row 1: two padding positions
+    by_hand = _restricted_by_hand(model, ids, labels, vocab)  # 5 + 3 labels
+    with torch.no_grad():
+        got = causal_lm_loss(model, ids, labels, vocab)
+    assert got.dtype == torch.float32 and got.shape == ()
+    assert torch.allclose(got, by_hand, atol=1e-6)
+    # the same numbers through the full head differ: the restriction is not a no-op here
+    with torch.no_grad():
+        assert abs(causal_lm_loss(model, ids, labels).item() - by_hand.item()) > 1e-3
+
+
+def test_restricted_vocabulary_refuses_an_outside_label_with_its_sentence():
+    model = random_model(tiny_config())
+    vocab = torch.tensor([0, 5, 7])
+    ids = torch.tensor([[5, 0, 7]])
+    with pytest.raises(ValueError) as e:
+        causal_lm_loss(model, ids, torch.tensor([[5, 0, 8]]), vocab)  # 8 is outside
+    assert str(e.value) == RESTRICTED_ERROR
+    with pytest.raises(ValueError) as e:
+        causal_lm_loss(model, ids, torch.tensor([[5, 1, 7]]), vocab)  # 1 is outside, 0 is not
+    assert str(e.value) == RESTRICTED_ERROR
+    # an outside token where the label is padding is fine: padding is never looked up
+    with torch.no_grad():
+        got = causal_lm_loss(model, torch.tensor([[5, 0, 150]]), torch.tensor([[5, 0, -100]]), vocab)
+    assert torch.allclose(got, _restricted_by_hand(model, torch.tensor([[5, 0, 150]]), torch.tensor([[5, 0, -100]]), vocab), atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_restricted_vocabulary_on_cuda():
+    """The lookup table is built on the labels' device (on CPU alone a wrong device cannot show)."""
+    model = random_model(tiny_config())
+    vocab = torch.tensor([0, 5, 7, 9])
+    ids = torch.tensor([[5, 0, 7, 0, 9, 0]])
+    labels = ids.clone()
+    labels[0, 4:] = -100
+    by_hand = _restricted_by_hand(model, ids, labels, vocab)
+    with torch.no_grad():
+        got = causal_lm_loss(model.cuda(), ids.cuda(), labels.cuda(), vocab.cuda())
+    assert got.device.type == "cuda" and torch.allclose(got.cpu(), by_hand, atol=1e-5)
