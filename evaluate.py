@@ -5,7 +5,7 @@ or a published one, or score forecasts made elsewhere under the same protocols.
     python evaluate.py --model DIR --data FILE --preset report-a      # report A's protocol, as its code ran it
     python evaluate.py --run runs/x --samples 20 --temperature 0.7 --top-p 0.9
     python evaluate.py --preset report-b --data FILE --score forecasts.npz   # no model: someone else's forecasts
-    python evaluate.py --compare evals/base/results.json evals/x/results.json
+    python evaluate.py --compare evals/base-ours/results.json runs/x/eval/ours-best/results.json
 
 The recipe: load the model (+ adapter, merged), rebuild the protocol's split and encoding, then
   1. cross-entropy on the test split, in the protocol's convention (ours: per token, padding masked);
@@ -98,7 +98,7 @@ def build_parser():
     g.add_argument("--unrestricted", action="store_true", help="let the model emit any token (default: digits and separators)")
     g.add_argument("--batch", type=int, default=20, help="sequences decoded at once (series x samples)")
     g = p.add_argument_group("output")
-    g.add_argument("--out", help="folder for results.json and plots (default: RUN/eval, else evals/<time>)")
+    g.add_argument("--out", help="a new folder for results.json and plots (default: RUN/eval/<protocol>-<adapter>, else evals/<label>-<protocol>; time-stamped when taken)")
     g.add_argument("--label", help="name of this model in tables (default: the adapter's run, or 'base')")
     g.add_argument("--no-ce", action="store_true", help="skip the cross-entropy")
     g.add_argument("--no-baselines", action="store_true", help="skip the persistence and fitted-LV baselines")
@@ -207,12 +207,21 @@ def resolve(args, p):
 
 def default_out(args):
     """Each evaluation its own folder, never on top of another: RUN/eval/<protocol>-<adapter or base>, else
-    evals/<label>-<protocol>; a time stamp is added when that folder already holds results."""
+    evals/<label>-<protocol>; a time stamp (and a count) is added when that folder is taken."""
     which = Path(args.adapter).name if args.adapter else "base"
     out = Path(args.run) / "eval" / f"{args.protocol}-{which}" if args.run else Path("evals") / f"{args.label}-{args.protocol}"
-    if (out / "results.json").exists():
-        out = out.with_name(f"{out.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    return str(out)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(1000):  # claimed by creating it, so two evaluations started together never share one
+        candidate = out if n == 0 else out.with_name(f"{out.name}-{stamp}" + (f"-{n}" if n > 1 else ""))
+        try:
+            candidate.mkdir(parents=True)
+            return str(candidate)
+        except FileExistsError:
+            if n == 0 and not any(out.iterdir()):  # an empty folder (a failed start): use it
+                return str(out)
+        except OSError as e:
+            raise UserError(f"cannot create the results folder {candidate} ({e.strerror}); give --out.") from None
+    raise UserError(f"{out} and 999 stamped folders beside it exist; give --out.")
 
 
 # ---------------------------------------------------------------- model and data
@@ -697,8 +706,11 @@ def write_results(args, res):
 def log_scalars(args, res):
     """The overall metrics (and cross-entropy) as TensorBoard scalars, tagged eval/<protocol>-<adapter>/<forecaster>/<metric>,
     at the run's last training step, so they sit on the run's own curves."""
-    summary = Path(args.run) / "summary.json" if args.run else None
-    step = json.loads(summary.read_text()).get("steps", 0) if summary and summary.is_file() else 0
+    step = 0  # the run's last step, when its summary.json says so (a run still training has none yet)
+    try:
+        step = int(json.loads((Path(args.run) / "summary.json").read_text())["steps"]) if args.run else 0
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
     where = Path(args.run) / "tensorboard" if args.run else Path(args.out) / "tensorboard"
     name = f"eval/{args.protocol}-{Path(args.adapter).name if args.adapter else 'base'}"
     scalars = Scalars(where)

@@ -89,8 +89,8 @@ from itertools import groupby
 from pathlib import Path
 
 from lora.inject import parse_targets
-from qwen_min.cli import HelpFormatter, renamed
-from qwen_min.errors import run_cli
+from qwen_min.cli import HelpFormatter, renamed, with_config
+from qwen_min.errors import UserError, run_cli
 from qwen_min.files import append_jsonl, atomic_write_text
 
 PRIMITIVES = ("add", "mul", "div", "cmp", "exp", "log", "sqrt")
@@ -970,7 +970,8 @@ def _fmt_table(rows) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(formatter_class=HelpFormatter, prog="flops.py", description="Exact FLOPs of qwen-min: one forward pass, a LoRA training step, a run.")
-    p.add_argument("--model", help="a checkpoint folder or its config.json: the shape to count (default: Qwen2.5-0.5B's)")
+    p.add_argument("--model", help="a local checkpoint folder or its config.json: the shape to count (default: Qwen2.5-0.5B's)")
+    p.add_argument("--config", metavar="FILE", help="flag values from a TOML, YAML or JSON file; flags given here override the file's")
     p.add_argument("--convention", choices=list(CONVENTIONS), default="ours",
                    help="ours: every operation as it runs (matmul view equal to FlopCounterMode); report-a, "
                         "report-b: the same mirror counted as each published report counted it, with its tables "
@@ -987,8 +988,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", choices=["math", "fused"], default=None,
                    help="attention backward: fused (flash / memory-efficient, what training runs; default) or math; "
                         "our convention only")
-    p.add_argument("--eval-every", type=int, default=0, help="validate every N steps, as train.py's --eval-every (0: never)")
-    p.add_argument("--eval-batches", type=int, default=0, help="batches per validation, as train.py's --eval-batches")
+    p.add_argument("--eval-every", type=int, default=0, help="validate every N steps, as train.py's --eval-every (0: never; train.py's default is 100)")
+    p.add_argument("--eval-batches", type=int, default=0, help="batches per validation, as train.py's --eval-batches (train.py's default is 10)")
     p.add_argument("--forecast-series", type=int, default=0, help="series forecast in the final evaluation (evaluate.py)")
     p.add_argument("--forecast-batch", type=int, default=1, help="series generated at once, as evaluate.py's --batch")
     p.add_argument("--k", type=int, default=50, help="forecast prompt: context time steps, as evaluate.py's --k")
@@ -1000,7 +1001,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", default="run", help="stage name in the ledger")
     p.add_argument("--ledger", help="append the plan to this JSON-lines ledger")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
-    for old, new in (("--config", "--model"), ("--lora-targets", "--targets"), ("--budget", "--flops-budget"), ("--val-every", "--eval-every"),
+    for old, new in (("--lora-targets", "--targets"), ("--budget", "--flops-budget"), ("--val-every", "--eval-every"),
                      ("--val-batches", "--eval-batches"), ("--eval-series", "--forecast-series"),
                      ("--eval-batch", "--forecast-batch"), ("--eval-context-steps", "--k"), ("--eval-horizon-steps", "--h")):
         renamed(p, old, new)  # the names before one vocabulary across the scripts
@@ -1052,6 +1053,11 @@ def main(argv=None):
     from qwen_min.config import Qwen2Config
 
     p = build_parser()
+    try:
+        with_config(p, argv)
+    except UserError as e:
+        hint = " (--config now reads flag values; name the model's config.json with --model)" if "hidden_size" in str(e) else ""
+        p.error(str(e).rstrip(".") + hint)
     a = p.parse_args(argv)
     try:
         path = Path(a.model) / "config.json" if a.model and Path(a.model).is_dir() else a.model

@@ -3,13 +3,15 @@
     python train.py --rank 8                       # defaults of the best published run
     python train.py --model DIR --context 128 --steps 30 --out runs/short
     python train.py --out runs/short --resume      # continue a killed run exactly
+    python train.py --config runs/short/args.json --out runs/again   # the same run again (flags override the file)
 
 The recipe: load the model, inject LoRA, turn trajectories into token windows, then loop
 (batch -> loss -> backward -> AdamW step), validating every --eval-every steps, keeping the best
 adapter, stopping early or before the FLOP budget runs out. Everything a run makes lands in its
 folder (--out): args.json, scaler.json, metrics.jsonl, ledger.jsonl (FLOPs planned and spent),
-state.pt (for --resume), adapter/ and best/ (peft format), loss.png, summary.json, and with
---export-merged merged/ (a checkpoint transformers loads).
+state.pt (for --resume), adapter/ and best/ (peft format), loss.png, summary.json, with
+--export-merged merged/ (a checkpoint transformers loads), with --log tensorboard tensorboard/,
+and later evaluate.py's eval/<protocol>-<adapter>/.
 
 The run folder survives a kill at any instant. Every file is written whole and renamed into
 place (qwen_min/files.py); state.pt is the commit point: it holds the trained tensors, the best
@@ -49,6 +51,7 @@ from qwen_min.weights import hf_name, resolve_checkpoint, save_pretrained
 
 on_step = None  # called with the step number after every step; tests use it to kill a run midway
 # Flags a --resume may change; every other flag is the saved run's.
+OLD_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16"}  # --precision's values, before it became --dtype
 RESUMABLE = ("steps", "lr", "patience", "flops_budget", "device", "no_progress", "export_merged", "log")
 # Training calls scaled_dot_product_attention with is_causal=True, which runs PyTorch's fused
 # flash kernels on CPU and, in bf16, on CUDA; flops.py counts their backward accordingly. (fp32 on
@@ -110,7 +113,7 @@ def build_parser():
     g.add_argument("--no-progress", action="store_true", help="no progress bar: plain log lines (step, loss, lr, tokens/s, FLOPs) every 30 s, as when output is not a terminal")
     g.add_argument("--export-merged", action="store_true",
                    help="at the end, also write the best adapter merged into a full checkpoint (<out>/merged) that transformers loads")
-    renamed(p, "--precision", "--dtype", {"fp32": "float32", "bf16": "bfloat16"})
+    renamed(p, "--precision", "--dtype", OLD_DTYPE_NAMES)
     p.add_argument("--config", metavar="FILE", help="flag values from a TOML, YAML or JSON file (a run's args.json "
                    "relaunches it); flags given here override the file's")
     return p
@@ -366,7 +369,7 @@ def resumed_args(args, run):
     saved.setdefault("split", "ours")  # runs made before --split existed
     saved.setdefault("log", "none")  # runs made before --log existed
     if "precision" in saved:  # runs made before --precision fp32|bf16 became --dtype float32|bfloat16
-        saved.setdefault("dtype", {"fp32": "float32", "bf16": "bfloat16"}.get(saved.pop("precision")))
+        saved.setdefault("dtype", OLD_DTYPE_NAMES.get(saved.pop("precision")))
     problem = saved_flag_problem(saved, build_parser())
     if problem:
         raise UserError(f"{run / 'args.json'}: {problem}; {fix}.")

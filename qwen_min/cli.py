@@ -13,7 +13,8 @@ class HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+        hidden = action.default is None or action.default is False or action.default is argparse.SUPPRESS  # `is`: 0 == False
+        if "default" in text or hidden or not action.option_strings:
             return text
         return f"{text} (default: %(default)s)"
 
@@ -103,15 +104,43 @@ def with_config(parser, argv, skip=()):
             raise UserError(f"--config {known.config}: '{key}' is not a flag of this script; see --help for the names.")
         if isinstance(action, _Renamed):
             value = action.values.get(value, value)
-        if value is not None and action.type is not None and not isinstance(value, bool):
-            try:
-                value = action.type(value)
-            except (TypeError, ValueError):
-                raise UserError(f"--config {known.config}: '{key}' is {value!r}, not a value --{key} takes.") from None
-        if action.choices is not None and value is not None and value not in action.choices:
-            raise UserError(f"--config {known.config}: '{key}' is {value!r}; choose from {', '.join(map(str, action.choices))}.")
-        if action.nargs == 0 and not isinstance(value, bool):
-            raise UserError(f"--config {known.config}: '{key}' is a switch; give true or false, not {value!r}.")
-        defaults[action.dest] = value
+        defaults[action.dest] = config_value(action, key, value, known.config)
     parser.set_defaults(**defaults)
     return values
+
+
+def config_value(action, key, value, path):
+    """A config file's value for one flag, checked as argparse checks the flag's text: one sentence when wrong."""
+    from .errors import UserError
+
+    def refuse(why):
+        raise UserError(f"--config {path}: '{key}' is {value!r}; {why}.")
+
+    if action.nargs == 0:  # a switch
+        if not isinstance(value, bool):
+            refuse("it is a switch: give true or false")
+        return value
+    if value is None:
+        if action.default is not None:
+            refuse(f"--{key} needs a value (leave the key out for its default)")
+        return None
+    if action.nargs in ("+", "*"):
+        if not isinstance(value, list) or (action.nargs == "+" and not value):
+            refuse(f"--{key} takes a list")
+        return [config_value(argparse.Action([], action.dest, type=action.type, choices=action.choices), key, v, path)
+                for v in value]
+    if isinstance(value, (bool, list, dict)):
+        refuse(f"not a value --{key} takes")
+    if action.type is None:
+        if not isinstance(value, str):
+            refuse(f"--{key} takes text: quote it")
+    elif action.type is int and isinstance(value, float) and not value.is_integer():
+        refuse(f"--{key} takes a whole number")
+    else:
+        try:
+            value = action.type(value)
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            refuse(f"not a value --{key} takes")
+    if action.choices is not None and value not in action.choices:
+        refuse(f"choose from {', '.join(map(str, action.choices))}")
+    return value

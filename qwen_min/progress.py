@@ -22,10 +22,12 @@ def progress(total, desc, unit="it", initial=0, bar=None, every=30.0):
 
 def duration(seconds):
     """3725 -> '1h02m', 125 -> '2m05s', 7.5 -> '7.5s'."""
-    if seconds >= 3600:
-        return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
-    if seconds >= 60:
-        return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+    if round(seconds) >= 3600:
+        minutes = round(seconds / 60)
+        return f"{minutes // 60}h{minutes % 60:02d}m"
+    if round(seconds, 1) >= 60:
+        seconds = round(seconds)
+        return f"{seconds // 60}m{seconds % 60:02d}s"
     return f"{seconds:.1f}s"
 
 
@@ -34,7 +36,7 @@ class Lines:
 
     def __init__(self, total, desc, unit="it", initial=0, every=30.0, clock=time.monotonic):
         self.total, self.desc, self.unit, self.every, self.clock = total, desc, unit, every, clock
-        self.n = self.start_n = initial
+        self.n = self.start_n = self.printed_n = initial
         self.start = self.last = clock()
         self.postfix = {}
 
@@ -47,10 +49,11 @@ class Lines:
         self.postfix = values
 
     def write(self, text):
-        print(text, file=sys.stderr, flush=True)
+        """A message between progress lines: on stdout, as tqdm.write puts it."""
+        print(text, flush=True)
 
     def close(self):
-        if self.n > self.start_n:
+        if self.n > self.printed_n:  # the final count, unless the last line already showed it
             self.print_line()
 
     def line(self):
@@ -70,8 +73,8 @@ class Lines:
         return line
 
     def print_line(self):
-        self.last = self.clock()
-        self.write(self.line())
+        self.last, self.printed_n = self.clock(), self.n
+        print(self.line(), file=sys.stderr, flush=True)
 
 
 def tracked(items, desc, unit="it", **kwargs):

@@ -101,10 +101,11 @@ def set_extra(model, extra):
 
 
 def provenance(device="cpu") -> dict:
-    """What produced a result, for summary.json and results.json: versions, the code's commit, the device, threads."""
+    """What produced a result, for summary.json and results.json: versions, the code's commit (None outside a
+    git checkout of qwen-min) and whether files differed from it (an untracked .py counts), the device, threads.
+    The flags themselves are recorded beside it (args.json, results.json's config)."""
     import platform
     import subprocess
-    import sys
 
     import numpy
 
@@ -117,10 +118,12 @@ def provenance(device="cpu") -> dict:
             return None
         return out.stdout.strip() if out.returncode == 0 else None
 
-    commit = git("rev-parse", "HEAD")
-    changed = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    top = git("rev-parse", "--show-toplevel")  # this checkout, not one that merely contains a copy of it
+    commit = git("rev-parse", "HEAD") if top and Path(top).resolve() == repo else None
+    status = git("status", "--porcelain") if commit else ""
+    changed = [line for line in status.splitlines() if not line.startswith("??") or line.endswith(".py")]
     dev = torch.device(device)
     return {"commit": commit, "uncommitted_changes": bool(changed) if commit else None,
             "python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
             "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.machine()})",
-            "torch_threads": torch.get_num_threads(), "platform": platform.platform(), "argv": sys.argv}
+            "torch_threads": torch.get_num_threads(), "platform": platform.platform()}

@@ -33,7 +33,7 @@ AREAS = {
     "generate": (["qwen_min/generate.py", "qwen_min/generation_config.py"], ["tests/test_generate.py"]),
     "weights": (["qwen_min/weights.py", "qwen_min/tokenizer.py"], ["tests/test_weights.py", "tests/test_tokenizer.py"]),
     "files": (["qwen_min/files.py", "qwen_min/progress.py", "qwen_min/cli.py"],
-              ["tests/test_files.py", "tests/test_progress.py", "tests/test_cli.py"]),
+              ["tests/test_files.py", "tests/test_progress.py", "tests/test_cli.py", "tests/test_config.py"]),
     "data": (["data/llmtime.py", "data/metrics.py", "data/splits.py", "data/lotka_volterra.py", "data/h5file.py",
               "data/forecast.py", "data/baselines.py"],
              ["tests/test_data_llmtime.py", "tests/test_data_metrics.py", "tests/test_data_splits.py",

@@ -24,7 +24,7 @@ def test_every_flag_has_help_and_every_default_is_shown(script):
     for action in flags(parser):
         assert action.help, f"{script} {action.option_strings[0]} has no help text"  # argparse shows no default without one
         entry = parser._get_formatter()._expand_help(action)  # the flag's text as --help prints it
-        if action.default not in (None, False):
+        if action.default is not None and action.default is not False:  # `is`: a default of 0 must show too
             assert "default" in entry, f"{script} {action.option_strings[0]} hides its default {action.default!r}"
 
 

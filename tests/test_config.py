@@ -65,9 +65,14 @@ def test_a_yaml_file_and_old_names_in_an_old_args_json(ckpt, tmp_path):
 
 @pytest.mark.parametrize("text, suffix, says", [
     ("rank = 4\nlearning_rate = 1\n", ".toml", "'learning_rate' is not a flag of this script"),
-    ('rank = "four"\n', ".toml", "'rank' is 'four', not a value --rank takes"),
+    ('rank = "four"\n', ".toml", "'rank' is 'four'; not a value --rank takes"),
     ('scaling = "log"\n', ".toml", "'scaling' is 'log'; choose from global, per-series"),
-    ("no-progress = 3\n", ".toml", "'no-progress' is a switch; give true or false"),
+    ("no-progress = 3\n", ".toml", "'no-progress' is 3; it is a switch: give true or false"),
+    ('{"lr": null}', ".json", "'lr' is None; --lr needs a value"),
+    ('{"targets": 1}', ".json", "'targets' is 1; --targets takes text"),
+    ("rank = 8.7\n", ".toml", "'rank' is 8.7; --rank takes a whole number"),
+    ("rank = true\n", ".toml", "'rank' is True; not a value --rank takes"),
+    ('model = ["a", "b"]\n', ".toml", "not a value --model takes"),
     ("rank = 4\n[", ".toml", "is not valid TOML"),
     ("[1, 2]", ".json", "holds a list, not a table"),
     ("{", ".json", "is not valid JSON"),
@@ -94,3 +99,15 @@ def test_evaluate_takes_a_config_file_too(ckpt, tmp_path):
     cfg.write_text(f'model = "{ckpt}"\nk = 6\nh = 3\nn-series = 20\nno-ce = true\nbatch = 5\n')
     args = evaluate.parse_args(["--config", str(cfg), "--h", "4", "--out", str(tmp_path / "e")])
     assert (args.k, args.h, args.n_series, args.no_ce, args.batch) == (6, 4, 20, True, 5)
+
+
+def test_config_values_that_are_fine_and_a_list_flag(tmp_path):
+    path = tmp_path / "ok.json"
+    path.write_text('{"rank": 8.0, "alpha": 16, "out": null}')  # a whole float for an int, an int for a float, null for None
+    args = train.parse_args(["--config", str(path)])
+    assert (args.rank, args.alpha) == (8, 16.0) and type(args.rank) is int
+    path.write_text('{"compare": ["a.json", "b.json"]}')
+    assert evaluate.parse_args(["--config", str(path)]).compare == ["a.json", "b.json"]
+    path.write_text('{"compare": "a.json"}')
+    with pytest.raises(SystemExit):  # a list flag given one string would be read letter by letter
+        evaluate.parse_args(["--config", str(path)])

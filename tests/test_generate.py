@@ -309,7 +309,7 @@ def test_max_new_tokens_past_the_positions_is_refused():
     (["--top-p", "0"], "--top-p must be in (0, 1]"),
     (["--repetition-penalty", "0"], "--repetition-penalty must be a number > 0"),
     (["--repetition-penalty", "inf"], "--repetition-penalty must be a number > 0"),
-    (["--seed", "-1"], "--seed must be between"),
+    (["--sample-seed", "-1"], "--sample-seed must be between"),
     (["--device", "nonsense"], "--device 'nonsense' is not a torch device"),
     (["--prompt", ""], "--prompt is empty"),
     (["--bad-config"], "'repetition_penalty' must be a number > 0"),

@@ -52,7 +52,8 @@ def test_close_prints_the_final_line_only_after_work(capsys):
     assert capsys.readouterr().err == "cross-entropy: 3/3 batch (100%), 2 s/batch, 0.0s left\n"
 
 
-@pytest.mark.parametrize("seconds, text", [(7.25, "7.2s"), (125, "2m05s"), (3725, "1h02m"), (59.99, "60.0s")])
+@pytest.mark.parametrize("seconds, text", [(7.25, "7.2s"), (125, "2m05s"), (3725, "1h02m"), (59.99, "1m00s"),
+                                           (119.6, "2m00s"), (3599.7, "1h00m")])
 def test_duration(seconds, text):
     assert duration(seconds) == text
 
@@ -73,4 +74,4 @@ def test_tracked_yields_every_item_in_order_and_counts_them(capsys):
     items = ["a", "b", "c"]
     assert list(tracked(items, "work", every=0.0)) == items
     err = capsys.readouterr().err.splitlines()
-    assert [line.split(",")[0] for line in err] == ["work: 1/3 it (33%)", "work: 2/3 it (67%)", "work: 3/3 it (100%)", "work: 3/3 it (100%)"]
+    assert [line.split(",")[0] for line in err] == ["work: 1/3 it (33%)", "work: 2/3 it (67%)", "work: 3/3 it (100%)"]  # no repeat at close

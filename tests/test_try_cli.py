@@ -153,7 +153,7 @@ def test_forecast_mode_scales_with_the_runs_scale_and_reads_back_original_units(
         return torch.tensor([prompts[0] + tok.encode(written)])
 
     monkeypatch.setattr(cli, "generate", oracle)
-    values = cli.main(["--run", str(run), "--forecast", "0.4,0.2; 0.8,0.4", "--steps", "3"])
+    values = cli.main(["--run", str(run), "--forecast", "0.4,0.2; 0.8,0.4", "--h", "3"])
     assert seen["prompt"] == "1.00,0.50;2.00,1.00;"  # context x 2.5, two decimals, a trailing ';'
     assert sorted(tok.decode([i]) for i in seen["allowed"]) == sorted("0123456789.,;")
     assert np.allclose(values, truth)
@@ -165,7 +165,7 @@ def test_forecast_mode_without_a_run_scales_the_series_by_itself(ckpt, monkeypat
     monkeypatch.setattr(cli, "generate", lambda model, prompts, max_new, **kw: torch.tensor([prompts[0] + tok.encode("10.00,5.00;")]))
     context = np.array([[2.0, 1.0], [4.0, 2.0]])
     level = np.percentile(context, 95)  # 3.8: LLMTIME's per-series scale, P95 -> 10
-    values = cli.main(["--model", str(ckpt), "--forecast", "2,1; 4,2", "--steps", "1"])
+    values = cli.main(["--model", str(ckpt), "--forecast", "2,1; 4,2", "--h", "1"])
     assert np.allclose(values, [[level, level / 2]], atol=1e-9)
 
 
@@ -183,8 +183,36 @@ def test_bad_input_is_one_sentence(ckpt, flags, says, capsys):
 
 
 @pytest.mark.parametrize("flags", [[], ["--prompt", "a", "--forecast", "1,2"], ["--forecast", "1,2", "--chat"],
-                                   ["--forecast", "1,2", "--steps", "0"]])
+                                   ["--forecast", "1,2", "--h", "0"]])
 def test_nonsense_flag_combinations_are_refused(flags, capsys):
     with pytest.raises(SystemExit):
         cli.parse_args(flags)
     assert "error:" in capsys.readouterr().err
+
+
+def test_interactive_chat_on_a_tiny_model_replies_as_greedy_decoding_by_hand(ckpt, monkeypatch, capsys):
+    """The real --chat path: stdin lines, Qwen's chat template over the whole conversation, greedy replies."""
+    tok = Tokenizer.from_pretrained(ckpt)
+    lines = iter(["hi", "and now"])
+
+    def fake_input(prompt):
+        print(prompt, end="")
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    cli.main(["--model", str(ckpt), "--chat", "--max-new-tokens", "5", "--no-generation-config", "--temperature", "0"])
+    out = capsys.readouterr().out.splitlines()
+    model = random_model(tiny_config())
+    first = tok.decode(greedy_by_hand(model, tok.encode(tok.chat_prompt([{"role": "user", "content": "hi"}])), 5)).strip()
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": first},
+               {"role": "user", "content": "and now"}]
+    second = tok.decode(greedy_by_hand(model, tok.encode(tok.chat_prompt(history)), 5)).strip()
+    assert out[1:] == [f"you> {first}", f"you> {second}", "you> "]
+
+
+def test_chat_refuses_a_reply_length_that_leaves_no_room(ckpt):
+    with pytest.raises(UserError, match="leaves no room for a message"):
+        cli.main(["--model", str(ckpt), "--chat", "--max-new-tokens", "256"])
