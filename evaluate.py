@@ -32,7 +32,7 @@ from data import baselines, llmtime, lotka_volterra, metrics, protocols, splits,
 from data.forecast import forecast_tasks, read_forecast
 import flops
 from qwen_min import GenerationConfig, Qwen2Config, Tokenizer, generate
-from qwen_min.cli import HelpFormatter, with_config
+from qwen_min.cli import HelpFormatter, parse_with_config
 from qwen_min.errors import UserError, run_cli
 from qwen_min.files import FolderLock, atomic_write_json
 from qwen_min.generate import produced_lengths
@@ -114,11 +114,7 @@ def build_parser():
 
 def parse_args(argv=None):
     p = build_parser()
-    try:
-        with_config(p, argv)
-    except UserError as e:
-        p.error(str(e).rstrip("."))
-    args = p.parse_args(argv)
+    args = parse_with_config(p, argv)
     if args.compare:
         if len(args.compare) < 2:
             p.error("--compare needs two or more results.json files")

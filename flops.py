@@ -89,8 +89,8 @@ from itertools import groupby
 from pathlib import Path
 
 from lora.inject import parse_targets
-from qwen_min.cli import HelpFormatter, renamed, with_config
-from qwen_min.errors import UserError, run_cli
+from qwen_min.cli import HelpFormatter, parse_with_config, renamed
+from qwen_min.errors import run_cli
 from qwen_min.files import append_jsonl, atomic_write_text
 
 PRIMITIVES = ("add", "mul", "div", "cmp", "exp", "log", "sqrt")
@@ -1053,12 +1053,7 @@ def main(argv=None):
     from qwen_min.config import Qwen2Config
 
     p = build_parser()
-    try:
-        with_config(p, argv)
-    except UserError as e:
-        hint = " (--config now reads flag values; name the model's config.json with --model)" if "hidden_size" in str(e) else ""
-        p.error(str(e).rstrip(".") + hint)
-    a = p.parse_args(argv)
+    a = parse_with_config(p, argv)
     try:
         path = Path(a.model) / "config.json" if a.model and Path(a.model).is_dir() else a.model
         cfg = Qwen2Config.from_json(path) if a.model else Qwen2Config()

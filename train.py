@@ -39,7 +39,7 @@ import flops
 import lora
 from data import llmtime, lotka_volterra, splits, windows
 from qwen_min import Qwen2, Qwen2Config, Tokenizer
-from qwen_min.cli import HelpFormatter, renamed, with_config
+from qwen_min.cli import HelpFormatter, parse_with_config, renamed
 from qwen_min.errors import UserError, run_cli
 from qwen_min.files import (FolderLock, append_jsonl, atomic_write, atomic_write_json, atomic_write_text,
                             clean_leftovers, recover_folder, sync)
@@ -152,8 +152,7 @@ def flag_problem(args):
 
 def parse_args(argv=None):
     p = build_parser()
-    with_config(p, argv, skip=("resume", "given"))
-    args = p.parse_args(argv)
+    args = parse_with_config(p, argv, skip=("resume", "given"))
     for action in p._actions:  # parse again with no defaults: which flags did the user give?
         action.default = argparse.SUPPRESS
     args.given = sorted(vars(p.parse_args(argv)))

@@ -81,6 +81,17 @@ def read_config(path) -> dict:
     return values
 
 
+def parse_with_config(parser, argv=None, skip=()):
+    """parser.parse_args(argv) after `with_config`; a bad config file is a usage error (exit 2), as a bad flag is."""
+    from .errors import UserError
+
+    try:
+        with_config(parser, argv, skip)
+    except UserError as e:
+        parser.error(str(e).rstrip("."))
+    return parser.parse_args(argv)
+
+
 def with_config(parser, argv, skip=()):
     """If argv names `--config FILE`, the file's values become the parser's defaults, so the flags given
     on the command line still win. Keys are flag names with '-' or '_' ('lora-rank' or 'lora_rank');
@@ -101,7 +112,8 @@ def with_config(parser, argv, skip=()):
             continue
         action = by_flag.get("--" + str(key).replace("_", "-"))
         if action is None or action.dest in ("help", "config"):
-            raise UserError(f"--config {known.config}: '{key}' is not a flag of this script; see --help for the names.")
+            hint = " (a model's config.json? give it as --model)" if key in ("hidden_size", "model_type") else ""
+            raise UserError(f"--config {known.config}: '{key}' is not a flag of this script{hint}; see --help for the names.")
         if isinstance(action, _Renamed):
             value = action.values.get(value, value)
         defaults[action.dest] = config_value(action, key, value, known.config)
