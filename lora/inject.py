@@ -97,13 +97,18 @@ def merged_state_dict(model: nn.Module) -> dict:
     """The base model's state dict with every LoRA update folded into its weight, under the
     original parameter names (`x.q_proj.weight`, not `x.q_proj.base.weight`). The model itself
     is not touched."""
-    layers = lora_layers(model)
+    plain, drop = {}, set()  # LoRA's names -> (the plain layer's name, the layer whose update it gets)
+    for path, m in lora_layers(model).items():
+        at = f"{path}." if path else ""  # "" when the model is itself one LoRALinear
+        plain[at + "base.weight"] = (at + "weight", None if m.merged else m)
+        plain[at + "base.bias"] = (at + "bias", None)
+        drop |= {at + "lora_A", at + "lora_B"}
     sd = {}
     for name, t in model.state_dict().items():
-        if name.rsplit(".", 1)[-1] in ("lora_A", "lora_B"):
+        if name in drop:
             continue
-        owner = name.rsplit(".base.", 1)[0] if ".base." in name else None
-        if owner in layers and name.endswith(".base.weight") and not layers[owner].merged:
-            t = t + layers[owner].delta_weight().to(t.dtype)
-        sd[name.replace(".base.", ".")] = t.detach().clone()
+        new, layer = plain.get(name, (name, None))
+        if layer is not None:
+            t = t + layer.delta_weight().to(t.dtype)
+        sd[new] = t.detach().clone()
     return sd

@@ -188,11 +188,9 @@ def test_merged_state_dict_of_float32_lora_on_a_bfloat16_base_stays_bfloat16():
     assert (got - base["layers.1.self_attn.v_proj.weight"].double()).abs().max().item() > 1e-2
 
 
-@pytest.mark.xfail(strict=True, reason="bug: merged_state_dict renames every '.base.' in a name (name.replace), "
-                                       "not only the one LoRA put there")
 def test_merged_state_dict_keeps_the_names_of_modules_called_base():
     """A model with its own submodule named `base` keeps that name; only LoRA's `.base` goes. Not hit
-    by Qwen2 (no module of its is called base); strict, so the fix turns this test red until the mark goes."""
+    by Qwen2 (no module of its is called base)."""
     model = nn.Module()
     model.enc = nn.Module()
     model.enc.base = nn.Module()
@@ -209,8 +207,6 @@ def test_merged_state_dict_keeps_the_names_of_modules_called_base():
     assert torch.allclose(merged["enc.base.q_proj.weight"], expected, atol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: merged_state_dict of a bare LoRALinear (the model itself) returns "
-                                       "'base.weight' without the update")
 def test_merged_state_dict_of_a_bare_lora_layer_is_its_merged_linear():
     layer = LoRALinear(nn.Linear(3, 2), r=1, alpha=2)
     with torch.no_grad():
