@@ -40,6 +40,17 @@ def random_model(cfg: Qwen2Config, seed=0, lm_head_bias=False, dtype=torch.float
     return model.to(dtype).eval()
 
 
+def random_lora(model, seed=1):
+    """Every LoRA layer's A and B random (B is zero at injection, so an untouched adapter changes nothing)."""
+    from lora import lora_layers
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in lora_layers(model).values():
+            m.lora_A.copy_(torch.randn(m.lora_A.shape, generator=g) / m.in_features ** 0.5)
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.1)
+
+
 def hf_twin(model: Qwen2):
     """transformers' Qwen2ForCausalLM holding exactly `model`'s weights (and its lm_head bias)."""
     import transformers

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import random_model, tiny_config
+from conftest import random_lora as randomise, random_model, tiny_config
 from lora import (LoRALinear, inject_lora, lora_layers, mark_only_lora_as_trainable, merge_lora, merged_state_dict,
                   parse_targets)
 from lora.inject import linear_names
@@ -20,14 +20,6 @@ IDS = torch.randint(0, 160, (2, 9), generator=torch.Generator().manual_seed(0))
 def logits(model):
     with torch.no_grad():
         return model(IDS)
-
-
-def randomise(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in lora_layers(model).values():
-            m.lora_A.copy_(torch.randn(m.lora_A.shape, generator=g) / m.in_features ** 0.5)
-            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.1)
 
 
 def toy():

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from conftest import hf_twin, random_model, tiny_config
+from conftest import random_lora as randomise, hf_twin, random_model, tiny_config
 from lora import inject_lora, load_adapter, lora_layers, save_adapter
 from lora.peft_format import MAX_RANK, read_adapter_config
 from qwen_min.errors import UserError
@@ -28,14 +28,6 @@ def logits(model):
     with torch.no_grad():
         out = model(IDS)
     return getattr(out, "logits", out)
-
-
-def randomise(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in lora_layers(model).values():
-            m.lora_A.copy_(torch.randn(m.lora_A.shape, generator=g) / m.in_features ** 0.5)
-            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.1)
 
 
 def saved(folder, r=4, alpha=8, targets=("q_proj", "v_proj"), **kw):
