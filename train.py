@@ -47,7 +47,7 @@ from qwen_min.loss import causal_lm_loss, mean_cross_entropy
 from qwen_min import run_folder
 from qwen_min.progress import progress
 from qwen_min.scalars import Scalars, require_tensorboard
-from qwen_min.weights import hf_name, resolve_checkpoint, save_pretrained
+from qwen_min.weights import resolve_checkpoint, save_pretrained
 
 on_step = None  # called with the step number after every step; tests use it to kill a run midway
 # Flags a --resume may change; every other flag is the saved run's.
@@ -389,7 +389,7 @@ def save_adapter(model, folder, args, tensors=None):
         with torch.no_grad():
             for n, t in (tensors or {}).items():
                 params[n].copy_(t)
-        lora.save_adapter(model, folder, module_name=hf_name, base_model_name_or_path=args.model, extra=extra)
+        lora.save_adapter(model, folder, base_model_name_or_path=args.model, extra=extra)  # under peft's names (Qwen2.checkpoint_name)
     finally:
         with torch.no_grad():
             for n, t in current.items():
@@ -494,7 +494,7 @@ def export_merged(run, args):
         print("note: --export-merged skipped: no validation finished, so there is no best adapter.", file=sys.stderr)
         return
     model = Qwen2.from_pretrained(args.model, dtype=torch.float32, device="cpu")
-    lora.load_adapter(model, run / "best", module_name=hf_name)
+    lora.load_adapter(model, run / "best")
     save_pretrained(lora.merged_state_dict(model), model.config, run / "merged", copy_from=resolve_checkpoint(args.model))
     print(f"merged checkpoint written to {run / 'merged'}")
 

@@ -84,7 +84,7 @@ def load_model(model, adapter=None, dtype=torch.float32, device="cpu", lm_head_b
 
     net = Qwen2.from_pretrained(model, dtype=dtype, device=device, lm_head_bias=lm_head_bias)
     if adapter:
-        set_extra(net, lora.load_adapter(net, adapter, module_name=net.checkpoint_name))
+        set_extra(net, lora.load_adapter(net, adapter))
         lora.merge_lora(net.to(dtype))
     return net.to(device).eval()
 
