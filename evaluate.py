@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from data import baselines, llmtime, lotka_volterra, metrics, protocols, splits, windows
-from data.forecast import forecast_tasks, read_forecast
+from data.forecast import forecast_tasks, new_token_budget, read_forecast
 import flops
 from qwen_min import GenerationConfig, Qwen2Config, Tokenizer, generate
 from qwen_min.cli import HelpFormatter, parse_with_config
@@ -364,8 +364,7 @@ def alphabet_ids(tok):
 
 def token_budget(tasks, h):
     """max_new_tokens for h steps: the longest prompt step (in tokens) plus slack, times h."""
-    per_step = max(len(t.prompt_ids) / len(t.context) for t in tasks)
-    return int(np.ceil(h * (per_step + 2)))
+    return new_token_budget(max(len(t.prompt_ids) / len(t.context) for t in tasks), h)
 
 
 def check_positions(model, longest, max_new):

@@ -44,6 +44,11 @@ def forecast_tasks(trajectories, k, h, scaler, decimals=2, tokenizer=None):
     return [forecast_task(x, k, h, scaler, i, decimals, tokenizer) for i, x in enumerate(trajectories)]
 
 
+def new_token_budget(tokens_per_step, h):
+    """max_new_tokens for h steps: each step as many tokens as the prompt's steps take, plus 2 of slack."""
+    return int(np.ceil(h * (tokens_per_step + 2)))
+
+
 def read_forecast(text, task, scaler, decimals=None):
     """Generated text -> (values (h, 2) in original units, Decoded report of repairs)."""
     decoded = llmtime.decode(text, n_steps=len(task.target), decimals=decimals)

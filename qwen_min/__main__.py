@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from data import llmtime
+from data.forecast import new_token_budget
 
 from . import run_folder
 from .cli import HelpFormatter, renamed
@@ -140,7 +141,7 @@ def forecast(model, tok, context, h, run, run_args):
     prompt = llmtime.encode(scaler.transform(context, rows=0), decimals, trailing_sep=True)
     ids = tok.encode(prompt)
     sep_id = tok.encode(";")[0]
-    max_new = math.ceil(h * (len(ids) / len(context) + 2))  # each step's tokens as in the prompt, plus slack
+    max_new = new_token_budget(len(ids) / len(context), h)  # as evaluate.py budgets its forecasts
     check_length(model, len(ids), max_new, "--forecast with --h")
     try:
         allowed = tok.character_ids(llmtime.ALPHABET)
