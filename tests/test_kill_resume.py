@@ -209,8 +209,8 @@ def outputs(run):
         elif name in ("metrics.jsonl", "ledger.jsonl"):
             lines = [json.loads(line) for line in path.read_text().splitlines()]
             out[name] = [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in lines]
-        elif name in ("summary.json", "args.json"):  # less the folder's own path
-            out[name] = {k: v for k, v in json.loads(path.read_text()).items() if k not in ("run", "out")}
+        elif name in ("summary.json", "args.json"):  # less the folder's own path, the wall time and the machine
+            out[name] = {k: v for k, v in json.loads(path.read_text()).items() if k not in ("run", "out", "wall_s", "provenance")}
         elif name == "state.pt":
             out[name] = torch.load(path, weights_only=True)["step"]
         else:
