@@ -225,18 +225,6 @@ def test_injected_layers_follow_the_model_mode():
     assert (logits(model) - merged).abs().max().item() <= 1e-5
 
 
-def test_rslora_adapter_from_peft_loads_with_its_scaling(tmp_path):
-    peft = pytest.importorskip("peft")
-    model = random_model(tiny_config())
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_rslora=True, init_lora_weights=False)
-    peft_model = peft.get_peft_model(hf_twin(model), cfg).eval()
-    peft_model.save_pretrained(tmp_path / "rs")
-    load_adapter(model, tmp_path / "rs", module_name=hf_name)
-    assert next(iter(lora_layers(model).values())).scaling == pytest.approx(8 / 4 ** 0.5)
-    with torch.no_grad():
-        assert (peft_model(IDS).logits - logits(model)).abs().max().item() <= 1e-5
-
-
 def test_a_target_the_model_lacks_is_refused_even_beside_one_it_has():
     model = random_model(tiny_config())
     with pytest.raises(UserError, match="no nn.Linear named qkv; choose LoRA targets from down_proj, gate_proj, k_proj"):
