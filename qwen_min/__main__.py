@@ -202,20 +202,18 @@ def main(argv=None):
     run_args = from_run(args)
     context = read_series(args.forecast) if args.forecast is not None else None  # checked before loading weights
     tok = Tokenizer.from_pretrained(args.model)
+    positions = Qwen2Config.from_json(resolve_checkpoint(args.model) / "config.json").max_seq_len  # lengths checked before loading the weights
     ids = None
     if args.prompt is not None:
         ids = tok.encode(tok.chat_prompt(args.prompt) if args.chat else args.prompt)
-        positions = Qwen2Config.from_json(resolve_checkpoint(args.model) / "config.json").max_seq_len  # checked before loading the weights
         if not ids:
             raise UserError("--prompt is empty; give the model some text to continue.")
         if len(ids) + args.max_new_tokens > positions:
             raise UserError(f"--max-new-tokens {args.max_new_tokens} after a {len(ids)}-token prompt runs past the model's "
                             f"{positions} positions; ask for at most {max(positions - len(ids), 0)} new tokens or shorten --prompt.")
-    elif args.forecast is None:  # the chat: every reply needs room for --max-new-tokens
-        positions = Qwen2Config.from_json(resolve_checkpoint(args.model) / "config.json").max_seq_len
-        if args.max_new_tokens >= positions:
-            raise UserError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a message in the model's {positions} "
-                            "positions; ask for fewer.")
+    elif args.forecast is None and args.max_new_tokens >= positions:  # the chat: every reply needs room for them
+        raise UserError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a message in the model's {positions} "
+                        "positions; ask for fewer.")
     dtype = getattr(torch, args.dtype)
     model = run_folder.load_model(args.model, args.adapter, dtype, args.device, lm_head_bias=False)
     if context is not None:

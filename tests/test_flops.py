@@ -878,9 +878,9 @@ def test_report_b_calflops_figure():
     assert flops.calflops(TINY, 1, 2) == 652
     # measured with the calflops 0.3.2 package on transformers' Qwen2ForCausalLM (sdpa): (vocab, hidden,
     # intermediate, layers, heads, kv heads, head_dim), (batch, tokens)
-    for (V, D, F, n, H, K, hd), (B, T), measured in (((160, 64, 112, 2, 4, 2, 16), (2, 8), 2_493_952),
+    for (V, D, d_ff, n, H, K, hd), (B, T), measured in (((160, 64, 112, 2, 4, 2, 16), (2, 8), 2_493_952),
                                                      ((301, 96, 200, 3, 6, 2, 16), (4, 17), 37_498_464)):
-        cfg = Qwen2Config(vocab_size=V, dim=D, hidden_dim=F, n_layers=n, n_heads=H, n_kv_heads=K, head_dim=hd)
+        cfg = Qwen2Config(vocab_size=V, dim=D, hidden_dim=d_ff, n_layers=n, n_heads=H, n_kv_heads=K, head_dim=hd)
         assert flops.calflops(cfg, B, T) == measured
 
 
