@@ -19,6 +19,8 @@ docs/evaluate.md defines every metric and JSON key and lists how the three proto
 """
 
 import argparse
+import contextlib
+import hashlib
 import json
 import sys
 import time
@@ -34,7 +36,7 @@ import flops
 from qwen_min import GenerationConfig, Qwen2Config, Tokenizer, generate
 from qwen_min.cli import HelpFormatter, parse_with_config
 from qwen_min.errors import UserError, run_cli
-from qwen_min.files import FolderLock, atomic_write_json
+from qwen_min.files import FolderLock, Journal, atomic_write_json
 from qwen_min.generate import produced_lengths
 from qwen_min.loss import mean_cross_entropy, mean_of_batch_means
 from qwen_min import run_folder
@@ -55,6 +57,11 @@ REPORT_FIXED = {
     "report-b": dict(k=51, h=20, scaling="per-series", percentile=95.0, scale_target=1.0, decimals=2, seed=42, context=512, split="report-b"),
 }
 PRESETS = sorted(protocols.PROTOCOLS.keys() - {"ours"}) + sorted(protocols.ALIASES)
+# An evaluation writes each finished decode batch (and its cross-entropy) to OUT/journal.jsonl, so that
+# rerunning a killed evaluation continues from there. These flags only name or present the results:
+# they may differ in the rerun.
+JOURNAL = "journal.jsonl"
+PRESENTATION_FLAGS = ("out", "label", "log", "plots", "config", "compare", "no_baselines", "lv_iterations")
 
 
 def build_parser():
@@ -196,16 +203,40 @@ def resolve(args, p):
     if args.out and (Path(args.out) / "results.json").exists():
         p.error(f"--out {args.out} already holds an evaluation's results.json; choose a new folder (or leave out --out: "
                 "each evaluation then gets its own)")
+    args.settings = journal_settings(args)
     args.out = args.out or default_out(args)
     if Path(args.out).exists() and not Path(args.out).is_dir():
         p.error(f"--out {args.out} is a file, not a folder; choose a folder for results.json")
 
 
+def journal_settings(args):
+    """What decides an evaluation's forecasts and cross-entropy: its flags (less those that only name or
+    present the results), the adapter's bytes and the code's commit. A killed evaluation resumes only
+    under the same settings."""
+    settings = {k: v for k, v in vars(args).items() if k not in PRESENTATION_FLAGS}
+    settings["adapter_sha256"] = folder_sha256(args.adapter) if args.adapter else None
+    settings["commit"] = run_folder.provenance(args.device)["commit"]
+    return json.loads(json.dumps(settings))
+
+
+def folder_sha256(folder):
+    digest = hashlib.sha256()
+    for path in sorted(Path(folder).iterdir()):
+        if path.is_file():
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def default_out(args):
     """Each evaluation its own folder, never on top of another: RUN/eval/<protocol>-<adapter or base>, else
-    evals/<label>-<protocol>; a time stamp (and a count) is added when that folder is taken."""
+    evals/<label>-<protocol>; a time stamp (and a count) is added when that folder is taken. An
+    unfinished evaluation there with the same settings (killed before its results.json) is resumed."""
     which = Path(args.adapter).name if args.adapter else "base"
     out = Path(args.run) / "eval" / f"{args.protocol}-{which}" if args.run else Path("evals") / f"{args.label}-{args.protocol}"
+    unfinished = [f for f in [out, *sorted(out.parent.glob(out.name + "-*"))]
+                  if (f / JOURNAL).is_file() and not (f / "results.json").exists() and Journal.settings_of(f / JOURNAL) == args.settings]
+    if unfinished:
+        return str(unfinished[-1])
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for n in range(1000):  # claimed by creating it, so two evaluations started together never share one
         candidate = out if n == 0 else out.with_name(f"{out.name}-{stamp}" + (f"-{n}" if n > 1 else ""))
@@ -383,33 +414,59 @@ def generation_flops(model, prompts, new, stop_ids, stop_after, samples, allowed
     return spent, lengths
 
 
-def forecast(model, tok, tasks, scaler, args):
+def decode_batches(n, per_batch, decode, journal=None):
+    """decode(rows) -> record, for each batch of `per_batch` consecutive rows of n; a batch the journal
+    already holds (from a run that was killed) is taken from it, and each new one is added to it.
+    Batches are fixed by --batch and sampling is seeded per batch, so a resumed evaluation ends
+    with the same records as an uninterrupted one. Returns the records in order."""
+    records, bar = [], progress(n, "forecast", "series")
+    for start in range(0, n, per_batch):
+        rows = range(start, min(start + per_batch, n))
+        piece = f"forecast rows {start}-{rows[-1]}"
+        record = journal.done.get(piece) if journal else None
+        if record is None:
+            record = decode(rows)
+            if journal:
+                record = journal.add(piece, record)
+        records.append(record)
+        bar.update(len(rows))
+    bar.close()
+    return records
+
+
+def gathered(records):
+    """The batches' records as one: values (N, S, h, 2), tokens, FLOPs, repaired forecasts, repairs by kind."""
+    repairs = Counter()
+    for r in records:
+        repairs.update(r["repairs"])
+    return (np.concatenate([np.asarray(r["values"], dtype=np.float64) for r in records]), sum(r["tokens"] for r in records),
+            sum(r["flops"] for r in records), sum(r["repaired"] for r in records), dict(repairs))
+
+
+def forecast(model, tok, tasks, scaler, args, journal=None):
     """Our protocol: tasks -> samples (N, S, h, 2) in original units, repair counts, generated tokens, FLOPs."""
     sep_id = tok.encode(";")[0]
     allowed = None if args.unrestricted else alphabet_ids(tok)
-    per_batch = max(1, args.batch // args.samples)
     max_new = token_budget(tasks, args.h)
     check_positions(model, max(len(t.prompt_ids) for t in tasks), max_new)
-    values = np.zeros((len(tasks), args.samples, args.h, 2))
-    repairs, repaired, n_tokens, spent = Counter(), 0, 0, 0.0
-    bar = progress(len(tasks), "forecast", "series")
-    for start in range(0, len(tasks), per_batch):
-        batch = tasks[start:start + per_batch]
-        prompts = [t.prompt_ids.tolist() for t in batch]
-        new = generate_forecasts(model, prompts, args.h, max_new, sep_id, args.samples,
-                                 args.temperature, args.top_k, args.top_p, args.sample_seed + start, allowed,
-                                 tok.stop_ids, tok.pad_id)  # (b, S, n)
+
+    def decode(rows):
+        prompts = [tasks[i].prompt_ids.tolist() for i in rows]
+        new = generate_forecasts(model, prompts, args.h, max_new, sep_id, args.samples, args.temperature, args.top_k,
+                                 args.top_p, args.sample_seed + rows[0], allowed, tok.stop_ids, tok.pad_id)  # (b, S, n)
         cost, lengths = generation_flops(model, prompts, new, tok.stop_ids, (sep_id, args.h), args.samples, allowed)
-        spent, n_tokens = spent + cost, n_tokens + sum(lengths)
-        for i, task in enumerate(batch):
+        values, repairs, repaired = np.zeros((len(rows), args.samples, args.h, 2)), Counter(), 0
+        for j, i in enumerate(rows):
             for s in range(args.samples):
-                text = tok.decode(new[i, s].tolist())
-                values[start + i, s], decoded = read_forecast(text, task, scaler, args.decimals)
+                values[j, s], decoded = read_forecast(tok.decode(new[j, s].tolist()), tasks[i], scaler, args.decimals)
                 repairs.update(decoded.issues)
-                repaired += decoded.n_repaired > 0
-        bar.update(len(batch))
-    bar.close()
-    return values, {"forecasts_repaired": repaired, "forecasts": len(tasks) * args.samples, "by_kind": dict(repairs)}, n_tokens, spent
+                repaired += int(decoded.n_repaired > 0)
+        return {"values": values.tolist(), "tokens": int(sum(lengths)), "flops": float(cost), "repaired": repaired,
+                "repairs": dict(repairs)}
+
+    records = decode_batches(len(tasks), max(1, args.batch // args.samples), decode, journal)
+    values, n_tokens, spent, repaired, repairs = gathered(records)
+    return values, {"forecasts_repaired": repaired, "forecasts": len(tasks) * args.samples, "by_kind": repairs}, n_tokens, spent
 
 
 def generate_as_transformers(model, prompts, max_new, gc, tok, n_samples=1, seed=None):
@@ -424,7 +481,7 @@ def generate_as_transformers(model, prompts, max_new, gc, tok, n_samples=1, seed
     return new, spent, sum(lengths)
 
 
-def forecast_report_a(model, tok, texts, args, gc):
+def forecast_report_a(model, tok, texts, args, gc, journal=None):
     """Report A's forecasts: the first half of each series' tokens as the prompt, greedy with the
     generation config, prompt + output read by its decoder. -> values (N, 1, h, 2) scaled units,
     kept (N,) bool (False: its code lost the series), repairs, tokens, FLOPs."""
@@ -433,25 +490,26 @@ def forecast_report_a(model, tok, texts, args, gc):
     budgets = [protocols.report_a_max_new_tokens(len(x)) for x in ids]
     n_truth = [len(protocols.report_a_decode(t)) for t in texts]
     check_positions(model, max(map(len, prompts)), max(budgets))
-    values, kept = np.zeros((len(texts), 1, args.h, 2)), np.zeros(len(texts), dtype=bool)
-    n_tokens, spent = 0, 0.0
-    bar = progress(len(texts), "forecast", "series")
-    for start in range(0, len(texts), args.batch):
-        rows = range(start, min(start + args.batch, len(texts)))
+
+    def decode(rows):
         new, cost, produced = generate_as_transformers(model, [prompts[i] for i in rows], max(budgets[i] for i in rows), gc, tok)
-        spent, n_tokens = spent + cost, n_tokens + produced
+        values, kept = np.zeros((len(rows), 1, args.h, 2)), [False] * len(rows)
         for j, i in enumerate(rows):
             full = tok.decode(prompts[i] + new[j, 0, : budgets[i]].tolist())  # its own budget: rows are independent
             read = protocols.report_a_read(full, n_truth[i], args.h)
             if read is not None and np.isfinite(read).all():
-                values[i, 0], kept[i] = read, True
-        bar.update(len(rows))
-    bar.close()
-    lost = int((~kept).sum())
-    return values, kept, {"forecasts_repaired": lost, "forecasts": len(texts), "by_kind": {"lost_series": lost} if lost else {}}, n_tokens, spent
+                values[j, 0], kept[j] = read, True
+        lost = kept.count(False)
+        return {"values": values.tolist(), "kept": kept, "tokens": int(produced), "flops": float(cost), "repaired": lost,
+                "repairs": {"lost_series": lost} if lost else {}}
+
+    records = decode_batches(len(texts), args.batch, decode, journal)
+    values, n_tokens, spent, lost, repairs = gathered(records)
+    kept = np.array([k for r in records for k in r["kept"]], dtype=bool)
+    return values, kept, {"forecasts_repaired": lost, "forecasts": len(texts), "by_kind": repairs}, n_tokens, spent
 
 
-def forecast_report_b(model, tok, contexts, args, gc):
+def forecast_report_b(model, tok, contexts, args, gc, journal=None):
     """Report B's forecasts: each context scaled on its own, prompt cut at 512 tokens, 300 new tokens
     with the generation config (greedy, or sampling for --samples > 1), regex pairs, zero padding.
     -> values (N, S, h, 2) original units, repairs, tokens, FLOPs."""
@@ -459,24 +517,22 @@ def forecast_report_b(model, tok, contexts, args, gc):
     prompts = [tok.encode(text)[: protocols.B_MAX_PROMPT_TOKENS] for text, _ in scaled]
     max_new = protocols.report_b_max_new_tokens(args.h)
     check_positions(model, max(map(len, prompts)), max_new)
-    values = np.zeros((len(contexts), args.samples, args.h, 2))
-    padded, n_tokens, spent = Counter(), 0, 0.0
-    per_batch = max(1, args.batch // args.samples)
-    bar = progress(len(contexts), "forecast", "series")
-    for start in range(0, len(contexts), per_batch):
-        rows = range(start, min(start + per_batch, len(contexts)))
+
+    def decode(rows):
         new, cost, produced = generate_as_transformers(model, [prompts[i] for i in rows], max_new, gc, tok,
-                                                       args.samples, args.sample_seed + start)
-        spent, n_tokens = spent + cost, n_tokens + produced
+                                                       args.samples, args.sample_seed + rows[0])
+        values, padded, zero_steps = np.zeros((len(rows), args.samples, args.h, 2)), 0, 0
         for j, i in enumerate(rows):
             for s in range(args.samples):
-                values[i, s], found = protocols.report_b_read(tok.decode(new[j, s].tolist()), scaled[i][1], args.h)
-                padded["forecasts"] += found < args.h
-                padded["zero_steps"] += args.h - found
-        bar.update(len(rows))
-    bar.close()
-    by_kind = {"zero_padded_steps": padded["zero_steps"]} if padded["zero_steps"] else {}
-    return values, {"forecasts_repaired": padded["forecasts"], "forecasts": len(contexts) * args.samples, "by_kind": by_kind}, n_tokens, spent
+                values[j, s], found = protocols.report_b_read(tok.decode(new[j, s].tolist()), scaled[i][1], args.h)
+                padded += int(found < args.h)
+                zero_steps += int(args.h - found)
+        return {"values": values.tolist(), "tokens": int(produced), "flops": float(cost), "repaired": padded,
+                "repairs": {"zero_padded_steps": zero_steps} if zero_steps else {}}
+
+    records = decode_batches(len(contexts), max(1, args.batch // args.samples), decode, journal)
+    values, n_tokens, spent, padded, by_kind = gathered(records)
+    return values, {"forecasts_repaired": padded, "forecasts": len(contexts) * args.samples, "by_kind": by_kind}, n_tokens, spent
 
 
 # ---------------------------------------------------------------- metrics, tables, plots
@@ -719,7 +775,7 @@ def log_scalars(args, res):
 
 
 def config_of(args, n_test):
-    return {key: getattr(args, key) for key in vars(args) if key != "compare"} | {
+    return {key: getattr(args, key) for key in vars(args) if key not in ("compare", "settings")} | {
         "n_test": n_test, "units": protocols.PROTOCOLS[args.protocol].units, "torch_threads": torch.get_num_threads()}
 
 
@@ -764,14 +820,22 @@ def main(argv=None):
         return None
     if args.score:
         return score_main(args)
-    if not args.run:
-        return evaluate(args)
-    with FolderLock(args.run):  # its eval/ and ledger.jsonl: never while train.py (or another evaluation) writes there
-        return evaluate(args)
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create --out {out} ({e.strerror}); choose another folder.") from None
+    # the run's eval/ and ledger.jsonl: never while train.py (or another evaluation) writes there; OUT: one evaluation's
+    with FolderLock(args.run) if args.run else contextlib.nullcontext(), FolderLock(out):
+        journal = Journal(out / JOURNAL, args.settings)
+        if journal.done:
+            print(f"resuming the evaluation killed in {out}: {len(journal.done)} finished pieces read from {JOURNAL}", file=sys.stderr)
+        return evaluate(args, journal)
 
 
-def evaluate(args):
-    """The model (+ adapter) on the protocol's test series: cross-entropy, forecasts, metrics, results.json."""
+def evaluate(args, journal=None):
+    """The model (+ adapter) on the protocol's test series: cross-entropy, forecasts, metrics, results.json.
+    With a journal, pieces it holds are read from it, and each new piece is added to it when done."""
     t_start = time.perf_counter()
     torch.manual_seed(args.sample_seed)
     cfg = Qwen2Config.from_json(resolve_checkpoint(args.model) / "config.json")
@@ -789,12 +853,14 @@ def evaluate(args):
     timing = {"load_s": time.perf_counter() - t_start}
 
     t0 = time.perf_counter()
-    ce = None
-    if not args.no_ce and args.protocol == "report-a":  # every test series, the 150th too, as its test loss did
-        scaled, _ = protocols.report_a_scaled(traj)
-        ce = cross_entropy_report_a(model, tok, [protocols.report_a_text(scaled[i]) for i in split.test[: args.limit]], args)
-    elif not args.no_ce:
-        ce = cross_entropy(model, tok, ce_scaler.transform(traj[test]), args)
+    ce = journal.done.get("cross-entropy") if journal else None
+    if ce is None and not args.no_ce:
+        if args.protocol == "report-a":  # every test series, the 150th too, as its test loss did
+            scaled, _ = protocols.report_a_scaled(traj)
+            ce = cross_entropy_report_a(model, tok, [protocols.report_a_text(scaled[i]) for i in split.test[: args.limit]], args)
+        else:
+            ce = cross_entropy(model, tok, ce_scaler.transform(traj[test]), args)
+        ce = journal.add("cross-entropy", to_json(ce)) if journal else ce
     timing["cross_entropy_s"] = time.perf_counter() - t0
     if ce:
         print(f"cross-entropy {ce['mean']:.4f} ({timing['cross_entropy_s']:.1f} s); forecasting {len(test)} series...", file=sys.stderr)
@@ -802,11 +868,11 @@ def evaluate(args):
     t0 = time.perf_counter()
     kept = None
     if args.protocol == "report-a":
-        samples, kept, repairs, n_tokens, generate_flops = forecast_report_a(model, tok, series.texts, args, gc)
+        samples, kept, repairs, n_tokens, generate_flops = forecast_report_a(model, tok, series.texts, args, gc, journal)
     elif args.protocol == "report-b":
-        samples, repairs, n_tokens, generate_flops = forecast_report_b(model, tok, series.context_original, args, gc)
+        samples, repairs, n_tokens, generate_flops = forecast_report_b(model, tok, series.context_original, args, gc, journal)
     else:
-        samples, repairs, n_tokens, generate_flops = forecast(model, tok, tasks, prompt_scaler, args)  # (N, S, h, 2)
+        samples, repairs, n_tokens, generate_flops = forecast(model, tok, tasks, prompt_scaler, args, journal)  # (N, S, h, 2)
     timing["forecast_s"] = time.perf_counter() - t0
     if kept is not None and not kept.any():
         raise UserError(f"report A's decoder rejected the output for all {len(kept)} series, so there is nothing to score.")

@@ -6,6 +6,8 @@ never half of either. A folder is swapped the same way in two renames; `recover_
 or undoes a swap that a kill interrupted. Temporary names end in `.tmp` and `.old`, so leftovers
 are recognisable and `clean_leftovers` can remove them. Logs are appended one whole line per
 write (`append_jsonl`); a kill can cut only the last line short, and readers skip such a line.
+A `Journal` is such a log of finished pieces of a long job, so that rerunning it after a kill
+continues where it stopped.
 """
 
 import errno
@@ -47,6 +49,59 @@ def append_jsonl(path, record) -> None:
     """Appends `record` as one JSON line, in a single write."""
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path) -> list:
+    """The records of a JSON-lines file, without a last line that a kill cut short."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return records
+
+
+class Journal:
+    """Finished pieces of a long job, one JSON line each, so that a rerun after a kill skips them.
+
+    The first line records the job's settings: a journal with other settings belongs to another
+    job, and opening it raises UserError naming the first setting that differs. A piece is
+    appended whole once it is done, so a kill loses at most the piece in progress.
+    """
+
+    def __init__(self, path, settings: dict):
+        self.path = Path(path)
+        settings = json.loads(json.dumps(settings))  # as it reads back: tuples become lists
+        self.done = {}  # piece name -> its record
+        if not self.path.exists():
+            append_jsonl(self.path, {"settings": settings})
+            return
+        records = read_jsonl(self.path)
+        theirs = records[0].get("settings") if records and isinstance(records[0], dict) else None
+        if theirs != settings:
+            differ = sorted(k for k in set(settings) | set(theirs or {}) if (theirs or {}).get(k) != settings.get(k))
+            raise UserError(f"{self.path} is the journal of an unfinished job with other settings ("
+                            f"{differ[0] if differ else 'unreadable'} differs); rerun that job's command to finish it, "
+                            "or choose another output folder.")
+        self.done = {r.pop("piece"): r for r in records[1:] if isinstance(r, dict) and "piece" in r}
+        lines = [{"settings": settings}] + [{"piece": name} | r for name, r in self.done.items()]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in lines))  # without a cut-short last line
+
+    @staticmethod
+    def settings_of(path):
+        """The settings a journal file was started with (None when unreadable)."""
+        try:
+            first = read_jsonl(path)[:1]
+        except (OSError, UnicodeDecodeError):
+            return None
+        return first[0].get("settings") if first and isinstance(first[0], dict) else None
+
+    def add(self, piece: str, record: dict) -> dict:
+        """Appends a finished piece; returns its record as a rerun will read it back."""
+        append_jsonl(self.path, {"piece": piece} | record)
+        self.done[piece] = json.loads(json.dumps(record))
+        return self.done[piece]
 
 
 def sync(path) -> None:
