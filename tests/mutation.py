@@ -37,7 +37,7 @@ AREAS = {
     "data": (["data/llmtime.py", "data/metrics.py", "data/splits.py", "data/lotka_volterra.py", "data/h5file.py",
               "data/forecast.py", "data/baselines.py"],
              ["tests/test_data_llmtime.py", "tests/test_data_metrics.py", "tests/test_data_splits.py",
-              "tests/test_data_lotka_volterra.py"]),
+              "tests/test_data_lotka_volterra.py", "tests/test_data_forecast.py"]),
     "protocols": (["data/protocols.py"], ["tests/test_protocols.py"]),
     "flops": (["flops.py"], ["tests/test_flops.py"]),
     "train": (["train.py"], ["tests/test_train.py"]),

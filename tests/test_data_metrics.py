@@ -103,3 +103,94 @@ def test_lotka_volterra_fit_recovers_the_equations_and_forecasts_them():
     assert forecast.shape == (4, 20, 2)
     error = metrics.point_metrics(forecast, traj[:, 50:])["mae"]
     assert error < 0.01 and error < 0.05 * metrics.point_metrics(baselines.persistence(traj[:, :50], 20), traj[:, 50:])["mae"]
+
+
+# Samples (N=2, S=5, h=1, 2): series 0 draws 0..4, series 1 draws 10..14 (both species). By numpy's linear
+# quantiles the central 50% interval is [1, 3] and [11, 13], the central 90% [0.2, 3.8] and [10.2, 13.8].
+SAMPLES = np.stack([np.arange(5.0), np.arange(10.0, 15.0)])[:, :, None, None] * np.ones((1, 1, 1, 2))
+TRUTH = np.array([[[1.0, 3.5]], [[13.0, 20.0]]])  # (2, 1, 2): 1 and 13 sit exactly on the 50% bounds
+
+
+def test_coverage_uses_each_values_own_samples_and_counts_the_bounds_as_inside():
+    # 50%: 1 in (on the lower bound), 3.5 out, 13 in (on the upper bound), 20 out
+    assert metrics.coverage(SAMPLES, TRUTH, 0.5) == 2 / 4
+    # 90%: 1, 3.5 and 13 in, 20 out
+    assert metrics.coverage(SAMPLES, TRUTH, 0.9) == 3 / 4
+
+
+def test_sample_metrics_by_hand():
+    # CRPS = mean |x - t| - 1/(2 S^2) sum_ij |x_i - x_j|; for 5 consecutive draws the second term is 40 / 50 = 0.8.
+    # series 0: t = 1: 7/5 - 0.8 = 0.6; t = 3.5: 8.5/5 - 0.8 = 0.9. series 1: t = 13: 0.6; t = 20: 40/5 - 0.8 = 7.2
+    m = metrics.sample_metrics(SAMPLES, TRUTH)
+    assert set(m) == {"crps", "coverage_50", "coverage_90", "crps_per_step"}
+    assert m["crps"] == pytest.approx((0.6 + 0.9 + 0.6 + 7.2) / 4)
+    assert m["coverage_50"] == 0.5 and m["coverage_90"] == 0.75
+    assert set(m["crps_per_step"]) == {"prey", "predator"}
+    np.testing.assert_allclose(m["crps_per_step"]["prey"], [0.6])  # the mean over series, per step
+    np.testing.assert_allclose(m["crps_per_step"]["predator"], [(0.9 + 7.2) / 2])
+
+
+def test_one_series_gives_a_nan_standard_error_without_a_numpy_warning():
+    import warnings
+
+    truth = np.ones((1, 3, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "degrees of freedom <= 0" would be one
+        s = metrics.per_step(truth + 1, truth)
+    assert np.isnan(s["mae"]["prey"]["se"]).all() and s["mae"]["prey"]["se"].shape == (3,)
+    np.testing.assert_array_equal(s["mae"]["predator"]["mean"], [1.0, 1.0, 1.0])
+    mean, se = metrics.mean_and_se(np.array([[1.0, 2.0], [3.0, 6.0]]))
+    np.testing.assert_allclose(mean, [2.0, 4.0])
+    np.testing.assert_allclose(se, [1.0, 2.0])  # std (ddof 1) sqrt(2) and 2 sqrt(2), over sqrt(2)
+
+
+def test_report_a_per_step_by_hand_with_a_zero_truth():
+    truth = np.array([[[2.0, 0.0], [4.0, 1.0]], [[1.0, 2.0], [5.0, 4.0]]])  # (N=2, h=2, 2)
+    pred = np.array([[[3.0, 1.0], [4.0, 0.0]], [[0.0, 1.0], [2.0, 4.0]]])
+    r = metrics.report_a_per_step(pred, truth)
+    assert set(r) == {"mae", "mape"} and set(r["mae"]) == {"prey", "predator"}
+    # |t - p|: prey step 0 (1, 1), step 1 (0, 3); predator step 0 (1, 1), step 1 (1, 0)
+    np.testing.assert_allclose(r["mae"]["prey"]["mean"], [1.0, 1.5])
+    np.testing.assert_allclose(r["mae"]["prey"]["se"], [0.0, 1.5])  # std(0, 3; ddof 1) = 2.1213, / sqrt 2
+    np.testing.assert_allclose(r["mae"]["predator"]["mean"], [1.0, 0.5])
+    np.testing.assert_allclose(r["mae"]["predator"]["se"], [0.0, 0.5])
+    # 100 |t - p| / clip(t, 1e-8): prey step 0 (50, 100), step 1 (0, 60); predator step 0 (1e10, 50), step 1 (100, 0)
+    np.testing.assert_allclose(r["mape"]["prey"]["mean"], [75.0, 30.0])
+    np.testing.assert_allclose(r["mape"]["prey"]["se"], [25.0, 30.0])
+    np.testing.assert_allclose(r["mape"]["predator"]["mean"], [(1e10 + 50) / 2, 50.0], rtol=1e-12)
+    assert metrics.report_a_per_step(pred[:1], truth[:1])["mape"]["prey"]["mean"].tolist() == [50.0, 0.0]
+
+
+def test_report_b_overall_equals_scikit_learn_species_by_species():
+    from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
+
+    rng = np.random.default_rng(3)
+    truth = rng.uniform(0.5, 4, size=(3, 4, 2)) * [1.0, 3.0]  # the species on different scales
+    pred = truth + rng.normal(0, 0.3, size=truth.shape) * [1.0, 2.0]
+    t, p = truth.reshape(-1, 2), pred.reshape(-1, 2)
+    got = metrics.report_b_overall(pred, truth)
+    assert set(got) == {"mse", "rmse", "mae", "r2", "nrmse", "mape"}
+    assert got["mse"] == pytest.approx(mean_squared_error(t, p))
+    assert got["rmse"] == pytest.approx(np.sqrt(mean_squared_error(t, p)))
+    assert got["mae"] == pytest.approx(mean_absolute_error(t, p))
+    assert got["r2"] == pytest.approx(r2_score(t, p))  # the mean of the two species' R2
+    assert got["r2"] != pytest.approx(r2_score(t.ravel(), p.ravel()))  # not the pooled one
+    assert got["nrmse"] == pytest.approx(100 * np.sqrt(mean_squared_error(t, p)) / (t.max() - t.min()))
+    assert got["mape"] == pytest.approx(100 * np.mean(np.abs(t - p) / np.abs(t)), rel=1e-9)
+
+
+def test_report_b_overall_at_the_edges():
+    from sklearn.metrics import r2_score
+
+    truth = np.array([[[2.0, 0.0], [2.0, 1.0], [2.0, 3.0]]])  # prey constant, a zero predator
+    pred = np.array([[[2.0, 0.5], [2.0, 1.0], [2.0, 2.0]]])
+    got = metrics.report_b_overall(pred, truth)
+    # a constant species predicted exactly scores 1 (scikit-learn's force_finite); predator R2 = 1 - 1.25 / 4.6667
+    assert got["r2"] == pytest.approx(r2_score(truth[0], pred[0])) == pytest.approx((1 + 1 - 1.25 / (14 / 3)) / 2)
+    assert got["mape"] == pytest.approx(100 * (0.5 / 1e-10 + 1 / 3) / 6)  # |t| + 1e-10 below
+    assert got["nrmse"] == pytest.approx(100 * np.sqrt(1.25 / 6) / 3)
+    constant = np.full((1, 2, 2), 2.0)
+    off = metrics.report_b_overall(constant + [1.0, 0.0], constant)  # prey wrong, predator exact
+    assert off["r2"] == pytest.approx(r2_score(constant[0], constant[0] + [1.0, 0.0])) == 0.5
+    assert off["nrmse"] == float("inf")  # no range to divide by
+    assert off["mse"] == 0.5 and off["mae"] == 0.5 and off["rmse"] == pytest.approx(np.sqrt(0.5))
