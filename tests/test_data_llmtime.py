@@ -177,3 +177,67 @@ def test_a_scale_that_writes_most_values_as_zero_is_warned_about():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         llmtime.Scaler.fit(data, per_series=True)  # per series, the outlier scales only itself
+
+
+def test_fit_defaults_to_p95_to_10_in_float64():
+    data = np.float32([[[0.5, 1.0], [2.0, 3.0]], [[4.0, 6.0], [7.5, 9.0]]])  # (2, 2, 2), float32 on purpose
+    scaler = llmtime.Scaler.fit(data)
+    # P95 of the 8 values by linear interpolation: 7.5 + 0.65 * (9 - 7.5) = 8.475, computed in float64
+    assert scaler.level.dtype == np.float64 and scaler.level == 8.475
+    assert (scaler.percentile, scaler.target, scaler.per_series) == (95.0, 10.0, False)
+    assert llmtime.Scaler.fit(data / 20).level == pytest.approx(8.475 / 20)  # a level below 1 is fine
+
+
+def test_transform_computes_in_float64():
+    scaler = llmtime.Scaler(np.asarray(2.0), target=10.0)
+    x = np.float32([[0.1, 0.3]])  # float32(0.1) = 0.100000001490..; times 10 in float32 would round to exactly 1
+    np.testing.assert_array_equal(scaler.transform(x), x.astype(np.float64) * 10 / 2)
+    assert scaler.transform(x)[0, 0] != 0.5
+
+
+def test_scaler_messages_name_the_shape_and_the_fix():
+    data = np.random.default_rng(4).lognormal(size=(5, 30, 2))
+    with pytest.raises(ValueError, match=r"needs data shaped \(N, T, 2\), got \(30, 2\); add a leading axis"):
+        llmtime.Scaler.fit(data[0], per_series=True)
+    scaler = llmtime.Scaler.fit(data, per_series=True)
+    with pytest.raises(ValueError, match=r"needs trajectories shaped \(N, T, 2\), or rows= naming whose scales to use; got \(30, 2\)"):
+        scaler.transform(data[0])
+    with pytest.raises(ValueError, match="holds 5 scales but the data has 2 trajectories; pass rows="):
+        scaler.inverse(data[:2])
+
+
+def test_from_dict_restores_every_field():
+    again = llmtime.Scaler.from_dict({"level": [2.0, 4.0], "percentile": 90, "target": 1, "per_series": True})
+    assert again.percentile == 90.0 and again.target == 1.0 and again.per_series is True
+    assert again.level.tolist() == [2.0, 4.0]
+
+
+def test_the_zero_warning_counts_values_strictly_below_half_a_hundredth_and_needs_more_than_half():
+    import warnings
+
+    # target 1, P95 = 1: 60% of the values scale to exactly 0.005, which 2 decimals write "0.01", not 0.00
+    data = np.array([0.005] * 6 + [1.0] * 4).reshape(1, 5, 2)
+    # per series, one scale 1 and one 1000: exactly half of all values scale below 0.005, which is not "most"
+    halves = np.array([[1e-6, 1.0] * 5, [1e-6, 1000.0] * 5]).reshape(2, 5, 2)
+    # ten times smaller than the level is still 1 at target 10: not below 0.005
+    small = np.array([0.01] * 6 + [1.0] * 4).reshape(1, 5, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        llmtime.Scaler.fit(data, target=1)
+        llmtime.Scaler.fit(halves, per_series=True)
+        llmtime.Scaler.fit(small)
+
+
+def test_the_zero_warning_points_at_the_caller_and_says_what_to_do():
+    data = np.ones((10, 20, 2))
+    data[3] = 1e9
+    with pytest.warns(UserWarning, match="drop it, or scale per series") as caught:
+        llmtime.Scaler.fit(data)
+    assert caught[0].filename == __file__  # stacklevel: the line that called fit, not llmtime.py
+
+
+def test_encode_defaults_to_two_decimals_and_checks_the_rounded_value():
+    assert llmtime.encode(np.array([[1.0, 2.5]])) == "1.00,2.50"
+    assert llmtime.encode(np.array([[9999.5, 1.0]]), 2) == "9999.50,1.00"  # four integer digits: fine
+    with pytest.raises(ValueError, match=r"finite values in \[0, 10000\)"):
+        llmtime.encode(np.array([[9999.5, 1.0]]), 0)  # written 10000

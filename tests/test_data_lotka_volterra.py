@@ -188,3 +188,68 @@ def test_a_null_dataspace_is_a_shape_error(tmp_path):
         f.create_dataset("time", data=TIME)
     with pytest.raises(DataFileError, match="'trajectories' has shape None"):
         lotka_volterra.load(path)
+
+
+# Two hand-made trajectories (N=2, T=7): prey peaks (interior points above the one before and not below the one
+# after) at values 3 and 5 in the first, and 2, 4, 8 in the second; the predator is flat (no peaks).
+PREY = np.array([[1.0, 3, 2, 2, 5, 5, 4], [0.5, 2, 0.5, 4, 0.5, 8, 0.5]])
+HAND = np.stack([PREY, np.array([[1.0] * 7, [2.0] * 7])], axis=-1)  # (2, 7, 2)
+
+
+def test_prey_peaks_by_hand():
+    peaks = lotka_volterra.prey_peaks(HAND)  # (2, 5): interior steps 1..5
+    assert peaks.tolist() == [[True, False, False, True, False], [True, False, True, False, True]]
+    swapped = HAND[..., ::-1]  # the same curves as predator: the flat prey has no peak
+    assert not lotka_volterra.prey_peaks(swapped).any()
+
+
+def test_peak_decay_is_last_prey_peak_over_first_for_trajectories_with_two_or_more():
+    np.testing.assert_allclose(lotka_volterra.peak_decay(HAND), [5 / 3, 8 / 2])
+    one_peak = HAND.copy()
+    one_peak[0, :, 0] = [1, 3, 2, 1, 1, 1, 1]  # a single peak: left out
+    np.testing.assert_allclose(lotka_volterra.peak_decay(one_peak), [4.0])
+    falling = HAND[:, ::-1].copy()  # time reversed: second trajectory's peaks 8, 4, 2
+    falling[0, :, 0] = [9, 1, 6, 1, 3, 1, 1]  # peaks 6 and 3: decays to a half
+    np.testing.assert_allclose(lotka_volterra.peak_decay(falling), [0.5, 2 / 8])
+
+
+def test_summary_by_hand():
+    s = lotka_volterra.summary(HAND.astype(np.float32))
+    values = np.concatenate([PREY.ravel(), [1.0] * 7, [2.0] * 7])
+    assert s["trajectories"] == 2 and s["min"] == 0.5 and s["max"] == 8.0
+    assert s["mean"] == pytest.approx((22 + 16 + 7 + 14) / 28)  # prey sums 22 and 16, predators 7 and 14
+    for key, q in (("p1", 1), ("p50", 50), ("p95", 95), ("p99", 99)):
+        assert s[key] == pytest.approx(np.percentile(values, q)), key
+    assert s["p50"] == 2.0 and s["prey p50"] == 2.0 and s["predator p50"] == 1.5
+    assert s["prey p95"] == pytest.approx(np.percentile(PREY, 95))  # 5 + 0.35 * 3 = 6.05
+    assert s["prey p95"] == pytest.approx(6.05) and s["predator p95"] == 2.0
+    assert s["max per trajectory, median"] == 6.5  # maxima 5 and 8
+    assert s["cycles per window, mean"] == 2.5  # 2 and 3 prey peaks
+    assert s["cycles per window, 10-90%"] == "2-3"  # 2.1 and 2.9, no decimals
+    assert s["last / first prey peak, median"] == pytest.approx((5 / 3 + 4) / 2)
+    assert list(s)[:3] == ["trajectories", "min", "max"] and len(s) == 16
+
+
+def test_compare_table_rows_are_real_beside_simulated(tmp_path):
+    other = HAND * 2
+    table = lotka_volterra.compare_table(HAND, other).splitlines()
+    assert table[:2] == ["| statistic | real file | simulated |", "|---|---|---|"] and len(table) == 18
+    assert table[2] == "| trajectories | 2 | 2 |"
+    assert "| max | 8 | 16 |" in table and "| mean | 2.107 | 4.214 |" in table  # 4 significant digits
+    assert "| cycles per window, 10-90% | 2-3 | 2-3 |" in table  # a string is printed as it is
+
+
+def test_write_cli_writes_the_simulation_it_names(tmp_path, capsys):
+    path = tmp_path / "sim.h5"
+    lotka_volterra.main(["--write", str(path), "-n", "3", "--seed", "2"])
+    assert capsys.readouterr().out == f"wrote 3 trajectories to {path}\n"
+    traj, t = lotka_volterra.load(path)
+    expected, times = lotka_volterra.simulate(3, seed=2)
+    np.testing.assert_array_equal(traj, expected)
+    np.testing.assert_array_equal(t, times)
+
+
+def test_cli_without_a_task_says_what_to_pass(capsys):
+    with pytest.raises(SystemExit) as info:
+        lotka_volterra.main(["-n", "2"])
+    assert info.value.code == 2 and "nothing to do; pass --compare PATH and/or --write PATH." in capsys.readouterr().err
