@@ -350,8 +350,8 @@ def cross_entropy(model, tok, scaled, args):
     batches = [tuple(torch.from_numpy(a).to(args.device) for a in windows.batch(w, slice(start, start + args.batch)))
                for start in range(0, len(w.input_ids), args.batch)]
     mean, tokens = mean_cross_entropy(model, tracked(batches, "cross-entropy", "batch"))
-    spent = sum(flops.forward(model.config, ids.shape[0], ids.shape[1] - 1, lm_head_bias=model.lm_head_bias is not None).coursework
-                for ids, _ in batches)  # the loss feeds T - 1 tokens
+    counted = flops.Setup(model.config, lm_head_bias=model.lm_head_bias is not None)  # the adapter is merged
+    spent = sum(flops.forward_with_loss(counted, ids.shape[0], ids.shape[1] - 1).coursework for ids, _ in batches)  # T - 1 fed
     return {"mean": mean, "tokens": tokens, "windows": len(w.input_ids), "flops": spent, "convention": "per token, padding masked"}
 
 
@@ -363,7 +363,8 @@ def cross_entropy_report_a(model, tok, texts, args):
     w = np.concatenate(rows)  # (W, L)
     batches = [(torch.from_numpy(w[i : i + 1]).to(args.device),) * 2 for i in range(len(w))]
     mean = mean_of_batch_means(model, tracked(batches, "cross-entropy", "window"))
-    spent = len(w) * flops.forward(model.config, 1, args.context - 1, lm_head_bias=model.lm_head_bias is not None).coursework
+    spent = len(w) * flops.forward_with_loss(flops.Setup(model.config, lm_head_bias=model.lm_head_bias is not None), 1,
+                                             args.context - 1).coursework
     return {"mean": mean, "tokens": int(w.size - len(w)), "windows": len(w), "flops": spent,
             "convention": "report A: padding counted, mean of per-window means"}
 
@@ -408,8 +409,8 @@ def generation_flops(model, prompts, new, stop_ids, stop_after, samples, allowed
     """FLOPs of one generate call (flops.py), counting only the rows still generating at each step."""
     lengths = produced_lengths(new.flatten(0, 1), stop_ids, stop_after)
     n = new.shape[2]
-    spent = flops.generate(model.config, len(prompts), max(map(len, prompts)), n, None if allowed is None else len(allowed),
-                           lm_head_bias=model.lm_head_bias is not None, samples=samples,
+    counted = flops.Setup(model.config, lm_head_bias=model.lm_head_bias is not None, head_rows=None if allowed is None else len(allowed))
+    spent = flops.generate(counted, len(prompts), max(map(len, prompts)), n, samples=samples,
                            active=[sum(length > j for length in lengths) for j in range(n)]).coursework
     return spent, lengths
 

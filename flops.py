@@ -1,18 +1,27 @@
 """FLOPs of qwen-min, counted exactly, module by module: read it beside qwen_min/model.py.
 
 Every module of the model has a function here of the same name (snake_case for classes), in the
-same order, whose lines are the lines of that module's `forward`, counted:
+same order, whose lines are the lines of that module's `forward`, counted. The file opens with
+them, so it reads side by side with model.py:
 
     model.py                              flops.py
     RMSNorm.forward                       rms_norm(n, dim)
     RotaryEmbedding.forward               rotary_embedding(n, dim)      (table lookup: free)
     rotate_half, apply_rotary             rotate_half, apply_rotary
-    F.scaled_dot_product_attention        scaled_dot_product_attention(B, H, T, S, hd)
-    Attention.forward                     attention(cfg, B, T, S, lora)
-    MLP.forward                           mlp(cfg, n, lora)
-    DecoderBlock.forward                  decoder_block(cfg, B, T, S, lora)
-    Qwen2.body / head / forward           body(...), head(...), qwen2(...)
-    LoRALinear.forward (lora/layer.py)    lora_linear(n, d_in, d_out, r)
+    nn.Linear, F.scaled_dot_product_attention   linear, softmax, scaled_dot_product_attention
+    Attention.forward                     attention(s, B, T, S)
+    MLP.forward                           mlp(s, n)
+    DecoderBlock.forward                  decoder_block(s, B, T, S)
+    Qwen2.forward / body / head           qwen2(s, B, T), body(s, B, T, S), head(s, n)
+    LoRALinear.forward (lora/layer.py)    lora_linear(n, d_in, d_out, r); projection(s, name, ...)
+    causal_lm_loss (qwen_min/loss.py)     cross_entropy(n, rows); forward_with_loss(s, B, T)
+
+`s` is a Setup: the model's config and how it runs (LoRA ranks, lm_head bias, head rows,
+attention kernel, counting convention), one object instead of five arguments threaded through
+every call:
+
+    s = Setup(cfg, lora={"q_proj": 8, "v_proj": 8})         # the defaults: no bias, full head, fused, ours
+    qwen2(s, 1, 512); train_step(s, 4, 511); generate(s.replace(head_rows=13), 20, 500, 200)
 
 Each returns a `Cost`: two views of one count (matmul, coursework), the primitives the
 coursework view weighs, and the named parts:
@@ -28,10 +37,12 @@ coursework view weighs, and the named parts:
                      cost["layers.0.self_attn.q_proj"] picks one. Costs add (pieces merged by
                      name) and scale by integers.
 
-Shapes: B batch, T new tokens, S keys (cached + new), n = B*T rows. `lora` maps a module name to
-its LoRA rank, e.g. {"q_proj": 8, "v_proj": 8}; the LoRA matrices are unmerged. `head_rows` is
-the number of output rows the head computes: vocab_size, or 13 when the loss or the decoding is
-restricted to the LLMTIME digits and separators.
+Shapes: B batch, T new tokens, S keys (cached + new), n = B*T rows. Setup.lora maps a module name
+to its LoRA rank; the LoRA matrices are unmerged. Setup.head_rows is the number of output rows
+the head computes: the vocabulary, or 13 when the loss or the decoding is restricted to the
+LLMTIME digits and separators. After the mirror: the Cost algebra (Costs add part by part and
+never drop a part's name), the backward pass, a training step, generation, the conventions,
+planning and the ledger, the reports' tables, the command line.
 
 Conventions where the model leaves a choice (see docs/flops.md):
 - Attention is counted as PyTorch documents scaled_dot_product_attention's reference (full
@@ -47,20 +58,20 @@ Conventions where the model leaves a choice (see docs/flops.md):
   sdpa_kernel(SDPBackend.MATH) and compare with kernel="math".
 - Casts, views, indexing, embedding lookups, RoPE tables and copies into the KV cache are free.
 
-Each report's own convention: the composite functions (attention, mlp, decoder_block, body, head,
-qwen2, forward, train_step, generate, forecast, plan_run) take `convention=` "ours" (the default,
-all of the above), "report-a" or "report-b": the same mirror, with only the terms each report
-counted otherwise swapped in (classes Ours, ReportA, ReportB; docs/flops.md sets them side by side).
+Each report's own convention: Setup(..., convention=) "ours" (the default, all of the above),
+"report-a" or "report-b": the same mirror, with only the terms each report counted otherwise
+swapped in (classes Ours, ReportA, ReportB; docs/flops.md sets them side by side).
 report_a_tables() and report_b_tables() rebuild the reports' FLOP tables; calflops() is what
 report B's calflops check counts.
 
 Training, generation, the budget:
 
-    train_step(cfg, B, T, lora, ...)         -> Cost with parts forward, backward, optimizer
-    forward_backward(cfg, B, T, lora, ...)   -> forward and backward merged module by module
-    generate(cfg, B, prompt, new, ...)       -> prefill + decode with the KV cache, or without it
-    forecast(cfg, B, k, h, tokens_per_step)  -> generate() for k context steps, h forecast steps
-    plan_run(cfg, steps=..., ...)            -> {"train": Cost, "eval": Cost, "generate": Cost}
+    train_step(s, B, T)                    -> Cost with parts forward, backward, optimizer
+    forward_backward(s, B, T)              -> forward and backward merged module by module
+    generate(s, B, prompt, new, ...)       -> prefill + decode with the KV cache, or without it
+    forecast(s, B, k, h, tokens_per_step)  -> generate() for k context steps, h forecast steps
+    plan_run(s, steps, batch, context, eval_every, eval_batches, Forecasts(series, batch, k, h))
+                                           -> {"train": Cost, "eval": Cost, "generate": Cost}
 
 Ledger (plan and spend side by side; train.py adds what each run really spent):
 
@@ -79,7 +90,10 @@ Command line:
     python flops.py --convention report-b --rank 4                   # report B's Tables 3, 4 and a Table 13 row
 """
 
+from __future__ import annotations
+
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -99,96 +113,42 @@ BUDGET = 1e17  # the coursework's total
 NUMERIC_ROWS = 13  # LLMTIME's alphabet: 0-9 . , ;
 
 
-# ---------------------------------------------------------------- Cost: one count, two views
+# ---------------------------------------------------------------- what a count depends on, besides the shapes
 
 
 @dataclass(frozen=True)
-class Cost:
-    matmul: int = 0  # FlopCounterMode's view
-    ops: dict = field(default_factory=dict)  # primitive -> count
-    parts: dict = field(default_factory=dict)  # name -> Cost; when present they sum to this Cost
+class Setup:
+    """The model and how it runs: every composite count below takes one.
+
+    cfg: the Qwen2Config (sizes). lora: module name -> rank of its unmerged adapter, e.g.
+    {"q_proj": 8, "v_proj": 8} (merged adapters: {}). lm_head_bias: the head has the coursework's
+    bias. head_rows: rows the head computes (None: the vocabulary; 13 when the loss or the decoding
+    is restricted to LLMTIME). kernel: which attention backward runs ("fused" or "math").
+    convention: how the terms are counted: "ours", "report-a" or "report-b" (see Ours below).
+    """
+    cfg: object
+    lora: dict = field(default_factory=dict)
+    lm_head_bias: bool = False
+    head_rows: int = None
+    kernel: str = "fused"
+    convention: object = "ours"
+
+    def __post_init__(self):
+        object.__setattr__(self, "lora", {m: r for m, r in (self.lora or {}).items() if r})
+        object.__setattr__(self, "convention", convention_named(self.convention))
+        if self.kernel not in ("math", "fused"):
+            raise ValueError(f"kernel must be 'math' or 'fused', got '{self.kernel}'.")
+
+    def replace(self, **changes) -> "Setup":
+        """This setup with some fields changed, e.g. setup.replace(head_rows=13) for restricted decoding."""
+        return dataclasses.replace(self, **changes)
 
     @property
-    def coursework(self) -> int:
-        return sum(WEIGHTS[k] * v for k, v in self.ops.items())
-
-    def __add__(self, other):
-        if isinstance(other, int) and other == 0:  # so that sum() works
-            return self
-        if other == FREE:
-            return self
-        if self == FREE:
-            return other
-        ops = dict(self.ops)
-        for k, v in other.ops.items():
-            ops[k] = ops.get(k, 0) + v
-        parts = {}
-        if self.parts and other.parts:  # merged by name; otherwise the pieces would not add up
-            parts = dict(self.parts)
-            for k, v in other.parts.items():
-                parts[k] = parts[k] + v if k in parts else v
-        return Cost(self.matmul + other.matmul, ops, parts)
-
-    __radd__ = __add__
-
-    def __mul__(self, k: int):
-        return Cost(self.matmul * k, {o: v * k for o, v in self.ops.items()}, {n: p * k for n, p in self.parts.items()})
-
-    __rmul__ = __mul__
-
-    def __getitem__(self, path: str):
-        """cost["layers.0.self_attn"]: the piece at a dotted path of part names."""
-        c = self
-        for name in path.split("."):
-            c = c.parts[name]
-        return c
-
-    def get(self, path, default=None):
-        try:
-            return self[path]
-        except KeyError:
-            return default
-
-    def flat(self, prefix=""):
-        """(dotted name, Cost) for every piece, depth first, parents before children."""
-        for name, p in self.parts.items():
-            full = f"{prefix}.{name}" if prefix else name
-            yield full, p
-            yield from p.flat(full)
-
-    def to_dict(self) -> dict:
-        return {"matmul_view": self.matmul,
-                "coursework": {"total": self.coursework, **{k: self.ops.get(k, 0) for k in PRIMITIVES}}}
+    def rows(self) -> int:
+        return self.head_rows or self.cfg.vocab_size
 
 
-FREE = Cost()
-
-
-def ops(**counts) -> Cost:
-    """Elementwise work, e.g. ops(add=n, exp=n)."""
-    for k in counts:
-        if k not in WEIGHTS:
-            raise ValueError(f"unknown primitive '{k}'; use one of {', '.join(PRIMITIVES)}.")
-    return Cost(ops={k: v for k, v in counts.items() if v})
-
-
-def matmul(m: int, n: int, p: int, batch: int = 1) -> Cost:
-    """(m x n) @ (n x p), `batch` times: m n p products and m p (n - 1) sums each; 2 m n p in the matmul view."""
-    return Cost(2 * batch * m * n * p, {"mul": batch * m * n * p, "add": batch * m * p * (n - 1)})
-
-
-def group(**parts) -> Cost:
-    """The sum of named pieces, which stay readable in `.parts`."""
-    total = sum(parts.values(), FREE)
-    return Cost(total.matmul, total.ops, dict(parts))
-
-
-# ---------------------------------------------------------------- forward, in model.py's order
-
-
-def linear(n: int, d_in: int, d_out: int, bias: bool = False) -> Cost:
-    """nn.Linear / F.linear on n rows: x (n, d_in) @ W^T (d_in, d_out) [+ b] -> (n, d_out)."""
-    return matmul(n, d_in, d_out) + (ops(add=n * d_out) if bias else FREE)
+# ---------------------------------------------------------------- the forward pass, in model.py's order
 
 
 def rms_norm(n: int, dim: int) -> Cost:
@@ -216,6 +176,11 @@ def apply_rotary(n: int, hd: int) -> Cost:
     return ops(mul=n * hd) + rotate_half(n, hd) + ops(mul=n * hd) + ops(add=n * hd)
 
 
+def linear(n: int, d_in: int, d_out: int, bias: bool = False) -> Cost:
+    """nn.Linear / F.linear on n rows: x (n, d_in) @ W^T (d_in, d_out) [+ b] -> (n, d_out)."""
+    return matmul(n, d_in, d_out) + (ops(add=n * d_out) if bias else FREE)
+
+
 def softmax(rows: int, n: int) -> Cost:
     """softmax over the last dim of (rows, n): max, subtract, exp, sum, divide."""
     return ops(cmp=rows * (n - 1), add=rows * n, exp=rows * n) + ops(add=rows * (n - 1), div=rows * n)
@@ -230,6 +195,72 @@ def scaled_dot_product_attention(B: int, H: int, T: int, S: int, hd: int) -> Cos
                  weighted_sum=matmul(T, S, hd, bh))  # @ v
 
 
+def attention(s: Setup, B: int, T: int, S: int = None) -> Cost:
+    """Attention.forward: x (B, T, D) with S keys (cached + new; S = T without a cache) -> (B, T, D)."""
+    c, cfg, S, n = s.convention, s.cfg, S or T, B * T
+    D, H, K, hd = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    parts = dict(q_proj=projection(s, "q_proj", n, D, H * hd, bias=True),
+                 k_proj=projection(s, "k_proj", n, D, K * hd, bias=True),
+                 v_proj=projection(s, "v_proj", n, D, K * hd, bias=True))
+    Kc = H if c.gqa_as_mha else K  # kv heads counted (the reports: as many as query heads)
+    if Kc > K:  # the k and v heads that multi-head attention would have on top of the model's
+        parts["kv_as_mha"] = 2 * c.linear(n, D, (Kc - K) * hd, True)
+    return group(**parts,
+                 rotary=c.rotary(n, H, hd) + c.rotary(n, Kc, hd),  # q and k
+                 # (cache.update is a copy, and enable_gqa reads each kv head in place: both free)
+                 sdpa=c.scaled_dot_product_attention(B, H, T, S, hd),
+                 o_proj=projection(s, "o_proj", n, H * hd, D))
+
+
+def silu(n: int) -> Cost:
+    """silu(x) = x / (1 + exp(-x)) on n numbers."""
+    return ops(add=n, exp=n) + ops(add=n, div=n)
+
+
+def mlp(s: Setup, n: int) -> Cost:
+    """MLP.forward on n rows: down(silu(gate(x)) * up(x))."""
+    D, F = s.cfg.dim, s.cfg.hidden_dim
+    return group(gate_proj=projection(s, "gate_proj", n, D, F),
+                 silu=s.convention.silu(n * F),
+                 up_proj=projection(s, "up_proj", n, D, F),
+                 product=ops(mul=n * F),
+                 down_proj=projection(s, "down_proj", n, F, D))
+
+
+def decoder_block(s: Setup, B: int, T: int, S: int = None) -> Cost:
+    """DecoderBlock.forward: two pre-norm residual branches."""
+    c, n, D = s.convention, B * T, s.cfg.dim
+    return group(input_layernorm=c.rms_norm(n, D),
+                 self_attn=attention(s, B, T, S),
+                 residual_attn=c.residual(n, D),  # x = x + ...
+                 post_attention_layernorm=c.rms_norm(n, D),
+                 mlp=mlp(s, n),
+                 residual_mlp=c.residual(n, D))  # x = x + ...
+
+
+def qwen2(s: Setup, B: int, T: int) -> Cost:
+    """Qwen2.forward: input_ids (B, T) -> logits (B, T, s.rows): head(body(ids))."""
+    return body(s, B, T, T).extended(lm_head=head(s, B * T))
+
+
+def body(s: Setup, B: int, T: int, S: int = None) -> Cost:
+    """Qwen2.body: input_ids (B, T), S keys in attention -> final normed hidden states (B, T, D)."""
+    c = s.convention
+    return group(embed_tokens=FREE,  # a lookup
+                 rope=c.rotary_embedding(B * T, s.cfg.dim),
+                 layers=group(**{str(i): decoder_block(s, B, T, S) for i in range(s.cfg.n_layers)}),
+                 norm=c.rms_norm(B * T, s.cfg.dim))
+
+
+def head(s: Setup, n: int) -> Cost:
+    """Qwen2.head on n positions: logits over s.rows tokens, with the bias when the model has one."""
+    c = s.convention
+    return c.linear(n, s.cfg.dim, s.rows, s.lm_head_bias if c.lm_head_bias is None else c.lm_head_bias)
+
+
+# ---------------------------------------------------------------- lora/layer.py
+
+
 def lora_linear(n: int, d_in: int, d_out: int, r: int, bias: bool = False) -> Cost:
     """LoRALinear.forward (unmerged) on n rows: base(x) + (x A^T * scaling) B^T."""
     return group(base=linear(n, d_in, d_out, bias),  # y = self.base(x)
@@ -239,78 +270,13 @@ def lora_linear(n: int, d_in: int, d_out: int, r: int, bias: bool = False) -> Co
                  add=ops(add=n * d_out))  # y + ...
 
 
-def projection(n, d_in, d_out, bias=False, r=0, *, convention="ours") -> Cost:
-    """A linear layer of the model, LoRA-wrapped when r > 0."""
-    c = convention_named(convention)
+def projection(s: Setup, name: str, n: int, d_in: int, d_out: int, bias: bool = False) -> Cost:
+    """The model's linear layer `name` (q_proj, ..., down_proj): LoRA-wrapped when s.lora gives it a rank."""
+    r, c = s.lora.get(name, 0), s.convention
     return c.lora_linear(n, d_in, d_out, r, bias) if r else c.linear(n, d_in, d_out, bias)
 
 
-def attention(cfg, B: int, T: int, S: int = None, lora=None, *, convention="ours") -> Cost:
-    """Attention.forward: x (B, T, D) with S keys (cached + new; S = T without a cache) -> (B, T, D)."""
-    c = convention_named(convention)
-    S, lora, n = S or T, lora or {}, B * T
-    D, H, K, hd = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    r = lambda name: lora.get(name, 0)
-    parts = dict(q_proj=projection(n, D, H * hd, True, r("q_proj"), convention=c),
-                 k_proj=projection(n, D, K * hd, True, r("k_proj"), convention=c),
-                 v_proj=projection(n, D, K * hd, True, r("v_proj"), convention=c))
-    Kc = H if c.gqa_as_mha else K  # kv heads counted (the reports: as many as query heads)
-    if Kc > K:  # the k and v heads that multi-head attention would have on top of the model's
-        parts["kv_as_mha"] = 2 * c.linear(n, D, (Kc - K) * hd, True)
-    return group(**parts,
-                 rotary=c.rotary(n, H, hd) + c.rotary(n, Kc, hd),  # q and k
-                 # (cache.update is a copy, and enable_gqa reads each kv head in place: both free)
-                 sdpa=c.scaled_dot_product_attention(B, H, T, S, hd),
-                 o_proj=projection(n, H * hd, D, False, r("o_proj"), convention=c))
-
-
-def silu(n: int) -> Cost:
-    """silu(x) = x / (1 + exp(-x)) on n numbers."""
-    return ops(add=n, exp=n) + ops(add=n, div=n)
-
-
-def mlp(cfg, n: int, lora=None, *, convention="ours") -> Cost:
-    """MLP.forward on n rows: down(silu(gate(x)) * up(x))."""
-    c = convention_named(convention)
-    lora, D, F = lora or {}, cfg.dim, cfg.hidden_dim
-    return group(gate_proj=projection(n, D, F, False, lora.get("gate_proj", 0), convention=c),
-                 silu=c.silu(n * F),
-                 up_proj=projection(n, D, F, False, lora.get("up_proj", 0), convention=c),
-                 product=ops(mul=n * F),
-                 down_proj=projection(n, F, D, False, lora.get("down_proj", 0), convention=c))
-
-
-def decoder_block(cfg, B: int, T: int, S: int = None, lora=None, *, convention="ours") -> Cost:
-    """DecoderBlock.forward: two pre-norm residual branches."""
-    c = convention_named(convention)
-    n, D = B * T, cfg.dim
-    return group(input_layernorm=c.rms_norm(n, D),
-                 self_attn=attention(cfg, B, T, S, lora, convention=c),
-                 residual_attn=c.residual(n, D),  # x = x + ...
-                 post_attention_layernorm=c.rms_norm(n, D),
-                 mlp=mlp(cfg, n, lora, convention=c),
-                 residual_mlp=c.residual(n, D))  # x = x + ...
-
-
-def body(cfg, B: int, T: int, S: int = None, lora=None, *, convention="ours") -> Cost:
-    """Qwen2.body: input_ids (B, T), S keys in attention -> final normed hidden states (B, T, D)."""
-    c = convention_named(convention)
-    return group(embed_tokens=FREE,  # a lookup
-                 rope=c.rotary_embedding(B * T, cfg.dim),
-                 layers=group(**{str(i): decoder_block(cfg, B, T, S, lora, convention=c) for i in range(cfg.n_layers)}),
-                 norm=c.rms_norm(B * T, cfg.dim))
-
-
-def head(cfg, n: int, rows: int = None, bias: bool = False, *, convention="ours") -> Cost:
-    """Qwen2.head on n positions: logits over `rows` tokens (default all), with the optional bias."""
-    c = convention_named(convention)
-    return c.linear(n, cfg.dim, rows or cfg.vocab_size, bias if c.lm_head_bias is None else c.lm_head_bias)
-
-
-def qwen2(cfg, B: int, T: int, lora=None, lm_head_bias=False, head_rows=None, *, convention="ours") -> Cost:
-    """Qwen2.forward: input_ids (B, T) -> logits (B, T, head_rows)."""
-    return (body(cfg, B, T, T, lora, convention=convention)
-            + group(lm_head=head(cfg, B * T, head_rows, lm_head_bias, convention=convention)))
+# ---------------------------------------------------------------- qwen_min/loss.py
 
 
 def cross_entropy(n: int, rows: int) -> Cost:
@@ -320,6 +286,118 @@ def cross_entropy(n: int, rows: int) -> Cost:
             + ops(add=n * rows)  # logp = z - logsumexp
             + ops(add=n)  # -logp[target]
             + ops(add=n - 1, div=1))  # mean
+
+
+def forward_with_loss(s: Setup, B: int, T: int) -> Cost:
+    """The training forward of qwen_min/loss.py: T tokens through qwen2(), every position scored.
+
+    A window of T + 1 tokens feeds its first T and scores its last T (padding is skipped by the
+    loss after the log-softmax, so it still costs), hence train.py passes T = window - 1.
+    """
+    return qwen2(s, B, T).extended(loss=s.convention.loss(B * T, s.rows))
+
+
+# ---------------------------------------------------------------- Cost: one count, two views
+
+
+@dataclass(frozen=True)
+class Cost:
+    matmul: int = 0  # FlopCounterMode's view
+    ops: dict = field(default_factory=dict)  # primitive -> count
+    parts: dict = field(default_factory=dict)  # name -> Cost; when present they sum to this Cost
+
+    @property
+    def coursework(self) -> int:
+        return sum(WEIGHTS[k] * v for k, v in self.ops.items())
+
+    def __add__(self, other):
+        """Counts add; named parts merge by name. A sum never drops names: adding a cost without
+        parts to one with parts is refused (give it a name with extended() or group())."""
+        if isinstance(other, int) and other == 0:  # so that sum() works
+            return self
+        if not isinstance(other, Cost):
+            return NotImplemented
+        if other.is_free():
+            return self
+        if self.is_free():
+            return other
+        if bool(self.parts) != bool(other.parts):
+            raise ValueError("adding a Cost without named parts to one with them would lose the names; "
+                             "name it with group() or extended().")
+        parts = dict(self.parts)
+        for k, v in other.parts.items():
+            parts[k] = parts[k] + v if k in parts else v
+        return Cost(self.matmul + other.matmul, _merged_ops(self, other), parts)
+
+    __radd__ = __add__
+
+    def __mul__(self, k: int):
+        return Cost(self.matmul * k, {o: v * k for o, v in self.ops.items()}, {n: p * k for n, p in self.parts.items()})
+
+    __rmul__ = __mul__
+
+    def is_free(self) -> bool:
+        return not self.matmul and not any(self.ops.values()) and all(p.is_free() for p in self.parts.values())
+
+    def extended(self, **parts) -> "Cost":
+        """This cost with more named parts beside its own (which it must have)."""
+        clash = parts.keys() & self.parts.keys()
+        if not self.parts or clash:
+            raise ValueError(f"extended() adds new names to a cost with parts; got {sorted(clash) or 'a cost without parts'}.")
+        return group(**self.parts, **parts)
+
+    def __getitem__(self, path: str):
+        """cost["layers.0.self_attn"]: the piece at a dotted path of part names."""
+        c = self
+        for name in path.split("."):
+            c = c.parts[name]
+        return c
+
+    def get(self, path, default=None):
+        try:
+            return self[path]
+        except KeyError:
+            return default
+
+    def flat(self, prefix=""):
+        """(dotted name, Cost) for every piece, depth first, parents before children."""
+        for name, p in self.parts.items():
+            full = f"{prefix}.{name}" if prefix else name
+            yield full, p
+            yield from p.flat(full)
+
+    def to_dict(self) -> dict:
+        return {"matmul_view": self.matmul,
+                "coursework": {"total": self.coursework, **{k: self.ops.get(k, 0) for k in PRIMITIVES}}}
+
+
+def _merged_ops(*costs) -> dict:
+    ops = {}
+    for c in costs:
+        for k, v in c.ops.items():
+            ops[k] = ops.get(k, 0) + v
+    return ops
+
+
+FREE = Cost()
+
+
+def ops(**counts) -> Cost:
+    """Elementwise work, e.g. ops(add=n, exp=n)."""
+    for k in counts:
+        if k not in WEIGHTS:
+            raise ValueError(f"unknown primitive '{k}'; use one of {', '.join(PRIMITIVES)}.")
+    return Cost(ops={k: v for k, v in counts.items() if v})
+
+
+def matmul(m: int, n: int, p: int, batch: int = 1) -> Cost:
+    """(m x n) @ (n x p), `batch` times: m n p products and m p (n - 1) sums each; 2 m n p in the matmul view."""
+    return Cost(2 * batch * m * n * p, {"mul": batch * m * n * p, "add": batch * m * p * (n - 1)})
+
+
+def group(**parts) -> Cost:
+    """The sum of named pieces, which stay readable in `.parts`."""
+    return Cost(sum(p.matmul for p in parts.values()), _merged_ops(*parts.values()), dict(parts))
 
 
 # ---------------------------------------------------------------- backward, as autograd runs it
@@ -386,17 +464,17 @@ def scaled_dot_product_attention_backward(B, H, T, S, hd, grad_q=True, grad_k=Tr
                  + (matmul(S, T, hd, bh) if grad_k else FREE))  # dk = dz^T q
 
 
-def _attention_grads(lora, grad_input):
+def _attention_grads(s: Setup, grad_input):
     """Which of q, k, v (and the attention output) need gradients."""
-    q, k, v = (grad_input or lora.get(m, 0) > 0 for m in ("q_proj", "k_proj", "v_proj"))
-    return q, k, v, (q or k or v) or lora.get("o_proj", 0) > 0
+    q, k, v = (grad_input or m in s.lora for m in ("q_proj", "k_proj", "v_proj"))
+    return q, k, v, (q or k or v) or "o_proj" in s.lora
 
 
-def attention_backward(cfg, B, T, S=None, lora=None, grad_input=True, kernel="fused") -> Cost:
+def attention_backward(s: Setup, B, T, S=None, grad_input=True) -> Cost:
     """Backward of Attention; grad_input: whether x (the normed input) needs a gradient."""
-    S, lora, n = S or T, lora or {}, B * T
+    cfg, S, n = s.cfg, S or T, B * T
     D, H, K, hd = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    g_q, g_k, g_v, g_out = _attention_grads(lora, grad_input)
+    g_q, g_k, g_v, g_out = _attention_grads(s, grad_input)
     g_y = g_q or g_k or g_v
     if not g_out:
         return FREE
@@ -404,7 +482,7 @@ def attention_backward(cfg, B, T, S=None, lora=None, grad_input=True, kernel="fu
     sum_reps = ops(add=B * K * S * hd * (n_rep - 1))  # enable_gqa's backward: n_rep query heads' grads summed per kv head
 
     def proj(name, d_out, needed):
-        return linear_backward(n, D, d_out, lora.get(name, 0), grad_input) if needed else FREE
+        return linear_backward(n, D, d_out, s.lora.get(name, 0), grad_input) if needed else FREE
 
     return group(q_proj=proj("q_proj", H * hd, g_q),
                  k_proj=proj("k_proj", K * hd, g_k),
@@ -413,8 +491,8 @@ def attention_backward(cfg, B, T, S=None, lora=None, grad_input=True, kernel="fu
                  rotary=(apply_rotary_backward(B * H * T, hd) if g_q else FREE)
                  + (apply_rotary_backward(B * K * T, hd) if g_k else FREE),
                  gqa_sum=(sum_reps if g_k else FREE) + (sum_reps if g_v else FREE),
-                 sdpa=scaled_dot_product_attention_backward(B, H, T, S, hd, g_q, g_k, g_v, kernel) if g_y else FREE,
-                 o_proj=linear_backward(n, H * hd, D, lora.get("o_proj", 0), g_y))
+                 sdpa=scaled_dot_product_attention_backward(B, H, T, S, hd, g_q, g_k, g_v, s.kernel) if g_y else FREE,
+                 o_proj=linear_backward(n, H * hd, D, s.lora.get("o_proj", 0), g_y))
 
 
 def silu_backward(n: int) -> Cost:
@@ -422,38 +500,44 @@ def silu_backward(n: int) -> Cost:
     return ops(add=2 * n, exp=n, div=n) + ops(add=2 * n, mul=3 * n)
 
 
-def _mlp_grads(lora, grad_input):
-    gate, up = (grad_input or lora.get(m, 0) > 0 for m in ("gate_proj", "up_proj"))
-    return gate, up, gate or up or lora.get("down_proj", 0) > 0
+def _mlp_grads(s: Setup, grad_input):
+    gate, up = (grad_input or m in s.lora for m in ("gate_proj", "up_proj"))
+    return gate, up, gate or up or "down_proj" in s.lora
 
 
-def mlp_backward(cfg, n, lora=None, grad_input=True) -> Cost:
+def mlp_backward(s: Setup, n, grad_input=True) -> Cost:
     """Backward of MLP on n rows."""
-    lora, D, F = lora or {}, cfg.dim, cfg.hidden_dim
-    g_gate, g_up, g_out = _mlp_grads(lora, grad_input)
+    D, F = s.cfg.dim, s.cfg.hidden_dim
+    g_gate, g_up, g_out = _mlp_grads(s, grad_input)
     if not g_out:
         return FREE
-    return group(gate_proj=linear_backward(n, D, F, lora.get("gate_proj", 0), grad_input) if g_gate else FREE,
+    return group(gate_proj=linear_backward(n, D, F, s.lora.get("gate_proj", 0), grad_input) if g_gate else FREE,
                  silu=silu_backward(n * F) if g_gate else FREE,
-                 up_proj=linear_backward(n, D, F, lora.get("up_proj", 0), grad_input) if g_up else FREE,
+                 up_proj=linear_backward(n, D, F, s.lora.get("up_proj", 0), grad_input) if g_up else FREE,
                  product=ops(mul=n * F * (g_gate + g_up)),  # d gate = dy * up, d up = dy * gate
                  inputs=ops(add=n * D) if grad_input else FREE,  # dx from gate and up summed
-                 down_proj=linear_backward(n, F, D, lora.get("down_proj", 0), g_gate or g_up))
+                 down_proj=linear_backward(n, F, D, s.lora.get("down_proj", 0), g_gate or g_up))
 
 
-def decoder_block_backward(cfg, B, T, lora=None, grad_input=True, kernel="fused"):
-    """Backward of DecoderBlock; returns (Cost, whether its output needs a gradient)."""
-    lora, n, D = lora or {}, B * T, cfg.dim
-    g_attn = _attention_grads(lora, grad_input)[3]
+def block_needs_grad(s: Setup, grad_input: bool) -> bool:
+    """Whether a decoder block's output needs a gradient: its input does, or it holds something trained.
+    Autograd runs nothing below the first trained module, so layer 0's input never gets one."""
+    g_mid = grad_input or _attention_grads(s, grad_input)[3]
+    return g_mid or _mlp_grads(s, g_mid)[2]
+
+
+def decoder_block_backward(s: Setup, B, T, grad_input=True) -> Cost:
+    """Backward of DecoderBlock; grad_input: whether its input needs a gradient."""
+    n, D = B * T, s.cfg.dim
+    g_attn = _attention_grads(s, grad_input)[3]
     g_mid = grad_input or g_attn
-    g_mlp = _mlp_grads(lora, g_mid)[2]
-    cost = group(input_layernorm=rms_norm_backward(n, D) if grad_input and g_attn else FREE,
-                 self_attn=attention_backward(cfg, B, T, T, lora, grad_input, kernel),
+    g_mlp = _mlp_grads(s, g_mid)[2]
+    return group(input_layernorm=rms_norm_backward(n, D) if grad_input and g_attn else FREE,
+                 self_attn=attention_backward(s, B, T, T, grad_input),
                  residual_attn=ops(add=n * D) if grad_input and g_attn else FREE,  # dx: residual + branch
                  post_attention_layernorm=rms_norm_backward(n, D) if g_mid and g_mlp else FREE,
-                 mlp=mlp_backward(cfg, n, lora, g_mid),
+                 mlp=mlp_backward(s, n, g_mid),
                  residual_mlp=ops(add=n * D) if g_mid and g_mlp else FREE)
-    return cost, g_mid or g_mlp
 
 
 def cross_entropy_backward(n: int, rows: int) -> Cost:
@@ -463,44 +547,35 @@ def cross_entropy_backward(n: int, rows: int) -> Cost:
             + ops(exp=n * rows, mul=n * rows, add=n * rows))  # d z = d logp - exp(logp) * sum
 
 
-def backward(cfg, B, T, lora=None, lm_head_bias=False, head_rows=None, kernel="fused") -> Cost:
-    """The backward pass of one LoRA training step: T tokens in, each position scored (see forward())."""
-    lora, rows, n = lora or {}, head_rows or cfg.vocab_size, B * T
+def backward(s: Setup, B, T) -> Cost:
+    """The backward pass of one LoRA training step: T tokens in, each position scored (see forward_with_loss())."""
+    rows, n = s.rows, B * T
     layers, g = {}, False  # the embedding output needs no gradient
-    for i in range(cfg.n_layers):
-        layers[str(i)], g = decoder_block_backward(cfg, B, T, lora, g, kernel)
-    if not (g or lm_head_bias):
+    for i in range(s.cfg.n_layers):
+        layers[str(i)] = decoder_block_backward(s, B, T, g)
+        g = block_needs_grad(s, g)
+    if not (g or s.lm_head_bias):
         return FREE
     return group(embed_tokens=FREE, rope=FREE,
                  layers=group(**layers),
-                 norm=rms_norm_backward(n, cfg.dim) if g else FREE,
-                 lm_head=(matmul(n, rows, cfg.dim) if g else FREE)  # dh = dlogits @ W
-                 + (ops(add=(n - 1) * rows) if lm_head_bias else FREE),  # db = sum over rows
+                 norm=rms_norm_backward(n, s.cfg.dim) if g else FREE,
+                 lm_head=(matmul(n, rows, s.cfg.dim) if g else FREE)  # dh = dlogits @ W
+                 + (ops(add=(n - 1) * rows) if s.lm_head_bias else FREE),  # db = sum over rows
                  loss=cross_entropy_backward(n, rows))
 
 
-def forward(cfg, B, T, lora=None, lm_head_bias=False, head_rows=None, *, convention="ours") -> Cost:
-    """The training forward of qwen_min/loss.py: T tokens through qwen2(), every position scored.
-
-    A window of T + 1 tokens feeds its first T and scores its last T (padding is skipped by the
-    loss after the log-softmax, so it still costs), hence train.py passes T = window - 1.
-    """
-    c, rows = convention_named(convention), head_rows or cfg.vocab_size
-    return qwen2(cfg, B, T, lora, lm_head_bias, rows, convention=c) + group(loss=c.loss(B * T, rows))
+# ---------------------------------------------------------------- a training step
 
 
-def forward_backward(cfg, B, T, lora=None, lm_head_bias=False, head_rows=None, kernel="fused") -> Cost:
+def forward_backward(s: Setup, B, T) -> Cost:
     """Forward plus backward, merged module by module (what FlopCounterMode attributes to each)."""
-    return forward(cfg, B, T, lora, lm_head_bias, head_rows) + backward(cfg, B, T, lora, lm_head_bias, head_rows, kernel)
+    return forward_with_loss(s, B, T) + backward(s, B, T)
 
 
-def trainable_parameters(cfg, lora=None, lm_head_bias=False) -> int:
+def trainable_parameters(s: Setup) -> int:
     """Numbers the optimizer updates: every lora_A, lora_B, and the full-vocab head bias."""
-    lora, D, F, H, K, hd = lora or {}, cfg.dim, cfg.hidden_dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    shapes = {"q_proj": (D, H * hd), "k_proj": (D, K * hd), "v_proj": (D, K * hd), "o_proj": (H * hd, D),
-              "gate_proj": (D, F), "up_proj": (D, F), "down_proj": (F, D)}
-    per_layer = sum(r * sum(shapes[m]) for m, r in lora.items() if r)
-    return cfg.n_layers * per_layer + (cfg.vocab_size if lm_head_bias else 0)
+    per_layer = sum(r * sum(layer_widths(s.cfg)[m]) for m, r in s.lora.items())
+    return s.cfg.n_layers * per_layer + (s.cfg.vocab_size if s.lm_head_bias else 0)
 
 
 def adamw(n_params: int) -> Cost:
@@ -513,18 +588,15 @@ def adamw(n_params: int) -> Cost:
             + ops(div=p, mul=p, add=p))  # p -= step * m / denom
 
 
-def train_step(cfg, B, T, lora=None, lm_head_bias=False, head_rows=None, kernel="fused", *, convention="ours") -> Cost:
+def train_step(s: Setup, B, T) -> Cost:
     """One optimizer step on a (B, T) batch: parts forward, backward, optimizer.
 
     Under a report's convention the backward is a multiple of the forward and the optimizer is not counted.
     """
-    c = convention_named(convention)
-    if c.backward_factor:
-        fwd = forward(cfg, B, T, lora, lm_head_bias, head_rows, convention=c)
-        return group(forward=fwd, backward=c.backward_factor * fwd, optimizer=FREE)
-    return group(forward=forward(cfg, B, T, lora, lm_head_bias, head_rows),
-                 backward=backward(cfg, B, T, lora, lm_head_bias, head_rows, kernel),
-                 optimizer=adamw(trainable_parameters(cfg, lora, lm_head_bias)))
+    fwd = forward_with_loss(s, B, T)
+    if s.convention.backward_factor:
+        return group(forward=fwd, backward=s.convention.backward_factor * fwd, optimizer=FREE)
+    return group(forward=fwd, backward=backward(s, B, T), optimizer=adamw(trainable_parameters(s)))
 
 
 def coursework_estimate(step: Cost) -> Cost:
@@ -535,27 +607,24 @@ def coursework_estimate(step: Cost) -> Cost:
 # ---------------------------------------------------------------- generation (qwen_min/generate.py)
 
 
-def generate(cfg, B, prompt_tokens, new_tokens, head_rows=None, kv_cache=True, lm_head_bias=False, lora=None,
-             samples=1, active=None, *, convention="ours") -> Cost:
+def generate(s: Setup, B, prompt_tokens, new_tokens, samples=1, active=None, kv_cache=True) -> Cost:
     """Producing new_tokens tokens after prompt_tokens, B prompts at once.
 
     With the KV cache (qwen_min.generate): prefill the prompt, the head on its last position
     only, then one token per step attending to all keys so far (the last token is never fed
     back). Without it: the whole sequence so far through the body for every new token.
-    head_rows: output rows computed per token (13 when decoding is restricted to LLMTIME).
+    s.head_rows: output rows computed per token (13 when decoding is restricted to LLMTIME).
     samples: continuations per prompt, all from one prefill (the prefill runs B rows, the rest
     B * samples). active: how many rows produce each new token (default all, every time); a row
-    that has finished leaves the batch. Sampling (argmax, top-k, ...) is not counted. `lora`
-    for unmerged adapters; merged: None.
+    that has finished leaves the batch. Sampling (argmax, top-k, ...) is not counted.
     """
-    c, P, N = convention_named(convention), prompt_tokens, new_tokens
+    P, N = prompt_tokens, new_tokens
     active = list(active) if active is not None else [B * samples] * N
-    heads = sum((k * head(cfg, r, head_rows, lm_head_bias, convention=c) for r, k in Counter(active).items()), FREE)
+    heads = sum((k * head(s, r) for r, k in Counter(active).items()), FREE)
     if not kv_cache:
-        return group(forward=_steps(active, 0, lambda r, i: body(cfg, r, P + i, P + i, lora, convention=c)),
-                     lm_head=heads)
-    return group(prefill=body(cfg, B, P, P, lora, convention=c),
-                 decode=_steps(active, 1, lambda r, i: body(cfg, r, 1, P + i, lora, convention=c)),  # rows that go on
+        return group(forward=_steps(active, 0, lambda r, i: body(s, r, P + i, P + i)), lm_head=heads)
+    return group(prefill=body(s, B, P, P),
+                 decode=_steps(active, 1, lambda r, i: body(s, r, 1, P + i)),  # rows that go on
                  lm_head=heads)
 
 
@@ -580,14 +649,12 @@ def _steps(active, start, cost) -> Cost:
     return total
 
 
-def forecast(cfg, B, context_steps, horizon_steps, tokens_per_step=10, head_rows=NUMERIC_ROWS, kv_cache=True,
-             lm_head_bias=False, *, convention="ours") -> Cost:
+def forecast(s: Setup, B, context_steps, horizon_steps, tokens_per_step=10, kv_cache=True) -> Cost:
     """Forecasting horizon_steps time steps from context_steps, B series at once.
 
     tokens_per_step: LLMTIME tokens per step, e.g. "1.23,0.45;" = 10 (2 decimals).
     """
-    return generate(cfg, B, context_steps * tokens_per_step, horizon_steps * tokens_per_step,
-                    head_rows, kv_cache, lm_head_bias, convention=convention)
+    return generate(s, B, context_steps * tokens_per_step, horizon_steps * tokens_per_step, kv_cache=kv_cache)
 
 
 # ---------------------------------------------------------------- conventions: ours, and each report's own
@@ -764,26 +831,36 @@ def calflops(cfg, B: int, T: int) -> int:
 # ---------------------------------------------------------------- planning a run, and the ledger
 
 
-def plan_run(cfg, steps, batch, context, lora=None, lm_head_bias=False, head_rows=None, kernel="fused",
-             val_every=0, val_batches=0, eval_series=0, eval_batch=1, context_steps=50, horizon_steps=50,
-             tokens_per_step=10, gen_head_rows=NUMERIC_ROWS, kv_cache=True, *, convention="ours") -> dict:
+@dataclass(frozen=True)
+class Forecasts:
+    """A run's final evaluation: `series` forecasts, `batch` at a time (the last batch may be partial),
+    each `k` context steps -> `h` steps of `tokens_per_step` tokens, the head computing `head_rows` rows."""
+    series: int
+    batch: int = 1
+    k: int = 50
+    h: int = 50
+    tokens_per_step: int = 10
+    head_rows: int = NUMERIC_ROWS
+    kv_cache: bool = True
+
+
+def plan_run(s: Setup, steps, batch, context, eval_every=0, eval_batches=0, forecasts: Forecasts = None) -> dict:
     """The cost of one run: {"train": steps x train_step, "eval": validation, "generate": final forecasts}.
 
-    context: tokens per window; the model reads context - 1 of them (see forward()); a report's convention
-    counts all of them. Validation: every val_every steps, val_batches forward passes with the loss (no backward).
-    Final evaluation: eval_series forecasts in batches of eval_batch (the last batch may be partial).
+    context: tokens per window; the model reads context - 1 of them (see forward_with_loss()); a
+    report's convention counts all of them. Validation: every eval_every steps, eval_batches forward
+    passes with the loss (no backward).
     """
-    c = convention_named(convention)
-    T = c.tokens_fed(context)
-    train = steps * train_step(cfg, batch, T, lora, lm_head_bias, head_rows, kernel, convention=c)
-    n_val = (steps // val_every) * val_batches if val_every else 0
-    val = n_val * forward(cfg, batch, T, lora, lm_head_bias, head_rows, convention=c)
+    T = s.convention.tokens_fed(context)
+    train = steps * train_step(s, batch, T)
+    n_val = (steps // eval_every) * eval_batches if eval_every else 0
+    val = n_val * forward_with_loss(s, batch, T)
     gen = FREE
-    if eval_series:
-        full, rest = divmod(eval_series, eval_batch)
-        one = lambda b: forecast(cfg, b, context_steps, horizon_steps, tokens_per_step, gen_head_rows, kv_cache,
-                                 lm_head_bias, convention=c)
-        gen = full * one(eval_batch) + (one(rest) if rest else FREE)
+    if forecasts and forecasts.series:
+        f, g = forecasts, s.replace(lora={}, head_rows=forecasts.head_rows)  # evaluate.py merges the adapter
+        full, rest = divmod(f.series, f.batch)
+        one = lambda b: forecast(g, b, f.k, f.h, f.tokens_per_step, f.kv_cache)
+        gen = full * one(f.batch) + (one(rest) if rest else FREE)
     return {"train": train, "eval": val, "generate": gen}
 
 
@@ -870,17 +947,17 @@ class Ledger:
 
 def report_a_tables(cfg, B: int, T: int, steps: int, lora=None) -> dict:
     """Report A's Table 3 (one sequence of T tokens: Cost per row) and Table 4 (a step of B sequences, and steps of them)."""
-    A = CONVENTIONS["report-a"]
-    fwd = qwen2(cfg, 1, T, lora, convention=A)
+    plain, adapted = Setup(cfg, convention="report-a"), Setup(cfg, lora, convention="report-a")
+    fwd = qwen2(adapted, 1, T)
     layer = fwd["layers.0"]
-    table3 = {"Single Attention Block": attention(cfg, 1, T, convention=A),  # its LoRA has a row of its own
-              "Single MLP Block": mlp(cfg, T, convention=A),
+    table3 = {"Single Attention Block": attention(plain, 1, T),  # its LoRA has a row of its own
+              "Single MLP Block": mlp(plain, T),
               "RMS, Residual etc": sum((layer[k] for k in ("input_layernorm", "residual_attn",
                                                           "post_attention_layernorm", "residual_mlp")), FREE),
               "Single Transformer Layer": layer,
               "LoRA Cost in this Layer": lora_share(layer),
               "Full Forward Pass": fwd}
-    step = train_step(cfg, B, T, lora, convention=A)
+    step = train_step(adapted, B, T)
     table4 = {f"Single Step (N = 1, B = {B})": step, f"Training Limit (N = {steps}, B = {B})": steps * step}
     return {"table3": table3, "table4": {k: {"total": c.coursework, "lora": lora_share(c).coursework,
                                              "budget_share": c.coursework / BUDGET} for k, c in table4.items()}}
@@ -888,8 +965,8 @@ def report_a_tables(cfg, B: int, T: int, steps: int, lora=None) -> dict:
 
 def report_b_tables(cfg, B: int, T: int, steps: int, lora=None) -> dict:
     """Report B's Table 3 (Qwen without LoRA), Table 4 (calflops) and a Table 13 row (steps of B x T), in FLOPs."""
-    qwen = train_step(cfg, B, T, convention="report-b")
-    with_lora = train_step(cfg, B, T, lora, convention="report-b")
+    qwen = train_step(Setup(cfg, convention="report-b"), B, T)
+    with_lora = train_step(Setup(cfg, lora, convention="report-b"), B, T)
     measured = calflops(cfg, B, T)
     return {"table3": {"forward": qwen["forward"].coursework, "forward_backward": qwen.coursework},
             "table4_calflops": {"forward": measured, "forward_backward": 3 * measured},
@@ -1066,15 +1143,16 @@ def main(argv=None):
     lora = lora_targets(a.targets, a.rank)
     rows = NUMERIC_ROWS if a.vocab == "numeric" else cfg.vocab_size
     kernel = a.attention or "fused"
+    setup = Setup(cfg, lora, a.lm_head_bias, rows, kernel, c)
     T = c.tokens_fed(a.context)  # ours: the loss feeds context - 1 tokens (qwen_min/loss.py); the reports: all
 
-    fwd = qwen2(cfg, a.batch, a.context, lora, a.lm_head_bias, rows, convention=c)
-    step = train_step(cfg, a.batch, T, lora, a.lm_head_bias, rows, kernel, convention=c)
+    fwd = qwen2(setup, a.batch, a.context)
+    step = train_step(setup, a.batch, T)
     estimate = coursework_estimate(step)
-    run = plan_run(cfg, a.steps, a.batch, a.context, lora, a.lm_head_bias, rows, kernel, a.eval_every,
-                   a.eval_batches, a.forecast_series, a.forecast_batch, a.k, a.h,
-                   a.tokens_per_step, a.gen_head_rows, not a.no_kv_cache, convention=c)
-    total = sum(run.values(), FREE)
+    run = plan_run(setup, a.steps, a.batch, a.context, a.eval_every, a.eval_batches,
+                   Forecasts(a.forecast_series, a.forecast_batch, a.k, a.h, a.tokens_per_step, a.gen_head_rows,
+                             not a.no_kv_cache))
+    total = group(**run)
     tables = {"report-a": report_a_tables, "report-b": report_b_tables}.get(c.name)
     report = tables(cfg, a.batch, a.context, a.steps, lora) if tables else None
     try:

@@ -540,15 +540,15 @@ def train(args, run):
         return torch.autocast(device_type=torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
 
     # FLOPs from the FLOP model, for the batch shapes really run (trailing padding is cut off).
-    lora_ranks = flops.lora_targets(args.targets, args.rank)
-    head_rows = len(llmtime.ALPHABET) if args.vocab == "numeric" else None
+    counted = flops.Setup(cfg, flops.lora_targets(args.targets, args.rank), args.lm_head_bias,
+                          len(llmtime.ALPHABET) if args.vocab == "numeric" else None, ATTENTION_KERNEL)
 
     @functools.lru_cache(maxsize=None)
     def step_cost(B, T):  # the loss feeds T - 1 tokens and scores T - 1 labels
-        return flops.train_step(cfg, B, T - 1, lora_ranks, args.lm_head_bias, head_rows, kernel=ATTENTION_KERNEL)
+        return flops.train_step(counted, B, T - 1)
 
     eval_batches = [to_batch(val_w, idx, "cpu")[0].shape for idx in eval_indices(val_w, args)]
-    eval_flops = sum(flops.forward(cfg, B, T - 1, lora_ranks, args.lm_head_bias, head_rows).coursework for B, T in eval_batches)
+    eval_flops = sum(flops.forward_with_loss(counted, B, T - 1).coursework for B, T in eval_batches)
     full_step = step_cost(args.batch, args.context).coursework
     first_step = full_step + (eval_flops if args.eval_every == 1 or args.steps == 1 else 0)  # with its validation
     if not resuming and args.flops_budget < first_step:
@@ -571,8 +571,7 @@ def train(args, run):
     ledger = flops.Ledger(run / "ledger.jsonl", budget=args.flops_budget)  # on resume: the spending so far
     if not resuming:
         atomic_write_json(run / "scaler.json", scaler.to_dict() | {"decimals": args.decimals, "split_seed": args.seed})
-        plan = flops.plan_run(cfg, args.steps, args.batch, args.context, lora_ranks, args.lm_head_bias, head_rows,
-                              ATTENTION_KERNEL, val_every=args.eval_every, val_batches=len(eval_batches))
+        plan = flops.plan_run(counted, args.steps, args.batch, args.context, args.eval_every, len(eval_batches))
         ledger.add(run.name, "train", plan["train"], source="plan", step=0)
         ledger.add(run.name, "eval", plan["eval"].coursework + eval_flops, source="plan", step=0)  # + the step-0 baseline
 

@@ -114,10 +114,10 @@ def main():
                 times[name].append(time.perf_counter() - t)
 
     tokens = args.batch * args.context
-    lora_ranks = flops.lora_targets("q,v", args.rank)
-    head_rows = len(llmtime.ALPHABET) if args.vocab == "numeric" else None
-    ours_flops = flops.train_step(ours.config, args.batch, args.context - 1, lora_ranks, head_rows=head_rows, kernel="fused").matmul
-    ref_flops = flops.train_step(ours.config, args.batch, args.context, lora_ranks, kernel="fused").matmul
+    counted = flops.Setup(ours.config, flops.lora_targets("q,v", args.rank))
+    ours_flops = flops.train_step(counted.replace(head_rows=len(llmtime.ALPHABET) if args.vocab == "numeric" else None),
+                                  args.batch, args.context - 1).matmul
+    ref_flops = flops.train_step(counted, args.batch, args.context).matmul
     peak = matmul_peak(dtype, args.device)
     t_ours, t_ref = statistics.median(times["ours"]), statistics.median(times["ref"])
     print(f"device {args.device}, {args.dtype}, batch {args.batch} x {args.context} tokens, LoRA q,v rank {args.rank}, "

@@ -73,11 +73,13 @@ class Journal:
     def __init__(self, path, settings: dict):
         self.path = Path(path)
         settings = json.loads(json.dumps(settings))  # as it reads back: tuples become lists
-        self.done = {}  # piece name -> its record
-        if not self.path.exists():
-            append_jsonl(self.path, {"settings": settings})
+        self.settings, self.done = settings, {}  # piece name -> its record
+        if not self.path.exists():  # written with the first piece: a job that fails before any leaves no journal
             return
         records = read_jsonl(self.path)
+        if not records:  # killed while writing its first line: nothing was finished
+            self.path.unlink()
+            return
         theirs = records[0].get("settings") if records and isinstance(records[0], dict) else None
         if theirs != settings:
             differ = sorted(k for k in set(settings) | set(theirs or {}) if (theirs or {}).get(k) != settings.get(k))
@@ -99,6 +101,8 @@ class Journal:
 
     def add(self, piece: str, record: dict) -> dict:
         """Appends a finished piece; returns its record as a rerun will read it back."""
+        if not self.path.exists():
+            append_jsonl(self.path, {"settings": self.settings})
         append_jsonl(self.path, {"piece": piece} | record)
         self.done[piece] = json.loads(json.dumps(record))
         return self.done[piece]

@@ -286,7 +286,8 @@ def test_our_protocol_passes_no_generation_config(tok, monkeypatch):
     (["--context", "100000"], "--context 100000 is longer"),
     (["--out", "FILE"], "is a file"),
 ])
-def test_user_errors_are_one_sentence(ckpt, tmp_path, flags, words, capsys):
+def test_user_errors_are_one_sentence(ckpt, tmp_path, flags, words, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # without --out, the results folder would be made under the working directory
     (tmp_path / "FILE").write_text("x")
     flags = [str(tmp_path / "FILE") if f == "FILE" else f for f in flags]
     with pytest.raises(SystemExit) as e:

@@ -15,7 +15,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import flops
-from flops import Cost, Ledger
+from flops import Cost, Ledger, Setup
 from lora.inject import inject_lora, mark_only_lora_as_trainable
 from lora.layer import LoRALinear
 from qwen_min import Qwen2, Qwen2Config, generate
@@ -102,7 +102,7 @@ def test_forward_matmul_view_equals_flop_counter_per_module(cfg_kw, B, T, lm_hea
     cfg = tiny_config(**cfg_kw)
     model = meta_model(cfg, lm_head_bias=lm_head_bias)
     total, per_module = counted(model, forward_pass(model, B, T, head_rows))
-    cost = flops.qwen2(cfg, B, T, lm_head_bias=lm_head_bias, head_rows=head_rows)
+    cost = flops.qwen2(Setup(cfg, lm_head_bias=lm_head_bias, head_rows=head_rows), B, T)
     assert cost.matmul == total
     # The ModuleList runs no forward of its own; an untied lm_head module only holds the weight
     # that Qwen2.head applies with F.linear, so FlopCounterMode books the head to Qwen2 itself.
@@ -117,7 +117,7 @@ def test_forward_matmul_view_equals_flop_counter_per_module(cfg_kw, B, T, lm_hea
 def test_forward_matmul_view_real_config(T):
     model = meta_model(REAL)
     total, per_module = counted(model, forward_pass(model, 1, T))
-    cost = flops.qwen2(REAL, 1, T)
+    cost = flops.qwen2(Setup(REAL), 1, T)
     assert cost.matmul == total
     for name in ("layers.0", "layers.23.self_attn", "layers.5.self_attn.q_proj", "layers.9.mlp.down_proj"):
         assert cost[name].matmul == per_module[name], name
@@ -127,7 +127,7 @@ def test_lora_forward_per_module():
     cfg, lora = tiny_config(), {"q_proj": 4, "v_proj": 4, "down_proj": 2}
     model = meta_model(cfg, lora)
     total, per_module = counted(model, forward_pass(model, 2, 9))
-    cost = flops.qwen2(cfg, 2, 9, lora)
+    cost = flops.qwen2(Setup(cfg, lora), 2, 9)
     assert cost.matmul == total
     for name in ("layers.1.self_attn.q_proj", "layers.1.self_attn.q_proj.base", "layers.0.mlp.down_proj",
                  "layers.0.mlp.down_proj.base", "layers.1.self_attn.v_proj"):
@@ -152,13 +152,14 @@ TRAIN_CASES = [
 def test_training_step_matmul_view_equals_flop_counter(cfg, lora, lm_head_bias, head_rows, B, T):
     model = meta_model(cfg, lora, lm_head_bias)
     total, per_module = counted(model, training_step(model, B, T, head_rows))
-    cost = flops.forward_backward(cfg, B, T, lora, lm_head_bias, head_rows, kernel="math")
+    s = Setup(cfg, lora, lm_head_bias, head_rows, kernel="math")
+    cost = flops.forward_backward(s, B, T)
     assert cost.matmul == total
     for i in range(cfg.n_layers):
         for name in (f"layers.{i}", f"layers.{i}.self_attn", f"layers.{i}.mlp"):
             assert cost[name].matmul == per_module.get(name, 0), name
-    step = flops.train_step(cfg, B, T, lora, lm_head_bias, head_rows, kernel="math")
-    assert step.matmul == total and step["backward"].matmul == total - flops.qwen2(cfg, B, T, lora, lm_head_bias, head_rows).matmul
+    step = flops.train_step(s, B, T)
+    assert step.matmul == total and step["backward"].matmul == total - flops.qwen2(s, B, T).matmul
 
 
 @pytest.mark.parametrize("T,r,targets,bias", [(64, 8, ("q_proj", "v_proj"), False), (128, 2, ("q_proj", "v_proj"), True),
@@ -167,7 +168,7 @@ def test_training_step_real_config(T, r, targets, bias):
     lora = dict.fromkeys(targets, r)
     model = meta_model(REAL, lora, bias)
     total, per_module = counted(model, training_step(model, 1, T))
-    cost = flops.forward_backward(REAL, 1, T, lora, bias, kernel="math")
+    cost = flops.forward_backward(Setup(REAL, lora, bias, kernel="math"), 1, T)
     assert cost.matmul == total
     for name in ("layers.0", "layers.0.self_attn", "layers.1.self_attn", "layers.23.mlp"):
         assert cost[name].matmul == per_module[name], name
@@ -186,7 +187,7 @@ def test_linear_backward_one_module(r, grad_input):
     fwd = fc.get_total_flops()
     with FlopCounterMode(display=False) as fc:
         y.sum().backward()
-    assert fwd == flops.projection(n, d_in, d_out, True, r).matmul
+    assert fwd == flops.projection(Setup(tiny_config(), {"q_proj": r}), "q_proj", n, d_in, d_out, bias=True).matmul
     assert fc.get_total_flops() == flops.linear_backward(n, d_in, d_out, r, grad_input).matmul
 
 
@@ -224,10 +225,10 @@ def test_training_step_with_fused_attention(monkeypatch, cfg, lora, T):
     monkeypatch.setattr(F, "scaled_dot_product_attention", fused_sdpa)
     model = meta_model(cfg, lora, lm_head_bias=True)
     total, per_module = counted(model, training_step(model, 2, T))
-    cost = flops.forward_backward(cfg, 2, T, lora, lm_head_bias=True)
+    cost = flops.forward_backward(Setup(cfg, lora, lm_head_bias=True), 2, T)
     assert cost.matmul == total
     assert cost["layers.0.self_attn"].matmul == per_module["layers.0.self_attn"]
-    assert cost.matmul > flops.forward_backward(cfg, 2, T, lora, lm_head_bias=True, kernel="math").matmul
+    assert cost.matmul > flops.forward_backward(Setup(cfg, lora, lm_head_bias=True, kernel="math"), 2, T).matmul
 
 
 def test_generation_with_samples_and_finished_rows_equals_flop_counter():
@@ -243,7 +244,7 @@ def test_generation_with_samples_and_finished_rows_equals_flop_counter():
     n = out.shape[1] - 7
     active = [sum(length > j for length in lengths) for j in range(n)]
     assert len(set(lengths)) > 1 and active[-1] < 6  # rows really finished at different steps
-    assert fc.get_total_flops() == flops.generate(cfg, 2, 7, n, 3, samples=3, active=active).matmul
+    assert fc.get_total_flops() == flops.generate(Setup(cfg, head_rows=3), 2, 7, n, samples=3, active=active).matmul
 
 
 def test_generation_with_kv_cache_equals_flop_counter():
@@ -256,7 +257,7 @@ def test_generation_with_kv_cache_equals_flop_counter():
         with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
             out = generate(model, prompts, max_new_tokens=6, stop_token_ids=[-1], **kw)
         assert out.shape == (2, 7 + 6)
-        assert fc.get_total_flops() == flops.generate(cfg, 2, 7, 6, head_rows).matmul
+        assert fc.get_total_flops() == flops.generate(Setup(cfg, head_rows=head_rows), 2, 7, 6).matmul
 
 
 def test_generation_without_cache_equals_flop_counter():
@@ -267,9 +268,9 @@ def test_generation_without_cache_equals_flop_counter():
         for _ in range(4):  # the whole sequence again for every new token
             logits = model.head(model.body(ids)[:, -1:])
             ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    cost = flops.generate(cfg, 3, 5, 4, kv_cache=False)
+    cost = flops.generate(Setup(cfg), 3, 5, 4, kv_cache=False)
     assert fc.get_total_flops() == cost.matmul
-    assert cost.matmul > flops.generate(cfg, 3, 5, 4).matmul
+    assert cost.matmul > flops.generate(Setup(cfg), 3, 5, 4).matmul
 
 
 # ---------------------------------------------------------------- primitive view, counted by hand
@@ -300,7 +301,7 @@ def test_primitives_by_hand():
 
 def test_decoder_block_by_hand():
     cfg = Qwen2Config(vocab_size=10, dim=4, hidden_dim=6, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=2)
-    c = flops.decoder_block(cfg, 1, 2)  # 2 tokens
+    c = flops.decoder_block(Setup(cfg), 1, 2)  # 2 tokens
     by_hand = {
         "input_layernorm": 24 + 8 + 4 + 20,  # 3 n D mul, n D add, 2 n div, n sqrt (x10)
         "self_attn": (2 * 4 * 7 + 8)  # q_proj (2x4)(4x4) + bias
@@ -334,15 +335,15 @@ def test_backward_by_hand():
 def test_backward_follows_requires_grad():
     cfg = tiny_config()
     qv = {"q_proj": 4, "v_proj": 4}
-    block0, g0 = flops.decoder_block_backward(cfg, 1, 8, qv, grad_input=False)
-    block1, g1 = flops.decoder_block_backward(cfg, 1, 8, qv, grad_input=True)
-    assert g0 and g1
+    block0 = flops.decoder_block_backward(Setup(cfg, qv), 1, 8, grad_input=False)
+    block1 = flops.decoder_block_backward(Setup(cfg, qv), 1, 8, grad_input=True)
+    assert flops.block_needs_grad(Setup(cfg, qv), False) and flops.block_needs_grad(Setup(cfg, qv), True)
     assert block0["self_attn.k_proj"] == Cost() and block1["self_attn.k_proj"].matmul > 0
     assert block0["input_layernorm"] == Cost() and block1["input_layernorm"].coursework > 0
     assert block0.matmul < block1.matmul
-    only_mlp, g = flops.decoder_block_backward(cfg, 1, 8, {"down_proj": 2}, grad_input=False)
-    assert g and only_mlp["self_attn"] == Cost() and only_mlp["mlp.down_proj"].matmul > 0
-    assert flops.backward(cfg, 1, 8, {}, lm_head_bias=False) == Cost()
+    only_mlp = flops.decoder_block_backward(Setup(cfg, {"down_proj": 2}), 1, 8, grad_input=False)
+    assert flops.block_needs_grad(Setup(cfg, {"down_proj": 2}), False) and only_mlp["self_attn"] == Cost() and only_mlp["mlp.down_proj"].matmul > 0
+    assert flops.backward(Setup(cfg), 1, 8) == Cost()
 
 
 # ---------------------------------------------------------------- every term, forward and backward, by hand (issue #11)
@@ -516,39 +517,39 @@ ATTN_BWD_FIRST = {
 
 
 def test_attention_forward_by_hand():
-    cost = flops.attention(SMALL, 2, 5, lora=QV2)
+    cost = flops.attention(Setup(SMALL, QV2), 2, 5)
     assert part_prims(cost) == ATTN_FWD
     assert cost.matmul == 2 * (720 + 120 + 240 + 240 + 240 + 120 + 80 + 600 + 600 + 720)
 
 
 def test_attention_backward_by_hand():
-    top = flops.attention_backward(SMALL, 2, 5, lora=QV2, grad_input=True, kernel="math")
+    top = flops.attention_backward(Setup(SMALL, QV2, kernel="math"), 2, 5, grad_input=True)
     assert part_prims(top) == ATTN_BWD
     assert prims(top) == plus(*ATTN_BWD.values())
-    first = flops.attention_backward(SMALL, 2, 5, lora=QV2, grad_input=False, kernel="math")
+    first = flops.attention_backward(Setup(SMALL, QV2, kernel="math"), 2, 5, grad_input=False)
     assert part_prims(first) == ATTN_BWD_FIRST
     # fused kernel: dk too, and the scores recomputed (q k^T 600, 450; scale 150; mask 150; softmax)
-    fused = flops.attention_backward(SMALL, 2, 5, lora=QV2, grad_input=False, kernel="fused")
+    fused = flops.attention_backward(Setup(SMALL, QV2, kernel="fused"), 2, 5, grad_input=False)
     assert part_prims(fused) == {**ATTN_BWD_FIRST, "sdpa": plus(ATTN_BWD["sdpa"], {
         "mul": 600 + 150, "add": 450 + 150 + 270, "cmp": 120, "exp": 150, "div": 150})}
     # LoRA on o_proj only, input needing no gradient: o_proj's LoRA gradients and nothing under them:
     # dB = dy^T h (6x10)(10x2) 120 mul, 108 add; dh = dy B (10x6)(6x2) 120, 100; * alpha/r 20; dA = dh^T y
     # (2x10)(10x12) 240 mul, 216 add; no dy of the attention output, so no SDPA, RoPE or q, k, v backward
-    o_only = flops.attention_backward(SMALL, 2, 5, lora={"o_proj": 2}, grad_input=False)
+    o_only = flops.attention_backward(Setup(SMALL, {"o_proj": 2}), 2, 5, grad_input=False)
     assert {k: v for k, v in part_prims(o_only).items() if v} == {"o_proj": {"mul": 120 + 120 + 20 + 240,
                                                                               "add": 108 + 100 + 216}}
     # nothing trainable in or under it: no backward at all
-    assert flops.attention_backward(SMALL, 2, 5, lora={"down_proj": 2}, grad_input=False) == Cost()
+    assert flops.attention_backward(Setup(SMALL, {"down_proj": 2}), 2, 5, grad_input=False) == Cost()
 
 
 def test_gqa_backward_sums_each_kv_heads_queries():
     """6 query heads on 2 kv heads (3 per kv head), B 3 x T 5, head_dim 4: dk and dv are summed over the
     3 query heads that read each kv head, 2 adds for each of their 3 x 2 x 5 x 4 = 120 numbers."""
     cfg = Qwen2Config(vocab_size=17, dim=6, hidden_dim=9, n_layers=1, n_heads=6, n_kv_heads=2, head_dim=4)
-    c = flops.attention_backward(cfg, 3, 5, lora={"k_proj": 2}, grad_input=False, kernel="math")
+    c = flops.attention_backward(Setup(cfg, {"k_proj": 2}, kernel="math"), 3, 5, grad_input=False)
     assert prims(c["gqa_sum"]) == {"add": 240}  # dk only: v needs no gradient
     assert prims(c["rotary"]) == {"mul": 240, "add": 180}  # the 30 key vectors' rotation only
-    c = flops.attention_backward(cfg, 3, 5, lora={"k_proj": 2}, grad_input=True, kernel="math")
+    c = flops.attention_backward(Setup(cfg, {"k_proj": 2}, kernel="math"), 3, 5, grad_input=True)
     assert prims(c["gqa_sum"]) == {"add": 480}
     # 90 query vectors and 30 key vectors of 4: 8 mul and 6 add each
     assert prims(c["rotary"]) == {"mul": 8 * 120, "add": 6 * 120}
@@ -573,26 +574,26 @@ MLP_BWD = {
 
 
 def test_mlp_forward_and_backward_by_hand():
-    assert part_prims(flops.mlp(SMALL, 10)) == MLP_FWD
-    assert part_prims(flops.mlp_backward(SMALL, 10, grad_input=True)) == MLP_BWD
+    assert part_prims(flops.mlp(Setup(SMALL), 10)) == MLP_FWD
+    assert part_prims(flops.mlp_backward(Setup(SMALL), 10, grad_input=True)) == MLP_BWD
     # LoRA on down_proj, input needing no gradient: x A^T (10x9)(9x2) 180 mul, 160 add; * alpha/r 20;
     # . B^T (10x2)(2x6) 120 mul, 60 add; + 60 add
-    assert prims(flops.mlp(SMALL, 10, {"down_proj": 2})["down_proj"]) == {"mul": 540 + 180 + 20 + 120,
+    assert prims(flops.mlp(Setup(SMALL, {"down_proj": 2}), 10)["down_proj"]) == {"mul": 540 + 180 + 20 + 120,
                                                                          "add": 480 + 160 + 60 + 60}
     # backward: dB = dy^T h (6x10)(10x2) 120 mul, 108 add; dh = dy B (10x6)(6x2) 120, 100; * alpha/r 20;
     # dA = dh^T x (2x10)(10x9) 180 mul, 162 add; nothing below it needs a gradient
-    down = flops.mlp_backward(SMALL, 10, {"down_proj": 2}, grad_input=False)
+    down = flops.mlp_backward(Setup(SMALL, {"down_proj": 2}), 10, grad_input=False)
     assert part_prims(down) == {"gate_proj": {}, "silu": {}, "up_proj": {}, "product": {}, "inputs": {},
                                 "down_proj": {"mul": 240 + 20 + 180, "add": 208 + 162}}
     # LoRA on gate_proj: down's dx, d silu (not d up), silu's backward, gate's dB, dh, scale, dA:
     # dB (9x10)(10x2) 180, 162; dh (10x9)(9x2) 180, 160; 20; dA (2x10)(10x6) 120, 108
     lora_gate = {"mul": 360 + 20 + 120, "add": 322 + 108}
-    gate = flops.mlp_backward(SMALL, 10, {"gate_proj": 2}, grad_input=False)
+    gate = flops.mlp_backward(Setup(SMALL, {"gate_proj": 2}), 10, grad_input=False)
     assert part_prims(gate) == {**MLP_BWD, "gate_proj": lora_gate, "up_proj": {}, "product": {"mul": 90}, "inputs": {}}
-    up = flops.mlp_backward(SMALL, 10, {"up_proj": 2}, grad_input=False)
+    up = flops.mlp_backward(Setup(SMALL, {"up_proj": 2}), 10, grad_input=False)
     assert part_prims(up) == {**MLP_BWD, "gate_proj": {}, "silu": {}, "up_proj": lora_gate, "product": {"mul": 90},
                               "inputs": {}}
-    assert flops.mlp_backward(SMALL, 10, {"q_proj": 2}, grad_input=False) == Cost()
+    assert flops.mlp_backward(Setup(SMALL, {"q_proj": 2}), 10, grad_input=False) == Cost()
 
 
 def test_lora_forward_and_backward_by_hand():
@@ -621,46 +622,46 @@ def test_lora_forward_and_backward_by_hand():
 
 
 def test_decoder_block_backward_by_hand():
-    layer1, g = flops.decoder_block_backward(SMALL, 2, 5, QV2, grad_input=True, kernel="math")
-    assert g
+    layer1 = flops.decoder_block_backward(Setup(SMALL, QV2, kernel="math"), 2, 5, grad_input=True)
+    assert flops.block_needs_grad(Setup(SMALL, QV2), True)
     assert part_prims(layer1) == {
         "input_layernorm": RMS_BWD, "self_attn": plus(*ATTN_BWD.values()),
         "residual_attn": {"add": 60},  # dx = dx1 + the attention branch's dx
         "post_attention_layernorm": RMS_BWD, "mlp": plus(*MLP_BWD.values()),
         "residual_mlp": {"add": 60},  # dx1 = dx2 + the MLP branch's dx
     }
-    layer0, g = flops.decoder_block_backward(SMALL, 2, 5, QV2, grad_input=False, kernel="math")
-    assert g
+    layer0 = flops.decoder_block_backward(Setup(SMALL, QV2, kernel="math"), 2, 5, grad_input=False)
+    assert flops.block_needs_grad(Setup(SMALL, QV2), False)
     assert part_prims(layer0) == {
         "input_layernorm": {}, "self_attn": plus(*ATTN_BWD_FIRST.values()), "residual_attn": {},
         "post_attention_layernorm": RMS_BWD, "mlp": plus(*MLP_BWD.values()), "residual_mlp": {"add": 60}}
     # LoRA on down_proj only, in a layer whose input needs no gradient: the MLP's LoRA gradients, nothing else
-    down, g = flops.decoder_block_backward(SMALL, 2, 5, {"down_proj": 2}, grad_input=False)
-    assert g and {k for k, v in part_prims(down).items() if v} == {"mlp"}
+    down = flops.decoder_block_backward(Setup(SMALL, {"down_proj": 2}), 2, 5, grad_input=False)
+    assert flops.block_needs_grad(Setup(SMALL, {"down_proj": 2}), False) and {k for k, v in part_prims(down).items() if v} == {"mlp"}
     assert prims(down) == {"mul": 440, "add": 370}
-    nothing, g = flops.decoder_block_backward(SMALL, 2, 5, {}, grad_input=False)
-    assert not g and nothing.matmul == 0 and prims(nothing) == {}
+    nothing = flops.decoder_block_backward(Setup(SMALL), 2, 5, grad_input=False)
+    assert not flops.block_needs_grad(Setup(SMALL), False) and nothing.matmul == 0 and prims(nothing) == {}
 
 
 def test_lm_head_and_loss_backward_by_hand():
     # forward head on 10 positions, 6 -> 17, with the bias: (10x6)(6x17) 1020 mul, 850 add, + 170 add
-    assert prims(flops.head(SMALL, 10, bias=True)) == {"mul": 1020, "add": 850 + 170}
-    assert prims(flops.head(SMALL, 10, 13, bias=True)) == {"mul": 780, "add": 650 + 130}
+    assert prims(flops.head(Setup(SMALL, lm_head_bias=True), 10)) == {"mul": 1020, "add": 850 + 170}
+    assert prims(flops.head(Setup(SMALL, lm_head_bias=True, head_rows=13), 10)) == {"mul": 780, "add": 650 + 130}
     # only the head bias trains: its gradient is the column sum of d logits (9 x 17 adds) after the loss's
     # backward; nothing in the body
-    only_bias = flops.backward(SMALL, 2, 5, {}, lm_head_bias=True)
+    only_bias = flops.backward(Setup(SMALL, lm_head_bias=True), 2, 5)
     assert part_prims(only_bias) == {"embed_tokens": {}, "rope": {}, "layers": {}, "norm": {},
                                      "lm_head": {"add": 9 * 17}, "loss": CE_BWD}
     # with LoRA below it: dh = d logits W (10x17)(17x6) 1020 mul, 10 x 6 x 16 add, and the bias's sum
-    bwd = flops.backward(SMALL, 2, 5, QV2, lm_head_bias=True, kernel="math")
+    bwd = flops.backward(Setup(SMALL, QV2, lm_head_bias=True, kernel="math"), 2, 5)
     assert prims(bwd["lm_head"]) == {"mul": 1020, "add": 960 + 153}
     assert prims(bwd["norm"]) == RMS_BWD
     assert bwd["lm_head"].matmul == 2 * 1020
-    no_bias = flops.backward(SMALL, 2, 5, QV2, lm_head_bias=False, kernel="math")
+    no_bias = flops.backward(Setup(SMALL, QV2, kernel="math"), 2, 5)
     assert prims(no_bias["lm_head"]) == {"mul": 1020, "add": 960}
     # a 13-row head: (10x13)(13x6) 780 mul, 10 x 6 x 12 add; bias sum 9 x 13; loss over 13 classes:
     # 1 div, 10 + 10 x 12 + 130 add, 130 exp, 130 mul
-    rows13 = flops.backward(SMALL, 2, 5, QV2, lm_head_bias=True, head_rows=13, kernel="math")
+    rows13 = flops.backward(Setup(SMALL, QV2, lm_head_bias=True, head_rows=13, kernel="math"), 2, 5)
     assert prims(rows13["lm_head"]) == {"mul": 780, "add": 720 + 117}
     assert prims(rows13["loss"]) == {"div": 1, "add": 10 + 120 + 130, "exp": 130, "mul": 130}
 
@@ -674,10 +675,10 @@ def test_training_step_by_hand():
     layer1 = plus(RMS_BWD, *ATTN_BWD.values(), {"add": 60}, RMS_BWD, *MLP_BWD.values(), {"add": 60})
     backward = plus(layer0, layer1, RMS_BWD, {"mul": 1020, "add": 1113}, CE_BWD)
     # AdamW on 2 layers x (q: 2 x (6 + 12), v: 2 x (6 + 4)) + 17 bias = 129 numbers: 7 mul, 4 add, 2 div, 1 sqrt each
-    assert flops.trainable_parameters(SMALL, QV2, lm_head_bias=True) == 129
+    assert flops.trainable_parameters(Setup(SMALL, QV2, lm_head_bias=True)) == 129
     optimizer = {"mul": 7 * 129, "add": 4 * 129, "div": 2 * 129, "sqrt": 129}
     for convention in ({}, {"convention": "ours"}, {"convention": flops.CONVENTIONS["ours"]}):
-        step = flops.train_step(SMALL, 2, 5, QV2, lm_head_bias=True, kernel="math", **convention)
+        step = flops.train_step(Setup(SMALL, QV2, lm_head_bias=True, kernel="math", **convention), 2, 5)
         assert prims(step["forward"]) == forward, convention
         assert prims(step["backward"]) == backward, convention
         assert prims(step["optimizer"]) == optimizer, convention
@@ -691,32 +692,36 @@ def test_training_step_by_hand():
 
 def test_train_step_parts_and_the_coursework_estimate():
     lora = {"q_proj": 8, "v_proj": 8}
-    step = flops.train_step(REAL, 4, 512, lora)
+    step = flops.train_step(Setup(REAL, lora), 4, 512)
     assert step.coursework == sum(step[p].coursework for p in ("forward", "backward", "optimizer"))
     assert step["optimizer"] == flops.adamw(24 * 8 * ((896 + 896) + (896 + 128)))
     ratio = step.coursework / flops.coursework_estimate(step).coursework
     assert 0.6 < ratio < 0.75  # LoRA's backward skips every frozen weight's gradient: far below 2 x forward
-    assert flops.trainable_parameters(REAL, lora, lm_head_bias=True) == 540_672 + 151_936
+    assert flops.trainable_parameters(Setup(REAL, lora, lm_head_bias=True)) == 540_672 + 151_936
 
 
 def test_generation_cache_saves_work_and_numeric_head_is_cheaper():
     cfg = tiny_config()
-    cached, plain = flops.forecast(cfg, 4, 5, 3), flops.forecast(cfg, 4, 5, 3, kv_cache=False)
+    s = Setup(cfg, head_rows=13)
+    cached, plain = flops.forecast(s, 4, 5, 3), flops.forecast(s, 4, 5, 3, kv_cache=False)
     assert plain.coursework > cached.coursework
-    assert cached["lm_head"] == 30 * flops.head(cfg, 4, 13)
-    assert flops.forecast(cfg, 4, 5, 3, head_rows=None).coursework > cached.coursework
+    assert cached["lm_head"] == 30 * flops.head(s, 4)
+    assert flops.forecast(Setup(cfg), 4, 5, 3).coursework > cached.coursework
     # one new token: the prefill alone, either way
-    assert flops.generate(cfg, 2, 9, 1).matmul == flops.generate(cfg, 2, 9, 1, kv_cache=False).matmul
+    assert flops.generate(Setup(cfg), 2, 9, 1).matmul == flops.generate(Setup(cfg), 2, 9, 1, kv_cache=False).matmul
 
 
 def test_plan_run_adds_up():
     cfg = tiny_config()
-    plan = flops.plan_run(cfg, steps=10, batch=2, context=16, lora={"q_proj": 2}, val_every=5, val_batches=3,
-                          eval_series=5, eval_batch=2, context_steps=2, horizon_steps=2)
+    s = Setup(cfg, {"q_proj": 2})
+    plan = flops.plan_run(s, steps=10, batch=2, context=16, eval_every=5, eval_batches=3,
+                          forecasts=flops.Forecasts(series=5, batch=2, k=2, h=2))
     # windows of 16 tokens: the model reads 15 (qwen_min/loss.py)
-    assert plan["train"] == 10 * flops.train_step(cfg, 2, 15, {"q_proj": 2})
-    assert plan["eval"] == 6 * flops.forward(cfg, 2, 15, {"q_proj": 2})
-    assert plan["generate"] == 2 * flops.forecast(cfg, 2, 2, 2) + flops.forecast(cfg, 1, 2, 2)
+    assert plan["train"] == 10 * flops.train_step(s, 2, 15)
+    assert plan["eval"] == 6 * flops.forward_with_loss(s, 2, 15)
+    # forecasts run the merged model (no LoRA branch) with the 13-row head
+    merged = Setup(cfg, head_rows=13)
+    assert plan["generate"] == 2 * flops.forecast(merged, 2, 2, 2) + flops.forecast(merged, 1, 2, 2)
 
 
 # ---------------------------------------------------------------- Cost, Ledger, command line
@@ -730,7 +735,15 @@ def test_cost_algebra():
     assert s.coursework == 2 + (6 + 3) + 10 + 10 and s.matmul == 12
     assert (3 * a).coursework == 3 * a.coursework and (3 * a)["y"].matmul == 36
     assert sum([a, a], Cost()) == 2 * a
-    assert (a + flops.ops(add=1)).parts == {}  # pieces that would no longer add up are dropped
+    with pytest.raises(ValueError, match="would lose the names"):  # the sum's pieces would no longer add up
+        a + flops.ops(add=1)
+    with pytest.raises(ValueError, match="would lose the names"):
+        flops.ops(add=1) + a
+    assert a + Cost() == a == Cost() + a and a + 3 * Cost() == a  # nothing is free to add
+    w = a.extended(w=flops.ops(add=1))  # a new name beside a's own
+    assert set(w.parts) == {"x", "y", "w"} and w.coursework == a.coursework + 1 and w.matmul == a.matmul
+    with pytest.raises(ValueError, match="extended"):
+        a.extended(x=flops.ops(add=1))  # x is a's already
     assert dict(a.flat()).keys() == {"x", "y"}
     with pytest.raises(ValueError, match="unknown primitive"):
         flops.ops(sin=1)
@@ -765,11 +778,11 @@ def test_cli_json(capsys):
                 "--eval-every", "5", "--eval-batches", "1", "--forecast-series", "2", "--h", "2"])
     out = json.loads(capsys.readouterr().out)
     lora = {"q_proj": 4, "v_proj": 4}
-    assert out["forward"]["matmul_view"] == flops.qwen2(REAL, 2, 128, lora).matmul
-    assert out["forward"]["coursework"]["total"] == flops.qwen2(REAL, 2, 128, lora).coursework
+    assert out["forward"]["matmul_view"] == flops.qwen2(Setup(REAL, lora), 2, 128).matmul
+    assert out["forward"]["coursework"]["total"] == flops.qwen2(Setup(REAL, lora), 2, 128).coursework
     assert set(out["forward"]["coursework"]) == {"total", *flops.PRIMITIVES}
     assert out["forward"]["modules"]["layers.*.self_attn.sdpa"]["matmul_view"] == 24 * 4 * 2 * 14 * 128 * 128 * 64
-    step = flops.train_step(REAL, 2, 127, lora)  # windows of 128 tokens: the model reads 127
+    step = flops.train_step(Setup(REAL, lora), 2, 127)  # windows of 128 tokens: the model reads 127
     assert out["train_step"]["matmul_view"] == step.matmul
     assert set(out["train_step"]) >= {"forward", "backward", "optimizer", "coursework_estimate", "executed_over_estimate"}
     assert out["run"]["train"]["coursework"]["total"] == 10 * step.coursework
@@ -783,7 +796,7 @@ def test_cli_text_numeric_vocab_config_and_errors(tmp_path, capsys):
                 "--lm-head-bias", "--steps", "3", "--ledger", str(tmp_path / "l.jsonl")])
     text = capsys.readouterr().out
     assert "layers.*.mlp.silu" in text and "3 x forward" in text and "| run | plan |" in text
-    fwd = flops.qwen2(cfg, 4, 16, {"q_proj": 8, "v_proj": 8}, True, 13)
+    fwd = flops.qwen2(Setup(cfg, {"q_proj": 8, "v_proj": 8}, True, 13), 4, 16)
     assert f"{fwd.matmul:.4g}" in text
     assert Ledger.read(tmp_path / "l.jsonl").total("plan") > 0
     for bad, says in ((["--targets", "q,zz"], "unknown LoRA target 'zz'"),
@@ -800,9 +813,9 @@ def test_docs_numbers_are_current():
 
     doc = (REPO / "docs" / "flops.md").read_text()
     lora = {"q_proj": 8, "v_proj": 8}
-    fwd = flops.qwen2(REAL, 1, 512, lora)
+    fwd = flops.qwen2(Setup(REAL, lora), 1, 512)
     assert f"| **total** | {fwd.matmul:.4g} |" in doc and f"**{fwd.coursework:.4g}** |" in doc
-    step = flops.train_step(REAL, 4, 511, lora)
+    step = flops.train_step(Setup(REAL, lora), 4, 511)
     ratio = step.coursework / flops.coursework_estimate(step).coursework
     assert f"| {step.coursework:.4g} | {flops.coursework_estimate(step).coursework:.4g} | **{ratio:.3f}** |" in doc
 
@@ -850,7 +863,7 @@ def test_report_a_table_4():
     assert (printed(limit["total"], 5), printed(limit["lora"], 5)) == (9.9988e16, 6.1975e13)
     assert f"{100 * limit['budget_share']:.3f}%" == "99.988%"
     # the step is 3 x forward x batch (its model_training_flops), the forward its Table 3's
-    assert one["total"] == 3 * 4 * flops.qwen2(REAL, 1, 512, {"q_proj": 4, "v_proj": 4}, convention="report-a").coursework
+    assert one["total"] == 3 * 4 * flops.qwen2(Setup(REAL, {"q_proj": 4, "v_proj": 4}, convention="report-a"), 1, 512).coursework
 
 
 def test_report_b_table_3_and_its_formula():
@@ -910,7 +923,7 @@ def test_report_b_table_13_and_total():
 def test_report_b_lora_uses_the_real_widths():
     """Section 4.7: 2 (B L) r (d_in + d_out) per adapter; its code gives v_proj d_out = 128 (GQA)."""
     one = {"q_proj": 4, "v_proj": 4}
-    fwd = flops.qwen2(REAL, 4, 512, one, convention="report-b")
+    fwd = flops.qwen2(Setup(REAL, one, convention="report-b"), 4, 512)
     assert flops.lora_share(fwd).coursework == 24 * 2 * 2048 * 4 * ((896 + 896) + (896 + 128))
 
 
@@ -932,7 +945,7 @@ def test_report_a_terms_by_hand():
 
 def test_report_a_tiny_model_by_hand():
     """TINY, one sequence of 2 tokens, under report A's counting, each term by hand."""
-    c = flops.decoder_block(TINY, 1, 2, convention="report-a")
+    c = flops.decoder_block(Setup(TINY, convention="report-a"), 1, 2)
     by_hand = {
         "input_layernorm": 8 + 6 + 2 + 20 + 8 + 8,  # squares, sum, / d, root (x10), / root, weight
         "self_attn": (2 * 4 * 7 + 8)  # q (2x4)(4x4) + bias
@@ -948,8 +961,8 @@ def test_report_a_tiny_model_by_hand():
     }
     assert {k: p.coursework for k, p in c.parts.items()} == by_hand
     assert c.coursework == 1050
-    assert flops.qwen2(TINY, 1, 2, convention="report-a").coursework == 1050 + 52 + (2 * 10 * 7 + 20)  # norm, head + bias
-    step = flops.train_step(TINY, 3, 2, {"q_proj": 1}, convention="report-a")
+    assert flops.qwen2(Setup(TINY, convention="report-a"), 1, 2).coursework == 1050 + 52 + (2 * 10 * 7 + 20)  # norm, head + bias
+    step = flops.train_step(Setup(TINY, {"q_proj": 1}, convention="report-a"), 3, 2)
     # 3 sequences x 3 x forward; with LoRA rank 1 on q the forward is 1262 + x A^T (2x4)(4x1) 14, . B^T counted
     # 4 wide (2x1)(1x4) 8, alpha on the 2 x 4 outputs 8, + 8
     assert step.coursework == 3 * 3 * (1262 + 14 + 8 + 8 + 8)
@@ -971,10 +984,10 @@ def test_report_b_terms_by_hand():
 def test_report_b_tiny_model_by_hand():
     """TINY, 1 x 2 tokens, report B's formula with its numbers: B L d = 8, RMSNorm 2 (16 + 11) = 54,
     attention 8 B L d^2 + 4 B L^2 d = 256 + 64, MLP 6 B L d d_ff + 14 B L d_ff = 288 + 168, head 2 B L d V = 160."""
-    assert flops.qwen2(TINY, 1, 2, convention="report-b").coursework == 8 + 3 * 54 + 320 + 456 + 160
+    assert flops.qwen2(Setup(TINY, convention="report-b"), 1, 2).coursework == 8 + 3 * 54 + 320 + 456 + 160
     lora = {"q_proj": 1, "v_proj": 1}  # + 2 B L r (d_in + d_out): q 4 -> 4, v 4 -> 2
-    assert flops.qwen2(TINY, 1, 2, lora, convention="report-b").coursework == 1106 + 2 * 2 * (4 + 4) + 2 * 2 * (4 + 2)
-    step = flops.train_step(TINY, 1, 2, lora, lm_head_bias=True, convention="report-b")
+    assert flops.qwen2(Setup(TINY, lora, convention="report-b"), 1, 2).coursework == 1106 + 2 * 2 * (4 + 4) + 2 * 2 * (4 + 2)
+    step = flops.train_step(Setup(TINY, lora, lm_head_bias=True, convention="report-b"), 1, 2)
     assert step.coursework == 3 * 1162 and step["optimizer"] == Cost()
 
 
@@ -984,9 +997,9 @@ def test_conventions_change_only_their_terms():
     # "ours", by name, as the object or by default: TINY's block by hand (946, test_decoder_block_by_hand),
     # the final norm (56) and the head (2x4)(4x10) = 140, no bias (test_training_step_by_hand: the step)
     for convention in ({}, {"convention": "ours"}, {"convention": flops.CONVENTIONS["ours"]}):
-        assert flops.qwen2(TINY, 1, 2, **convention).coursework == 946 + 56 + 140, convention
-    a, b = (flops.decoder_block(cfg, 2, 8, lora=lora, convention=n) for n in ("report-a", "report-b"))
-    ours = flops.decoder_block(cfg, 2, 8, lora=lora)
+        assert flops.qwen2(Setup(TINY, **convention), 1, 2).coursework == 946 + 56 + 140, convention
+    a, b = (flops.decoder_block(Setup(cfg, lora, convention=n), 2, 8) for n in ("report-a", "report-b"))
+    ours = flops.decoder_block(Setup(cfg, lora), 2, 8)
     assert a["mlp.gate_proj"] == ours["mlp.gate_proj"] and a["residual_mlp"] == ours["residual_mlp"]
     assert a["self_attn.o_proj"] == ours["self_attn.o_proj"] and a["self_attn.sdpa.weighted_sum"] == ours["self_attn.sdpa.weighted_sum"]
     assert "kv_as_mha" in a["self_attn"].parts and "kv_as_mha" not in ours["self_attn"].parts
@@ -994,12 +1007,12 @@ def test_conventions_change_only_their_terms():
     # report A on TINY, windows of 2 tokens, LoRA rank 1 on q: its forward is 1300 (1262 without LoRA,
     # test_report_a_tiny_model_by_hand, + x A^T 14, . B^T 8 and alpha 8 at d_in = 4 wide, + 8). It feeds the
     # whole window (ours would feed 1 token), counts a step as 3 x forward and no loss in validation:
-    plan = flops.plan_run(TINY, steps=5, batch=1, context=2, lora={"q_proj": 1}, val_every=5, val_batches=2,
-                          convention="report-a")
+    plan = flops.plan_run(Setup(TINY, {"q_proj": 1}, convention="report-a"), steps=5, batch=1, context=2,
+                          eval_every=5, eval_batches=2)
     assert plan["train"].coursework == 5 * 3 * 1300
     assert plan["eval"].coursework == (5 // 5) * 2 * 1300
     with pytest.raises(ValueError, match="unknown FLOP convention 'report-c'"):
-        flops.qwen2(cfg, 1, 4, convention="report-c")
+        flops.qwen2(Setup(cfg, convention="report-c"), 1, 4)
 
 
 def test_generation_sums_steps_exactly():
@@ -1008,13 +1021,13 @@ def test_generation_sums_steps_exactly():
     active = [4] * 6 + [3] * 2 + [1] * 7
     for convention in ("ours", "report-a", "report-b"):
         for kv_cache in (True, False):
-            got = flops.generate(cfg, 4, 9, len(active), kv_cache=kv_cache, active=active, convention=convention)
-            c = flops.convention_named(convention)
+            s = Setup(cfg, convention=convention)
+            got = flops.generate(s, 4, 9, len(active), kv_cache=kv_cache, active=active)
             if kv_cache:
-                steps = sum((flops.body(cfg, active[i], 1, 9 + i, convention=c) for i in range(1, len(active))), Cost())
+                steps = sum((flops.body(s, active[i], 1, 9 + i) for i in range(1, len(active))), Cost())
                 assert got["decode"] == steps
             else:
-                steps = sum((flops.body(cfg, r, 9 + i, 9 + i, convention=c) for i, r in enumerate(active)), Cost())
+                steps = sum((flops.body(s, r, 9 + i, 9 + i) for i, r in enumerate(active)), Cost())
                 assert got["forward"] == steps
 
 
@@ -1107,7 +1120,7 @@ def test_docs_side_by_side_numbers_are_current():
 
     doc = (REPO / "docs" / "flops.md").read_text()
     for convention in ("ours", "report-a", "report-b"):
-        fwd = flops.qwen2(REAL, 1, 512, {"q_proj": 4, "v_proj": 4}, convention=convention)
+        fwd = flops.qwen2(Setup(REAL, {"q_proj": 4, "v_proj": 4}, convention=convention), 1, 512)
         assert f"**{fwd.coursework:.4g}**" in doc, convention
 
 
@@ -1122,3 +1135,16 @@ def test_ledger_skips_an_append_cut_short(tmp_path):
         Ledger.read(path)
     flops.main(["--convention", "report-a", "--ledger", str(tmp_path / "plan.jsonl"), "--steps", "1", "--json"])
     assert Ledger.read(tmp_path / "plan.jsonl").entries[0]["convention"] == "report-a"
+
+
+def test_setup_holds_what_a_count_depends_on():
+    s = Setup(TINY, {"q_proj": 2, "v_proj": 0})  # rank 0: no adapter there
+    assert s.lora == {"q_proj": 2} and s.rows == TINY.vocab_size and s.convention is flops.CONVENTIONS["ours"]
+    r = s.replace(head_rows=13, convention="report-a")
+    assert (r.rows, r.lora, r.convention.name) == (13, {"q_proj": 2}, "report-a") and s.rows == TINY.vocab_size
+    # head_rows reaches the head: 2 positions, 4 -> 13 rows, (2x4)(4x13) = 104 mul + 78 add
+    assert prims(flops.head(r.replace(convention="ours"), 2)) == {"mul": 104, "add": 78}
+    with pytest.raises(ValueError, match="kernel must be"):
+        Setup(TINY, kernel="flash")
+    with pytest.raises(ValueError, match="unknown FLOP convention"):
+        Setup(TINY, convention="report-c")
