@@ -89,3 +89,9 @@ def test_read_forecast_passes_decimals_to_the_decoder():
     values, decoded = forecast.read_forecast("1.00,2.00;3.00,4.0", task, GLOBAL)  # no decimals: kept
     assert decoded.issues == {}
     np.testing.assert_allclose(values, [[0.2, 0.4], [0.6, 0.8]])
+
+
+def test_a_float32_trajectory_gives_float64_context_and_target():
+    task = forecast.forecast_task(TRAJ.astype(np.float32), k=2, h=2, scaler=GLOBAL)
+    assert task.context.dtype == task.target.dtype == np.float64
+    np.testing.assert_array_equal(task.target, TRAJ[2:4].astype(np.float32).astype(np.float64))

@@ -253,3 +253,49 @@ def test_cli_without_a_task_says_what_to_pass(capsys):
     with pytest.raises(SystemExit) as info:
         lotka_volterra.main(["-n", "2"])
     assert info.value.code == 2 and "nothing to do; pass --compare PATH and/or --write PATH." in capsys.readouterr().err
+
+
+def test_save_writes_the_layouts_dtypes_and_load_returns_them(tmp_path):
+    path = tmp_path / "lv.h5"
+    lotka_volterra.save(path, np.ones((2, 3, 2), np.float64) * 1.5, np.arange(3, dtype=np.float32))
+    with h5py.File(path, "r") as f:
+        assert f["trajectories"].dtype == np.float32 and f["time"].dtype == np.float64
+    _write(path, trajectories=np.full((1, 3, 2), 0.1, np.float64), time=np.arange(3, dtype=np.float32))  # the other way round
+    traj, time = lotka_volterra.load(path)
+    assert traj.dtype == np.float32 and time.dtype == np.float64
+    assert traj[0, 0, 0] == np.float32(0.1) and time.tolist() == [0.0, 1.0, 2.0]
+
+
+def test_edge_files_that_follow_the_layout_load(tmp_path):
+    """One trajectory of one step, all populations zero: the smallest file the layout allows."""
+    one = _write(tmp_path / "one.h5", trajectories=np.zeros((1, 1, 2), np.float32), time=np.array([5.0]))
+    traj, time = lotka_volterra.load(one)
+    assert traj.shape == (1, 1, 2) and not traj.any() and time.tolist() == [5.0]
+
+
+def test_the_size_limit_counts_values(tmp_path, monkeypatch):
+    from data import h5file
+
+    path = _write(tmp_path / "lv.h5", trajectories=GOOD, time=TIME)  # 3 * 5 * 2 = 30 values
+    monkeypatch.setattr(h5file, "MAX_VALUES", 30)
+    assert lotka_volterra.load(path)[0].shape == (3, 5, 2)  # exactly at the limit
+    monkeypatch.setattr(h5file, "MAX_VALUES", 29)
+    with pytest.raises(DataFileError, match=r"holds 30 values, more than qwen-min reads \(29\); split the file"):
+        lotka_volterra.load(path)
+
+
+@pytest.mark.parametrize(
+    "datasets, message",
+    [
+        ({"trajectories": GOOD, "time": TIME[:4]}, "'time' has shape (4,) but trajectories have 5 steps; make 'time' one value per step."),
+        ({"trajectories": GOOD, "time": np.array([0, 1, 1, 2, 3.0])}, "'time' is not strictly increasing"),
+        ({"trajectories": GOOD, "time": np.arange(5)}, "must hold floats, not float32 and int64"),
+        ({"trajectories": np.ones((3, 5, 2, 1), np.float32), "time": TIME}, "expected (N, T, 2) with N, T >= 1"),
+        ({"trajectories": np.ones((3, 0, 2), np.float32), "time": TIME[:0]}, "has shape (3, 0, 2)"),
+    ],
+)
+def test_more_bad_files_and_their_whole_messages(tmp_path, datasets, message):
+    path = _write(tmp_path / "bad.h5", **datasets)
+    with pytest.raises(DataFileError) as info:
+        lotka_volterra.load(path)
+    assert message in str(info.value)

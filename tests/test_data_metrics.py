@@ -1,10 +1,10 @@
-"""data/metrics.py against hand-computed values; data/baselines.py against known answers."""
+"""data/metrics.py against hand-computed values and scikit-learn (data/baselines.py: test_data_baselines.py)."""
 
 import numpy as np
 import pytest
 from sklearn.metrics import mean_absolute_percentage_error
 
-from data import baselines, lotka_volterra, metrics
+from data import baselines, metrics
 
 
 def test_point_metrics_equal_hand_computed_values():
@@ -88,21 +88,6 @@ def test_nelder_mead_minimises_each_row_separately():
     f = lambda z, rows: ((z - centres[rows]) ** 2).sum(1) + (z[:, 0] - centres[rows, 0]) ** 4
     z = baselines.nelder_mead(f, np.zeros((3, 2)), iterations=200, step=0.5)
     np.testing.assert_allclose(z, centres, atol=1e-4)
-
-
-def test_lotka_volterra_fit_recovers_the_equations_and_forecasts_them():
-    rng = np.random.default_rng(2)
-    params, initial = lotka_volterra.sample_params(4, rng)
-    times = lotka_volterra.time_grid()[:70]
-    traj = lotka_volterra.integrate(params, initial, times, substeps=8)  # (4, 70, 2)
-    first = baselines.regression_estimate(traj[:, :50], times[:50])
-    assert np.abs(first / params - 1).max() < 0.3  # finite differences on a coarse grid: a rough start
-    fitted, start = baselines.fit_lotka_volterra(traj[:, :50], times[:50], iterations=200)
-    assert np.abs(fitted / params - 1).max() < 0.01
-    forecast = baselines.lotka_volterra(traj[:, :50], times, 20, iterations=200)  # (4, 20, 2): steps 50..69
-    assert forecast.shape == (4, 20, 2)
-    error = metrics.point_metrics(forecast, traj[:, 50:])["mae"]
-    assert error < 0.01 and error < 0.05 * metrics.point_metrics(baselines.persistence(traj[:, :50], 20), traj[:, 50:])["mae"]
 
 
 # Samples (N=2, S=5, h=1, 2): series 0 draws 0..4, series 1 draws 10..14 (both species). By numpy's linear
@@ -194,3 +179,30 @@ def test_report_b_overall_at_the_edges():
     assert off["r2"] == pytest.approx(r2_score(constant[0], constant[0] + [1.0, 0.0])) == 0.5
     assert off["nrmse"] == float("inf")  # no range to divide by
     assert off["mse"] == 0.5 and off["mae"] == 0.5 and off["rmse"] == pytest.approx(np.sqrt(0.5))
+
+
+def test_report_b_overall_on_values_below_one_and_constant_species_without_warnings():
+    import warnings
+
+    from sklearn.metrics import r2_score
+
+    truth = np.array([[[0.2, 1e-9], [0.4, 0.3], [0.3, 0.1]]])  # spreads and range below 1, a truth of 1e-9
+    pred = np.array([[[0.25, 2e-9], [0.35, 0.2], [0.3, 0.1]]])
+    got = metrics.report_b_overall(pred, truth)
+    assert got["r2"] == pytest.approx(r2_score(truth[0], pred[0]))
+    assert got["nrmse"] == pytest.approx(100 * np.sqrt(np.mean((truth - pred) ** 2)) / (0.4 - 1e-9))
+    # 1e-9 off a truth of 1e-9 weighs 1e-9 / (1e-9 + 1e-10) = 10/11
+    expected_mape = 100 * (0.05 / 0.2 + 1 / 1.1 + 0.05 / 0.4 + 0.1 / 0.3 + 0 + 0) / 6
+    assert got["mape"] == pytest.approx(expected_mape, rel=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a constant species must not divide by its zero spread, even unused
+        assert metrics.report_b_overall(np.full((1, 2, 2), 3.0), np.full((1, 2, 2), 3.0))["r2"] == 1.0
+
+
+def test_point_metrics_without_spread_give_nan_and_small_spreads_are_used():
+    constant = np.full((1, 3, 2), 2.0)
+    m = metrics.point_metrics(constant + 1, constant)
+    assert np.isnan(m["r2"]) and np.isnan(m["nrmse"]) and m["mae"] == 1.0
+    truth = np.array([[[0.1, 0.2], [0.3, 0.4]]])  # sum (t - 0.25)^2 = 0.05, range 0.3
+    m = metrics.point_metrics(truth + 0.1, truth)
+    assert m["r2"] == pytest.approx(1 - 0.04 / 0.05) and m["nrmse"] == pytest.approx(100 * 0.1 / 0.3)
