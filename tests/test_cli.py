@@ -8,7 +8,7 @@ import evaluate
 import flops
 import train
 from qwen_min import __main__ as generate_cli
-from qwen_min.cli import HelpFormatter
+from qwen_min.cli import HelpFormatter, renamed
 
 PARSERS = {"train.py": train.build_parser, "evaluate.py": evaluate.build_parser, "flops.py": flops.build_parser,
            "python -m qwen_min": generate_cli.build_parser}
@@ -100,3 +100,44 @@ def test_old_spellings_still_work_with_one_line_naming_the_new(script, old, new,
     assert getattr(parser.parse_args(old), dest) == value == getattr(PARSERS[script]().parse_args(new), dest)
     err = capsys.readouterr().err
     assert err.count(f"note: {old[0]} is now {new[0]}") == 1, err
+
+
+def test_the_formatter_shows_zero_and_leaves_positionals_and_suppressed_defaults_alone():
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter)
+    p.add_argument("files", nargs="*", default=["a.json"], help="inputs")
+    p.add_argument("--warmup", type=int, default=0, help="warm-up steps")
+    p.add_argument("--lr", type=float, default=1e-4, help="learning rate")
+    p.add_argument("--old", default=argparse.SUPPRESS, help="an old flag")
+    text = " ".join(p.format_help().split())
+    assert "warm-up steps (default: 0)" in text  # 0 == False, yet 0 is a default to show
+    assert "learning rate (default: 0.0001)" in text
+    assert "inputs" in text and "inputs (default" not in text  # a positional: argparse's own text
+    assert "an old flag" in text and "an old flag (default" not in text
+
+
+def renaming_parser():
+    p = argparse.ArgumentParser()
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--h", type=int, default=20)
+    p.add_argument("--device", default=None)
+    renamed(p, "--precision", "--dtype", {"fp32": "float32", "bf16": "bfloat16"})
+    renamed(p, "--steps", "--h")
+    renamed(p, "--on", "--device", {"auto": None})
+    return p
+
+
+def test_an_old_flag_says_its_new_name_and_value_once_per_parser(capsys):
+    p = renaming_parser()
+    assert p.parse_args(["--precision", "bf16", "--steps", "7"]).dtype == "bfloat16"
+    assert capsys.readouterr().err == ("note: --precision is now --dtype bfloat16; the old name will go.\n"
+                                       "note: --steps is now --h 7; the old name will go.\n")
+    args = p.parse_args(["--precision", "fp32", "--steps", "9"])  # the same parser again: no second note
+    assert (args.dtype, args.h) == ("float32", 9) and capsys.readouterr().err == ""
+    assert p.parse_args(["--on", "auto"]).device is None  # an old value that maps to no value: none to name
+    assert capsys.readouterr().err == "note: --on is now --device; the old name will go.\n"
+    with pytest.raises(SystemExit):  # the new flag's choices and the old names' values, nothing else
+        p.parse_args(["--precision", "fp16"])
+    assert "invalid choice: 'fp16'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the new flag's type
+        p.parse_args(["--steps", "seven"])
+    assert "--steps" not in p.format_help()  # hidden from --help

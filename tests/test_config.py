@@ -2,6 +2,8 @@
 with flags overriding them; bad files in one sentence."""
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ from safetensors.torch import load_file
 import evaluate
 import train
 from conftest import random_model, tiny_config, write_checkpoint
+from qwen_min.cli import parse_with_config, read_config, with_config
 from qwen_min.errors import UserError
 
 
@@ -122,3 +125,139 @@ def test_config_values_that_are_fine_and_a_list_flag(tmp_path):
     path.write_text('{"compare": "a.json"}')
     with pytest.raises(SystemExit):  # a list flag given one string would be read letter by letter
         evaluate.parse_args(["--config", str(path)])
+
+
+# ---------------------------------------------------------------- qwen_min.cli's config reading, on a small parser
+
+def recipe_parser():
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--config")
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--name", default="run")
+    p.add_argument("--out", default=None)
+    p.add_argument("--scaling", choices=["global", "per-series"], default="global")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--files", nargs="+", default=["a"])
+    p.add_argument("--extra", nargs="*", type=int, choices=[1, 2, 3], default=[])
+    return p
+
+
+def config_error(tmp_path, name, text, argv=()):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(UserError) as e:
+        with_config(recipe_parser(), ["--config", str(tmp_path / name), *argv])
+    return str(e.value)
+
+
+def test_a_config_file_sets_defaults_that_flags_override(tmp_path):
+    path = tmp_path / "recipe.json"
+    path.write_text('{"lora_rank": 4, "lr": 1, "name": "x", "quiet": true, "files": ["b", "c"], "extra": [], "seed": 3}')
+    p = recipe_parser()
+    values = with_config(p, ["--config", str(path)], skip=("seed",))
+    assert values["seed"] == 3 and values["lora_rank"] == 4  # the file's values as written, skipped keys too
+    args = p.parse_args(["--config", str(path), "--name", "y"])
+    assert (args.lora_rank, args.lr, args.name, args.quiet, args.files, args.extra) == (4, 1.0, "y", True, ["b", "c"], [])
+    assert type(args.lr) is float
+    assert with_config(recipe_parser(), ["--name", "y"]) == {}  # no --config: nothing read
+    path.write_text('{"seed": 3}')
+    assert "'seed' is not a flag of this script; see --help for the names." in config_error(tmp_path, "recipe.json", '{"seed": 3}')
+
+
+def test_parse_with_config_makes_a_bad_file_a_usage_error(tmp_path, capsys):
+    path = tmp_path / "bad.toml"
+    path.write_text("lora-rank = 2.5\n")
+    with pytest.raises(SystemExit) as e:
+        parse_with_config(recipe_parser(), ["--config", str(path)])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"{Path(sys.argv[0]).name}: error: --config {path}: 'lora-rank' is 2.5; --lora-rank takes a whole number")  # no final '.'
+    path.write_text("lora-rank = 2\n")
+    assert parse_with_config(recipe_parser(), ["--config", str(path), "--lr", "0.5"]).lora_rank == 2
+
+
+@pytest.mark.parametrize("text, says", [
+    ('{"quiet": 1}', "'quiet' is 1; it is a switch: give true or false."),
+    ('{"lr": null}', "'lr' is None; --lr needs a value (leave the key out for its default)."),
+    ('{"files": []}', "'files' is []; --files takes a list."),
+    ('{"files": "b"}', "'files' is 'b'; --files takes a list."),
+    ('{"extra": [1, 4]}', "'extra' is 4; choose from 1, 2, 3."),
+    ('{"extra": [1, "x"]}', "'extra' is 'x'; not a value --extra takes."),
+    ('{"lr": false}', "'lr' is False; not a value --lr takes."),
+    ('{"lr": {"a": 1}}', "'lr' is {'a': 1}; not a value --lr takes."),
+    ('{"lr": [1]}', "'lr' is [1]; not a value --lr takes."),
+    ('{"name": 5}', "'name' is 5; --name takes text: quote it."),
+    ('{"name": 1.5}', "'name' is 1.5; --name takes text: quote it."),
+    ('{"extra": null}', "'extra' is None; --extra needs a value"),  # a default of [] is a default, though falsy
+    ('{"lora_rank": "4x"}', "'lora_rank' is '4x'; not a value --lora_rank takes."),
+    ('{"scaling": "log"}', "'scaling' is 'log'; choose from global, per-series."),
+    ('{"config": "other.json"}', "'config' is not a flag of this script; see --help for the names."),
+    ('{"model_type": "qwen2"}', "'model_type' is not a flag of this script (a model's config.json? give it as --model); see --help"),
+])
+def test_each_bad_value_is_one_sentence_naming_the_file_and_key(tmp_path, text, says):
+    message = config_error(tmp_path, "c.json", text)
+    assert message.startswith(f"--config {tmp_path / 'c.json'}: ") and says in message, message
+
+
+def test_values_that_are_fine(tmp_path):
+    (tmp_path / "c.json").write_text('{"out": null, "lora-rank": 3.0, "extra": [2, 3], "scaling": "per-series", "quiet": false}')
+    p = recipe_parser()
+    with_config(p, ["--config", str(tmp_path / "c.json")])
+    args = p.parse_args([])
+    assert (args.out, args.lora_rank, args.extra, args.scaling, args.quiet) == (None, 3, [2, 3], "per-series", False)
+    assert type(args.lora_rank) is int
+
+
+def test_read_config_reads_toml_yaml_and_json_by_suffix(tmp_path):
+    (tmp_path / "a.toml").write_text('rank = 4\nname = "x"\n')
+    (tmp_path / "b.YML").write_text("rank: 4\nname: x\n")
+    (tmp_path / "c.yaml").write_text("rank: 4\nname: x\n")
+    (tmp_path / "args").write_text('{"rank": 4, "name": "x"}')  # no suffix: JSON, as a run's args.json
+    for name in ("a.toml", "b.YML", "c.yaml", "args"):
+        assert read_config(tmp_path / name) == {"rank": 4, "name": "x"}, name
+
+
+@pytest.mark.parametrize("name, text, says", [
+    ("a.toml", "rank = \n", "is not valid TOML (Invalid value (at line 1, column 8)); fix the file."),
+    ("a.yaml", "rank: [1\n", "is not valid YAML (while parsing a flow sequence); fix the file."),
+    ("a.json", '{"rank": }', "is not valid JSON (Expecting value: line 1 column 10 (char 9)); fix the file."),
+    ("args", "{", "is not valid JSON (Expecting property name enclosed in double quotes: line 1 column 2 (char 1)); fix the file."),
+    ("a.yaml", "- 1\n- 2\n", "holds a list, not a table of flag names and values."),
+    ("a.json", '"rank"', "holds a str, not a table of flag names and values."),
+])
+def test_read_config_refuses_a_malformed_file_in_one_sentence(tmp_path, name, text, says):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(UserError) as e:
+        read_config(tmp_path / name)
+    assert str(e.value) == f"--config {tmp_path / name} {says}"
+
+
+def test_read_config_says_what_a_missing_parser_needs(tmp_path, monkeypatch):
+    (tmp_path / "a.yaml").write_text("rank: 4\n")
+    (tmp_path / "a.toml").write_text("rank = 4\n")
+    monkeypatch.setitem(sys.modules, "yaml", None)  # import yaml raises ImportError
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # as on Python 3.10
+    with pytest.raises(UserError) as e:
+        read_config(tmp_path / "a.yaml")
+    assert str(e.value) == (f"--config {tmp_path / 'a.yaml'}: reading YAML needs PyYAML (pip install pyyaml); "
+                            "or write the file as TOML or JSON.")
+    with pytest.raises(UserError) as e:
+        read_config(tmp_path / "a.toml")
+    assert str(e.value) == f"--config {tmp_path / 'a.toml'}: reading TOML needs Python 3.11 or later; write the file as JSON instead."
+    with pytest.raises(UserError) as e:
+        read_config(tmp_path / "none.toml")
+    assert str(e.value) == (f"--config {tmp_path / 'none.toml'}: no such file; give a TOML, YAML or JSON file of flag values "
+                            "(a run's args.json works).")
+    with pytest.raises(UserError, match="no such file"):
+        read_config(tmp_path)  # a folder is no config file
+
+
+def test_a_yaml_file_cannot_run_code_and_a_long_message_is_cut_to_its_first_line_and_80_characters(tmp_path):
+    (tmp_path / "a.yaml").write_text('!!python/object/apply:os.system ["echo hi"]\n')
+    with pytest.raises(UserError) as e:
+        read_config(tmp_path / "a.yaml")
+    # PyYAML's message is 95 characters, then three more lines
+    assert str(e.value) == (f"--config {tmp_path / 'a.yaml'} is not valid YAML (could not determine a constructor for the tag "
+                            "'tag:yaml.org,2002:python/object/a); fix the file.")
