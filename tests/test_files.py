@@ -148,7 +148,7 @@ SETTINGS = {"k": 6, "h": 3, "seed": 7}
 def test_a_journal_reads_its_pieces_back_as_they_were_written(tmp_path):
     path = tmp_path / "journal.jsonl"
     journal = Journal(path, {"k": 6, "shape": (2, 3)})  # a tuple is kept as the list it reads back as
-    assert journal.done == {} and path.read_text() == '{"settings": {"k": 6, "shape": [2, 3]}}\n'
+    assert journal.done == {} and not path.exists()  # written with the first piece: a job failing before it leaves none
     record = {"rows": (0, 1), "mse": 0.25, "by_step": {1: 0.5}}
     assert journal.add("forecast rows 0-1", record) == {"rows": [0, 1], "mse": 0.25, "by_step": {"1": 0.5}}
     assert record == {"rows": (0, 1), "mse": 0.25, "by_step": {1: 0.5}}  # the caller's record is not changed
@@ -219,10 +219,24 @@ def test_a_journal_whose_first_line_is_no_settings_is_refused(tmp_path):
         Journal(path, SETTINGS)
 
 
-@pytest.mark.xfail(strict=True, reason="a real bug: a kill between append_jsonl's open and its write leaves an empty "
-                   "journal, which Journal refuses as another job's on every rerun into that folder")
 def test_an_empty_journal_left_by_a_kill_at_its_creation_starts_afresh(tmp_path):
     path = tmp_path / "journal.jsonl"
     path.write_text("")  # created by open(path, "a"); the settings line never reached it
-    assert Journal(path, SETTINGS).done == {}
-    assert path.read_text() == '{"settings": {"k": 6, "h": 3, "seed": 7}}\n'
+    journal = Journal(path, SETTINGS)
+    assert journal.done == {} and not path.exists()
+    journal.add("forecast rows 0-3", {"mse": 1.0})
+    assert path.read_text() == '{"settings": {"k": 6, "h": 3, "seed": 7}}\n{"piece": "forecast rows 0-3", "mse": 1.0}\n'
+
+
+def test_lines_of_a_journal_that_are_no_pieces_are_ignored(tmp_path):
+    path = tmp_path / "journal.jsonl"
+    path.write_text('{"settings": {"k": 6, "h": 3, "seed": 7}}\n{"note": "no piece"}\n[1, 2]\n"piece"\n'
+                    '{"piece": "forecast rows 0-3", "mse": 1.0}\n')
+    assert Journal(path, SETTINGS).done == {"forecast rows 0-3": {"mse": 1.0}}
+
+
+def test_a_journal_of_no_settings_is_refused_as_unreadable(tmp_path):
+    path = tmp_path / "journal.jsonl"
+    path.write_text('[1, 2]\n')  # a first line that is no settings line, for a job whose settings are empty
+    with pytest.raises(UserError, match=r"\(unreadable differs\)"):
+        Journal(path, {})
