@@ -4,7 +4,7 @@
 
 Rows of different lengths are left-padded: every row's last prompt token then sits in the same
 column, so each decode step appends one column for the whole batch. The attention mask keeps
-padding out of attention and out of the RoPE positions (see Qwen2._positions_and_mask).
+padding out of attention and out of the RoPE positions (see model.positions_and_mask).
 
 Decoding follows a checkpoint's generation_config.json the way transformers' `generate` does
 (transformers 5.24, generation/utils.py and logits_process.py):

@@ -1,8 +1,12 @@
 """A static key/value cache: preallocated once, filled left to right during generation.
 
 Only the n_kv_heads key/value heads are stored (2 for Qwen2.5-0.5B), 7x less than one per query
-head: attention reads each kv head in place for the query heads that share it (enable_gqa). `length` counts the slots filled so far;
-the model writes a step's keys at slots [length, length + T) and then advances `length`.
+head: attention reads each kv head in place for the query heads that share it (enable_gqa).
+
+The cache owns its position. A forward pass of T new tokens first calls `append(T)`, which
+reserves the next T slots and returns `past`, the number of slots filled before them; each
+attention layer then writes its keys and values into those slots through its own view,
+`cache.layer(i).update(k, v)`, and reads back everything so far. Nothing else moves `length`.
 """
 
 import torch
@@ -13,7 +17,8 @@ class KVCache:
         shape = (n_layers, batch_size, n_kv_heads, max_seq_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, K, S_max, hd)
         self.v = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, K, S_max, hd)
-        self.length = 0
+        self.length = 0  # slots filled (or reserved by the forward pass under way)
+        self.start = 0  # where the slots of the forward pass under way begin
 
     @classmethod
     def for_model(cls, model, batch_size, max_seq_len):
@@ -24,16 +29,31 @@ class KVCache:
     def max_seq_len(self):
         return self.k.shape[3]
 
-    def update(self, layer_idx, k, v):
-        """Writes k, v (B, K, T, hd) after the filled slots; returns all keys, values (B, K, length+T, hd)."""
-        end = self.length + k.shape[2]
-        if end > self.max_seq_len:
-            raise ValueError(f"KV cache is full: {end} tokens do not fit in its {self.max_seq_len} slots.")
-        self.k[layer_idx, :, :, self.length:end] = k
-        self.v[layer_idx, :, :, self.length:end] = v
-        return self.k[layer_idx, :, :, :end], self.v[layer_idx, :, :, :end]
+    def append(self, T) -> int:
+        """Reserves slots for T new tokens; returns past, the slots filled before them."""
+        if self.length + T > self.max_seq_len:
+            raise ValueError(f"KV cache is full: {self.length + T} tokens do not fit in its {self.max_seq_len} slots.")
+        self.start, self.length = self.length, self.length + T
+        return self.start
+
+    def layer(self, i) -> "LayerCache":
+        return LayerCache(self, i)
 
     def select(self, rows):
         """Keeps only the given batch rows (e.g. to copy one prefilled prompt into N samples)."""
         self.k, self.v = self.k[:, rows], self.v[:, rows]
         return self
+
+
+class LayerCache:
+    """One attention layer's view of the cache."""
+
+    def __init__(self, cache, i):
+        self.cache, self.i = cache, i
+
+    def update(self, k, v):
+        """Writes k, v (B, K, T, hd) into the reserved slots; returns all keys, values so far (B, K, S, hd)."""
+        c = self.cache
+        c.k[self.i, :, :, c.start:c.length] = k
+        c.v[self.i, :, :, c.start:c.length] = v
+        return c.k[self.i, :, :, :c.length], c.v[self.i, :, :, :c.length]

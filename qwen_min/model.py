@@ -66,9 +66,8 @@ def apply_rotary(x, cos, sin):  # x: (B, H, T, hd); cos, sin: (B, 1, T, hd)
 class Attention(nn.Module):
     """Grouped-query self-attention: H query heads share K key/value heads; q, k, v have biases."""
 
-    def __init__(self, cfg: Qwen2Config, layer_idx: int):
+    def __init__(self, cfg: Qwen2Config):
         super().__init__()
-        self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=True)
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=True)
@@ -76,14 +75,15 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
     def forward(self, x, cos, sin, mask=None, cache=None):
-        """x (B, T, D); mask (B, 1, T, S) bool, True = may attend, None = causal; -> (B, T, D)."""
+        """x (B, T, D); mask (B, 1, T, S) bool, True = may attend, None = causal; cache: this layer's
+        view of the KV cache (kv_cache.LayerCache), or None; -> (B, T, D)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, hd)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:  # store the K new keys/values, get back all S so far
-            k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, hd)
+            k, v = cache.update(k, v)  # (B, K, S, hd)
         # softmax(q k^T / sqrt(hd) + mask) v, the softmax accumulated in float32. enable_gqa: query
         # head h reads kv head h // (H / K) in place; copying the K heads out to H (transformers'
         # repeat_kv) would move 7x the cache through memory at every decoding step.
@@ -108,10 +108,10 @@ class MLP(nn.Module):
 class DecoderBlock(nn.Module):
     """Pre-norm residual block: attention then MLP, each added back to the residual stream."""
 
-    def __init__(self, cfg: Qwen2Config, layer_idx: int):
+    def __init__(self, cfg: Qwen2Config):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.self_attn = Attention(cfg, layer_idx)
+        self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
@@ -133,7 +133,7 @@ class Qwen2(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(DecoderBlock(cfg, i) for i in range(cfg.n_layers))
+        self.layers = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         # A tied head reuses embed_tokens.weight, so it has no module of its own.
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
@@ -175,14 +175,12 @@ class Qwen2(nn.Module):
     def body(self, input_ids, attention_mask=None, cache=None):
         """input_ids (B, T) -> final normed hidden states (B, T, D): everything but the head."""
         B, T = input_ids.shape
-        past = 0 if cache is None else cache.length
-        positions, mask = self._positions_and_mask(B, T, past, attention_mask, input_ids.device)
+        past = 0 if cache is None else cache.append(T)  # the cache's slots for these T tokens start at past
+        positions, mask = positions_and_mask(B, T, past, attention_mask, input_ids.device)
         x = self.embed_tokens(input_ids)  # (B, T, D)
         cos, sin = self.rope(positions, x.dtype)  # (B, 1, T, hd) each
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache)
-        if cache is not None:
-            cache.length += T
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, None if cache is None else cache.layer(i))
         return self.norm(x)
 
     def head(self, h, token_ids=None):
@@ -192,26 +190,32 @@ class Qwen2(nn.Module):
             w, b = w[token_ids], None if b is None else b[token_ids]
         return F.linear(h, w, None if b is None else b.to(h.dtype))  # a float32 trained bias on a bf16 model
 
-    @staticmethod
-    def _positions_and_mask(B, T, past, attention_mask, device):
-        """RoPE positions (B, T) and the attention mask (B, 1, T, past+T), None when plainly causal.
 
-        With padding, a token's position counts only the real tokens before it, so a left-padded
-        row sees the positions it would have alone. Keys that are padding are masked out; a padding
-        query may attend to itself only, which keeps its (unused) softmax finite.
-        """
-        if attention_mask is None:
-            positions = torch.arange(past, past + T, device=device).expand(B, T)
-            if past == 0:
-                return positions, None  # plain causal: let SDPA use its fast causal path
-            key_ok = torch.ones(B, past + T, dtype=torch.bool, device=device)
-        else:
-            if attention_mask.shape != (B, past + T):
-                raise ValueError(f"attention_mask must have shape {(B, past + T)} (cached + new tokens), got {tuple(attention_mask.shape)}.")
-            key_ok = attention_mask.bool()
-            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
-        q_idx = torch.arange(past, past + T, device=device)[:, None]  # (T, 1) slot of each query
-        k_idx = torch.arange(past + T, device=device)[None, :]  # (1, S) slot of each key
-        causal = k_idx <= q_idx  # (T, S)
-        mask = (causal & key_ok[:, None, :]) | (k_idx == q_idx)  # (B, T, S)
-        return positions, mask[:, None]  # (B, 1, T, S)
+def positions_and_mask(B, T, past, attention_mask, device):
+    """RoPE positions (B, T) and the attention mask (B, 1, T, past + T) for T new tokens after
+    `past` cached ones; the mask is None when plain causal attention is right. Case by case:
+
+    - No padding, nothing cached (a training batch, a prompt of equal rows): positions 0..T-1,
+      mask None, so scaled_dot_product_attention takes its fast is_causal path.
+    - No padding, `past` tokens cached (a decode step): positions past..past+T-1; each new token
+      sees every cached key and the new keys up to itself.
+    - Left padding (attention_mask (B, past + T), 0 = padding, covering cached and new tokens):
+      a token's position counts only the real tokens before it, so a padded row gets the
+      positions it would have alone; keys that are padding are masked out. A padding query
+      attends to itself only, which keeps its softmax finite (its output is never used).
+    """
+    if attention_mask is None:
+        positions = torch.arange(past, past + T, device=device).expand(B, T)
+        if past == 0:
+            return positions, None
+        key_ok = torch.ones(B, past + T, dtype=torch.bool, device=device)
+    else:
+        if attention_mask.shape != (B, past + T):
+            raise ValueError(f"attention_mask must have shape {(B, past + T)} (cached + new tokens), got {tuple(attention_mask.shape)}.")
+        key_ok = attention_mask.bool()
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+    q_idx = torch.arange(past, past + T, device=device)[:, None]  # (T, 1) slot of each query
+    k_idx = torch.arange(past + T, device=device)[None, :]  # (1, S) slot of each key
+    causal = k_idx <= q_idx  # (T, S)
+    mask = (causal & key_ok[:, None, :]) | (k_idx == q_idx)  # (B, T, S)
+    return positions, mask[:, None]  # (B, 1, T, S)

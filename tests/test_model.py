@@ -191,3 +191,44 @@ def test_cuda_bfloat16_matches_cpu_float32():
         exact = random_model(cfg)(ids)
         gpu = random_model(cfg, dtype=torch.bfloat16).cuda()(ids.cuda()).float().cpu()
     assert (gpu - exact).abs().max().item() <= 0.05 * exact.abs().max().item()
+
+
+def test_positions_and_mask_case_by_case():
+    from qwen_min.model import positions_and_mask
+
+    # no padding, nothing cached: 0..T-1 and no mask (SDPA's causal path)
+    pos, mask = positions_and_mask(2, 3, 0, None, "cpu")
+    assert pos.tolist() == [[0, 1, 2]] * 2 and mask is None
+    # no padding, 4 cached: positions 4, 5; each new token sees the cache and the new keys up to itself
+    pos, mask = positions_and_mask(1, 2, 4, None, "cpu")
+    assert pos.tolist() == [[4, 5]]
+    assert mask[0, 0].int().tolist() == [[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]
+    # left padding: row 0 has 2 pads, then 3 real tokens; positions count real tokens only
+    am = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    pos, mask = positions_and_mask(2, 5, 0, am, "cpu")
+    assert pos.tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+    assert mask[0, 0].int().tolist() == [[1, 0, 0, 0, 0],  # a padding query sees itself only
+                                         [0, 1, 0, 0, 0],
+                                         [0, 0, 1, 0, 0],  # the first real token: the pads are masked
+                                         [0, 0, 1, 1, 0],
+                                         [0, 0, 1, 1, 1]]
+    # a decode step of that batch: mask over 5 cached + 1 new; row 0 is at its 4th real token
+    pos, mask = positions_and_mask(2, 1, 5, torch.cat([am, torch.ones(2, 1, dtype=torch.long)], 1), "cpu")
+    assert pos.tolist() == [[3], [5]] and mask[0, 0].int().tolist() == [[0, 0, 1, 1, 1, 1]]
+    with pytest.raises(ValueError, match="cached \\+ new"):
+        positions_and_mask(2, 1, 5, am, "cpu")
+
+
+def test_the_cache_advances_once_per_forward_and_each_layer_writes_its_own_slots():
+    cfg = tiny_config(n_layers=2)
+    model = random_model(cfg)
+    cache = KVCache.for_model(model, 1, 10)
+    ids = torch.tensor([[5, 6, 7]])
+    model.body(ids, cache=cache)
+    assert (cache.length, cache.start) == (3, 0)
+    model.body(torch.tensor([[8]]), cache=cache)
+    assert (cache.length, cache.start) == (4, 3)
+    assert not torch.equal(cache.k[0, :, :, :4], cache.k[1, :, :, :4])  # two layers, two sets of keys
+    assert cache.k[:, :, :, 4:].abs().sum() == 0  # nothing written past the 4 tokens
+    with pytest.raises(ValueError, match="KV cache is full"):
+        model.body(torch.tensor([[1] * 7]), cache=cache)
