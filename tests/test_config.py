@@ -174,8 +174,8 @@ def test_parse_with_config_makes_a_bad_file_a_usage_error(tmp_path, capsys):
     assert e.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"{Path(sys.argv[0]).name}: error: --config {path}: 'lora-rank' is 2.5; --lora-rank takes a whole number")  # no final '.'
-    path.write_text("lora-rank = 2\n")
-    assert parse_with_config(recipe_parser(), ["--config", str(path), "--lr", "0.5"]).lora_rank == 2
+    path.write_text("lora-rank = 2\ngiven = [\"lr\"]\n")  # a key the script records but no flag sets
+    assert parse_with_config(recipe_parser(), ["--config", str(path), "--lr", "0.5"], skip=("given",)).lora_rank == 2
 
 
 @pytest.mark.parametrize("text, says", [
@@ -261,3 +261,15 @@ def test_a_yaml_file_cannot_run_code_and_a_long_message_is_cut_to_its_first_line
     # PyYAML's message is 95 characters, then three more lines
     assert str(e.value) == (f"--config {tmp_path / 'a.yaml'} is not valid YAML (could not determine a constructor for the tag "
                             "'tag:yaml.org,2002:python/object/a); fix the file.")
+
+
+def test_a_config_file_is_read_as_utf8_whatever_the_locale(tmp_path):
+    import locale
+
+    (tmp_path / "a.toml").write_bytes('name = "café"\n'.encode("utf-8"))
+    before = locale.setlocale(locale.LC_CTYPE)
+    locale.setlocale(locale.LC_CTYPE, "C")  # an ASCII locale, as on a bare server (in Python's UTF-8 mode any file reads as UTF-8)
+    try:
+        assert read_config(tmp_path / "a.toml") == {"name": "café"}
+    finally:
+        locale.setlocale(locale.LC_CTYPE, before)

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -240,3 +241,46 @@ def test_a_journal_of_no_settings_is_refused_as_unreadable(tmp_path):
     path.write_text('[1, 2]\n')  # a first line that is no settings line, for a job whose settings are empty
     with pytest.raises(UserError, match=r"\(unreadable differs\)"):
         Journal(path, {})
+
+
+def test_atomic_write_json_is_indented_for_people(tmp_path):
+    atomic_write_json(tmp_path / "a.json", {"x": [1, 2], "y": "z"})
+    assert (tmp_path / "a.json").read_text() == '{\n  "x": [\n    1,\n    2\n  ],\n  "y": "z"\n}'
+
+
+def test_a_write_that_fails_before_creating_its_file_raises_its_own_error(tmp_path):
+    def fail(tmp):
+        raise RuntimeError("no space left")
+    with pytest.raises(RuntimeError, match="no space left"):  # not a FileNotFoundError from the clean-up
+        atomic_write(tmp_path / "a.txt", fail)
+    assert listing(tmp_path) == []
+
+
+def test_atomic_folder_makes_missing_parents_and_replaces_leftovers_of_a_killed_save(tmp_path):
+    folder = tmp_path / "run" / "best"  # run/ does not exist yet
+    atomic_folder(folder, lambda tmp: (tmp / "a").write_text("1"))
+    assert listing(tmp_path / "run") == ["best", "best/a"]
+    make(tmp_path / "run" / "best.tmp", {"stale": "x"})  # a save killed mid-write
+    make(tmp_path / "run" / "best.old", {"a": "0"})  # a swap killed before the old version went
+    atomic_folder(folder, lambda tmp: (tmp / "a").write_text("2"))
+    assert listing(tmp_path / "run") == ["best", "best/a"] and (folder / "a").read_text() == "2"
+
+
+def test_atomic_folder_flushes_every_file_of_the_new_version_before_the_swap(tmp_path, monkeypatch):
+    """Durability cannot be seen without a power cut; what can be seen is which files reach fsync, and when."""
+    import qwen_min.files as files
+
+    flushed, real_sync = [], files.sync
+
+    def sync(path):
+        if not (tmp_path / "adapter").exists():  # before the swap
+            flushed.append(Path(path).relative_to(tmp_path).as_posix())
+        real_sync(path)
+    monkeypatch.setattr(files, "sync", sync)
+
+    def write(tmp):
+        (tmp / "a").write_text("1")
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "b").write_text("2")
+    atomic_folder(tmp_path / "adapter", write)
+    assert sorted(flushed) == ["adapter.tmp/a", "adapter.tmp/sub/b"]

@@ -54,7 +54,8 @@ def test_close_prints_the_final_line_only_after_work(capsys):
 
 
 @pytest.mark.parametrize("seconds, text", [(7.25, "7.2s"), (125, "2m05s"), (3725, "1h02m"), (59.99, "1m00s"),
-                                           (119.6, "2m00s"), (3599.7, "1h00m")])
+                                           (119.6, "2m00s"), (3599.7, "1h00m"),
+                                           (59.5, "59.5s"), (59.94, "59.9s")])  # under a minute to one decimal
 def test_duration(seconds, text):
     assert duration(seconds) == text
 
@@ -104,7 +105,7 @@ def test_tracked_names_its_unit(capsys):
 
 def test_update_counts_one_by_default_and_prints_once_the_interval_is_exactly_reached(capsys):
     clock = Clock()
-    bar = Lines(total=10, desc="steps", every=30.0, clock=clock)
+    bar = Lines(total=10, desc="steps", clock=clock)  # every 30 s unless told
     clock.t += 29.5
     bar.update()
     assert capsys.readouterr().err == ""
