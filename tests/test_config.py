@@ -154,7 +154,7 @@ def config_error(tmp_path, name, text, argv=()):
 
 def test_a_config_file_sets_defaults_that_flags_override(tmp_path):
     path = tmp_path / "recipe.json"
-    path.write_text('{"lora_rank": 4, "lr": 1, "name": "x", "quiet": true, "files": ["b", "c"], "extra": [], "seed": 3}')
+    path.write_text('{"seed": 3, "lora_rank": 4, "lr": 1, "name": "x", "quiet": true, "files": ["b", "c"], "extra": []}')
     p = recipe_parser()
     values = with_config(p, ["--config", str(path)], skip=("seed",))
     assert values["seed"] == 3 and values["lora_rank"] == 4  # the file's values as written, skipped keys too
@@ -199,6 +199,19 @@ def test_parse_with_config_makes_a_bad_file_a_usage_error(tmp_path, capsys):
 def test_each_bad_value_is_one_sentence_naming_the_file_and_key(tmp_path, text, says):
     message = config_error(tmp_path, "c.json", text)
     assert message.startswith(f"--config {tmp_path / 'c.json'}: ") and says in message, message
+
+
+def test_an_old_flag_name_in_a_config_file_takes_old_and_new_values(tmp_path):
+    from qwen_min.cli import renamed
+
+    p = recipe_parser()
+    renamed(p, "--norm", "--scaling", {"each": "per-series"})
+    (tmp_path / "old.json").write_text('{"norm": "each"}')  # an old name with an old value
+    with_config(p, ["--config", str(tmp_path / "old.json")])
+    assert p.parse_args([]).scaling == "per-series"
+    (tmp_path / "new.json").write_text('{"norm": "global"}')  # an old name with a new value
+    with_config(p, ["--config", str(tmp_path / "new.json")])
+    assert p.parse_args([]).scaling == "global"
 
 
 def test_values_that_are_fine(tmp_path):

@@ -109,9 +109,10 @@ def test_append_jsonl_adds_one_line_per_record(tmp_path):
 
 def test_folder_lock_is_exclusive_and_released_on_exit(tmp_path):
     with FolderLock(tmp_path):
-        with pytest.raises(UserError, match="in use by another qwen-min process"):
+        with pytest.raises(UserError) as e:
             with FolderLock(tmp_path):
                 pass
+        assert str(e.value) == f"{tmp_path} is in use by another qwen-min process; wait for it to end or choose another folder."
     with FolderLock(tmp_path):  # released: it can be taken again
         pass
 
