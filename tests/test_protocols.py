@@ -290,6 +290,19 @@ def test_read_score_file_gives_float64_values_and_int64_rows(tmp_path):
     assert protocols.read_score_file(f, h=1, n_rows=4)[1:] == (None, None)
 
 
+def test_a_json_score_file_is_read_as_utf8_whatever_the_locale(tmp_path):
+    import locale
+
+    f = tmp_path / "s.json"
+    f.write_bytes(json.dumps({"forecast": [[[1, 2]]], "model": "café"}, ensure_ascii=False).encode("utf-8"))
+    before = locale.setlocale(locale.LC_CTYPE)
+    locale.setlocale(locale.LC_CTYPE, "C")  # an ASCII locale, as on a bare server (in Python's UTF-8 mode any file reads as UTF-8)
+    try:
+        assert protocols.read_score_file(f, h=1, n_rows=None)[0].tolist() == [[[1, 2]]]
+    finally:
+        locale.setlocale(locale.LC_CTYPE, before)
+
+
 def test_read_score_file_messages_name_the_file_the_key_and_the_fix(tmp_path):
     def refused(data, h=2, n_rows=4, name="s.json"):
         f = tmp_path / name
