@@ -37,7 +37,6 @@ from qwen_min import GenerationConfig, Qwen2Config, Tokenizer, generate
 from qwen_min.cli import HelpFormatter, parse_with_config
 from qwen_min.errors import UserError, run_cli
 from qwen_min.files import FolderLock, Journal, atomic_write_json
-from qwen_min.generate import produced_lengths
 from qwen_min.loss import mean_cross_entropy, mean_of_batch_means
 from qwen_min import run_folder
 from qwen_min.progress import progress, tracked
@@ -372,18 +371,20 @@ def cross_entropy_report_a(model, tok, texts, args):
 # ---------------------------------------------------------------- forecasting
 
 def generate_forecasts(model, prompts, h, max_new_tokens, sep_id, n_samples=1, temperature=0.0, top_k=None,
-                       top_p=None, seed=None, allowed_token_ids=None, stop_token_ids=(), pad_id=0):
+                       top_p=None, seed=None, allowed_token_ids=None, stop_token_ids=(), pad_id=0, details=False):
     """Our protocol's decoding: continues each prompt until it has written h steps (h separators), a
     stop token, or max_new_tokens, with no generation config and no repetition penalty.
 
     prompts: B token-id lists. One prefill per prompt, shared by its n_samples continuations.
-    Returns new tokens (B, n_samples, n) int64, finished rows filled with pad_id.
+    Returns new tokens (B, n_samples, n) int64, finished rows filled with pad_id; with details=True,
+    also the Generation (tokens produced per row, rows active per step).
     """
-    out = generate(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+    gen = generate(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                    allowed_token_ids=allowed_token_ids, stop_token_ids=stop_token_ids, stop_after=(sep_id, h),
-                   num_samples=n_samples, pad_token_id=pad_id, use_generation_config=False, repetition_penalty=1.0)
-    new = out[:, max(len(p) for p in prompts):]  # (B * n_samples, n)
-    return new.reshape(len(prompts), n_samples, -1).cpu()
+                   num_samples=n_samples, pad_token_id=pad_id, use_generation_config=False, repetition_penalty=1.0,
+                   details=True)
+    new = gen.tokens[:, max(len(p) for p in prompts):].reshape(len(prompts), n_samples, -1).cpu()  # (B, S, n)
+    return (new, gen) if details else new
 
 
 def alphabet_ids(tok):
@@ -405,14 +406,11 @@ def check_positions(model, longest, max_new):
                         "positions; use a model with more positions (under our protocol: or lower --k or --h).")
 
 
-def generation_flops(model, prompts, new, stop_ids, stop_after, samples, allowed):
+def generation_flops(model, prompts, gen, samples, allowed):
     """FLOPs of one generate call (flops.py), counting only the rows still generating at each step."""
-    lengths = produced_lengths(new.flatten(0, 1), stop_ids, stop_after)
-    n = new.shape[2]
     counted = flops.Setup(model.config, lm_head_bias=model.lm_head_bias is not None, head_rows=None if allowed is None else len(allowed))
-    spent = flops.generate(counted, len(prompts), max(map(len, prompts)), n, samples=samples,
-                           active=[sum(length > j for length in lengths) for j in range(n)]).coursework
-    return spent, lengths
+    return flops.generate(counted, len(prompts), max(map(len, prompts)), len(gen.active), samples=samples,
+                          active=gen.active).coursework
 
 
 def decode_batches(n, per_batch, decode, journal=None):
@@ -453,9 +451,9 @@ def forecast(model, tok, tasks, scaler, args, journal=None):
 
     def decode(rows):
         prompts = [tasks[i].prompt_ids.tolist() for i in rows]
-        new = generate_forecasts(model, prompts, args.h, max_new, sep_id, args.samples, args.temperature, args.top_k,
-                                 args.top_p, args.sample_seed + rows[0], allowed, tok.stop_ids, tok.pad_id)  # (b, S, n)
-        cost, lengths = generation_flops(model, prompts, new, tok.stop_ids, (sep_id, args.h), args.samples, allowed)
+        new, gen = generate_forecasts(model, prompts, args.h, max_new, sep_id, args.samples, args.temperature, args.top_k,
+                                      args.top_p, args.sample_seed + rows[0], allowed, tok.stop_ids, tok.pad_id, details=True)
+        cost, lengths = generation_flops(model, prompts, gen, args.samples, allowed), gen.lengths  # new: (b, S, n)
         values, repairs, repaired = np.zeros((len(rows), args.samples, args.h, 2)), Counter(), 0
         for j, i in enumerate(rows):
             for s in range(args.samples):
@@ -475,11 +473,10 @@ def generate_as_transformers(model, prompts, max_new, gc, tok, n_samples=1, seed
     unless sampling), over the full vocabulary, stopping only at its eos tokens or max_new.
     Returns new tokens (B, S, n) and the FLOPs spent."""
     stop_ids = list(gc.eos_token_id or tok.stop_ids)
-    out = generate(model, prompts, max_new, do_sample=n_samples > 1, generation_config=gc, stop_token_ids=stop_ids,
-                   num_samples=n_samples, seed=seed, pad_token_id=tok.pad_id)
-    new = out[:, max(len(p) for p in prompts):].reshape(len(prompts), n_samples, -1).cpu()
-    spent, lengths = generation_flops(model, prompts, new, stop_ids, None, n_samples, None)
-    return new, spent, sum(lengths)
+    gen = generate(model, prompts, max_new, do_sample=n_samples > 1, generation_config=gc, stop_token_ids=stop_ids,
+                   num_samples=n_samples, seed=seed, pad_token_id=tok.pad_id, details=True)
+    new = gen.tokens[:, max(len(p) for p in prompts):].reshape(len(prompts), n_samples, -1).cpu()
+    return new, generation_flops(model, prompts, gen, n_samples, None), sum(gen.lengths)
 
 
 def forecast_report_a(model, tok, texts, args, gc, journal=None):

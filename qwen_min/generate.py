@@ -33,6 +33,8 @@ finished: finished rows leave our batch, while transformers keeps drawing for th
 shifts the random stream for the rest.
 """
 
+from dataclasses import dataclass
+
 import torch
 
 from .generation_config import GenerationConfig
@@ -118,11 +120,66 @@ def decoding(model, generation_config=None, use_generation_config=True, do_sampl
                             repetition_penalty=penalty, eos_token_id=tuple(stop_token_ids), pad_token_id=pad_token_id)
 
 
+class StopRules:
+    """When a row has finished: it produced one of `token_ids`, or, with `after` = (token_id, n), its
+    n-th token_id (e.g. the n-th ";" of a forecast of n time steps). Keeps the count per row."""
+
+    def __init__(self, token_ids, after, rows, device):
+        self.token_ids = torch.as_tensor(list(token_ids), dtype=torch.long, device=device)
+        self.after = after
+        self.counted = torch.zeros(rows, dtype=torch.long, device=device)  # occurrences of after's token
+
+    def done(self, token):
+        """token (r,) just produced by the rows still going -> (r,) bool: which of them have finished."""
+        done = torch.isin(token, self.token_ids)
+        if self.after is not None:
+            self.counted += token == self.after[0]
+            done |= self.counted >= self.after[1]
+        return done
+
+    def keep(self, rows):
+        self.counted = self.counted[rows]
+
+
+@dataclass
+class Generation:
+    """What one generate call did. tokens (R, T + n): the prompts, then the new tokens, padding
+    after a row's end; lengths (R,): the new tokens each row produced, its stop token included;
+    active: how many rows produced a token at each of the n steps (finished rows leave the batch)."""
+    tokens: torch.Tensor
+    lengths: list
+    active: list
+
+
+def prefill(model, input_ids, mask, cache):
+    """Every prompt token through the model at once, filling the cache -> the hidden state of each
+    row's last position (B, 1, D), from which the first new token is chosen."""
+    return model.body(input_ids, mask, cache)[:, -1:]
+
+
+def decode_one(model, token, mask, cache):
+    """One new token per row (r,) through the model, attending to the cache -> hidden states (r, 1, D)."""
+    return model.body(token[:, None], mask, cache)
+
+
+def choose(model, h, s, allowed=None, seen=None, generator=None):
+    """The next token of each row from its hidden state h (r, 1, D): the head's logits (only the
+    allowed columns, if given), the repetition penalty, then greedy or sampled as s says. Marks
+    the chosen token as seen. -> token ids (r,)."""
+    logits = model.head(h, allowed)[:, -1].float()  # (r, V) or (r, n_allowed); processed in float32 as transformers does
+    if seen is not None:
+        logits = penalize_repeats(logits, seen, s.repetition_penalty)
+    column = sample(logits, s.temperature if s.do_sample else 0.0, s.top_k, s.top_p, generator)  # (r,)
+    if seen is not None:
+        seen[torch.arange(len(column), device=column.device), column] = True
+    return column if allowed is None else allowed[column]
+
+
 @torch.inference_mode()
 def generate(model, input_ids, max_new_tokens=64, attention_mask=None, temperature=None, top_k=None, top_p=None,
              seed=None, allowed_token_ids=None, stop_token_ids=None, stop_after=None, num_samples=1, pad_token_id=None,
-             repetition_penalty=None, do_sample=None, generation_config=None, use_generation_config=True):
-    """Continues each prompt by up to max_new_tokens tokens.
+             repetition_penalty=None, do_sample=None, generation_config=None, use_generation_config=True, details=False):
+    """Continues each prompt by up to max_new_tokens tokens: a prefill, then one decode step per token.
 
     input_ids: (B, T) tensor (left-padded, with attention_mask (B, T)) or a list of token-id lists.
     Decoding settings (see `decoding`): do_sample, temperature (0 = greedy), top_k, top_p,
@@ -131,14 +188,14 @@ def generate(model, input_ids, max_new_tokens=64, attention_mask=None, temperatu
         penalty, stopping at the model config's eos. use_generation_config=False: keywords only.
     allowed_token_ids: if given, only these tokens can be produced (and only their logits are
         computed: a forecast needs 13 of the 151,936 output rows).
-    stop_token_ids: a row ends after producing one of these.
-    stop_after: (token_id, n): a row also ends once it has produced token_id n times
-        (e.g. (id of ";", h): a forecast of h time steps).
+    stop_token_ids, stop_after: the stop rules (StopRules): a row ends after producing one of
+        stop_token_ids, or once it has produced stop_after = (token_id, n)'s token n times.
     num_samples: continuations per prompt, all from one prefill of it (its cache rows are copied).
     Finished rows leave the batch (the rest decode faster) and are filled with pad_token_id;
     generation ends when every row has finished.
     Returns (B * num_samples, T + n_new) token ids, each prompt's samples in consecutive rows:
-    the prompts followed by the new tokens, like transformers.
+    the prompts followed by the new tokens, like transformers; with details=True, a Generation
+    that also says how many tokens each row produced and how many rows were active at each step.
     """
     cfg = model.config
     s = decoding(model, generation_config, use_generation_config, do_sample, temperature, top_k, top_p,
@@ -153,13 +210,11 @@ def generate(model, input_ids, max_new_tokens=64, attention_mask=None, temperatu
     device = model.embed_tokens.weight.device
     input_ids = input_ids.to(device)
     mask = None if attention_mask is None else attention_mask.to(device)
-    stop = torch.as_tensor(s.eos_token_id, dtype=torch.long, device=device)
     allowed = None if allowed_token_ids is None else torch.as_tensor(list(allowed_token_ids), device=device)
     generator = None if seed is None else torch.Generator(device).manual_seed(seed)
-    temperature = s.temperature if s.do_sample else 0.0  # sample() reads 0 as greedy
 
     cache = KVCache.for_model(model, B, T + max_new_tokens)
-    h = model.body(input_ids, mask, cache)[:, -1:]  # prefill; (B, 1, D) for the last position
+    h = prefill(model, input_ids, mask, cache)  # (B, 1, D)
     seen = None  # (B, V or n_allowed): tokens each row holds, in the columns the head computes
     if s.repetition_penalty != 1.0:
         seen = tokens_seen(input_ids, mask, cfg.vocab_size)
@@ -171,46 +226,26 @@ def generate(model, input_ids, max_new_tokens=64, attention_mask=None, temperatu
         seen = None if seen is None else seen[rows]
     R = input_ids.shape[0]
     new = torch.full((R, max_new_tokens), s.pad_token_id, dtype=torch.long, device=device)
+    lengths = torch.zeros(R, dtype=torch.long, device=device)
     active = torch.arange(R, device=device)  # the rows still generating
-    counted = torch.zeros(R, dtype=torch.long, device=device)  # occurrences of stop_after's token
-    n = 0
+    stop, per_step = StopRules(s.eos_token_id, stop_after, R, device), []
     for n in range(1, max_new_tokens + 1):
-        logits = model.head(h, allowed)[:, -1].float()  # (r, V) or (r, n_allowed); processed in float32 as transformers does
-        if seen is not None:
-            logits = penalize_repeats(logits, seen, s.repetition_penalty)
-        column = sample(logits, temperature, s.top_k, s.top_p, generator)  # (r,)
-        if seen is not None:
-            seen[torch.arange(len(column), device=device), column] = True
-        token = column if allowed is None else allowed[column]
+        token = choose(model, h, s, allowed, seen, generator)  # (r,)
         new[active, n - 1] = token
-        done = torch.isin(token, stop)
-        if stop_after is not None:
-            counted[active] += token == stop_after[0]
-            done |= counted[active] >= stop_after[1]
+        lengths[active] = n
+        per_step.append(len(active))
+        done = stop.done(token)
         if done.any():  # finished rows leave the batch and the cache
             keep = (~done).nonzero().squeeze(1)
             active, token = active[keep], token[keep]
             mask = None if mask is None else mask[keep]
             seen = None if seen is None else seen[keep]
+            stop.keep(keep)
             cache.select(keep)
         if len(active) == 0 or n == max_new_tokens:
             break
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
-        h = model.body(token[:, None], mask, cache)  # decode one token: (r, 1, D)
-    return torch.cat([input_ids, new[:, :n]], dim=1)
-
-
-def produced_lengths(new_tokens, stop_token_ids=(), stop_after=None):
-    """How many of each row's new tokens (R, n) generate really produced, by its stopping rules
-    (the rest is padding): the row's last token is its first stop token, or stop_after's n-th."""
-    stops, lengths = set(stop_token_ids), []
-    for row in new_tokens.tolist():
-        length, seen = len(row), 0
-        for j, t in enumerate(row):
-            seen += stop_after is not None and t == stop_after[0]
-            if t in stops or (stop_after is not None and seen >= stop_after[1]):
-                length = j + 1
-                break
-        lengths.append(length)
-    return lengths
+        h = decode_one(model, token, mask, cache)  # (r, 1, D)
+    tokens = torch.cat([input_ids, new[:, :len(per_step)]], dim=1)
+    return Generation(tokens, lengths.tolist(), per_step) if details else tokens

@@ -140,3 +140,16 @@ def write_checkpoint(model: Qwen2, folder: Path, shards: int = 1, with_lm_head: 
     if tokenizer:
         write_tokenizer(folder / "tokenizer.json", model.config.vocab_size)
     return folder
+
+
+def fake_generation(prompts, new_rows, pad_id, details=False):
+    """What qwen_min.generate returns when it continues prompts[i] with new_rows[i] (token-id lists):
+    the left-padded prompts then the new tokens, padded after each row's end; with details, the
+    Generation (tokens produced per row, rows still producing at each step). For tests whose
+    stand-in for the model writes known continuations."""
+    from qwen_min.generate import Generation
+
+    T, n = max(map(len, prompts)), max(map(len, new_rows))
+    tokens = torch.tensor([[pad_id] * (T - len(p)) + list(p) + list(r) + [pad_id] * (n - len(r)) for p, r in zip(prompts, new_rows)])
+    lengths = [len(r) for r in new_rows]
+    return Generation(tokens, lengths, [sum(k > j for k in lengths) for j in range(n)]) if details else tokens

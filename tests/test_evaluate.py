@@ -9,7 +9,7 @@ import torch
 
 import evaluate
 import lora
-from conftest import random_model, tiny_config, write_checkpoint
+from conftest import fake_generation, random_model, tiny_config, write_checkpoint
 from data import llmtime, metrics, protocols, splits
 from qwen_min import Tokenizer, generate
 from qwen_min.errors import UserError, run_cli
@@ -237,8 +237,7 @@ def test_report_a_preset_reads_prompt_plus_output_as_its_code_did(ckpt, tok, tmp
             if p == tok.encode(texts[2])[: len(p)]:
                 new = full[len(p):] + tok.encode(";1,2,3;")  # a piece its decoder rejects: the series is lost
             rows.append(new[:max_new])
-        T, n = max(map(len, prompts)), max(map(len, rows))
-        return torch.tensor([[tok.pad_id] * (T - len(p)) + p + r + [tok.pad_id] * (n - len(r)) for p, r in zip(prompts, rows)])
+        return fake_generation(prompts, rows, tok.pad_id, kw.get("details", False))
 
     monkeypatch.setattr(evaluate, "generate", fake_generate)
     res = evaluate.main(flags + ["--no-ce", "--out", str(tmp_path / "a")])
@@ -275,7 +274,7 @@ def test_our_protocol_passes_no_generation_config(tok, monkeypatch):
 
     def fake_generate(model, prompts, max_new, **kw):
         seen.update(kw)
-        return torch.zeros(len(prompts), max(map(len, prompts)) + 1, dtype=torch.long)
+        return fake_generation(prompts, [[0]] * len(prompts), 0, kw.get("details", False))
 
     monkeypatch.setattr(evaluate, "generate", fake_generate)
     evaluate.generate_forecasts(None, prompts(tok), 2, 5, tok.encode(";")[0])

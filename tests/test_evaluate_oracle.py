@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import evaluate
-from conftest import random_model, tiny_config, write_checkpoint
+from conftest import fake_generation, random_model, tiny_config, write_checkpoint
 from data import lotka_volterra, splits
 from qwen_min import Tokenizer
 
@@ -52,7 +52,7 @@ class Oracle:
         self.row_of = {text_of(x[:k] / c): r for r, (x, c) in enumerate(zip(traj, self.scale))}  # every series' prompt, by hand
         self.batches, self.settings = [], []  # per call: the number of prompts, the decoding keywords
 
-    def __call__(self, model, prompts, max_new_tokens, num_samples=1, pad_token_id=0, **settings):
+    def __call__(self, model, prompts, max_new_tokens, num_samples=1, pad_token_id=0, details=False, **settings):
         self.batches.append(len(prompts))
         self.settings.append(settings | {"num_samples": num_samples})
         out = []
@@ -62,9 +62,7 @@ class Oracle:
                 new = self.tok.encode(text_of(self.traj[r, self.k : self.k + self.h] / self.scale[r] + self.error(r, s)))
                 assert len(new) <= max_new_tokens  # the oracle needs no more tokens than evaluate.py allows
                 out.append((p, new))
-        T, n = max(map(len, prompts)), max(len(new) for _, new in out)
-        pad = pad_token_id
-        return torch.tensor([[pad] * (T - len(p)) + p + new + [pad] * (n - len(new)) for p, new in out])
+        return fake_generation([p for p, _ in out], [new for _, new in out], pad_token_id, details)
 
 
 SIZE = 2.0 ** (np.arange(40) % 3)  # series r of `ours` is 1, 2 or 4 times a series whose largest value is 10

@@ -41,7 +41,13 @@ def counting(monkeypatch, kill_at=None):
 
     monkeypatch.setattr(evaluate, "generate", generate)
     monkeypatch.setattr(evaluate, "cross_entropy", cross_entropy)
+    at_commit(monkeypatch, "a" * 40)  # the checkout's own commit may move while the suite runs
     return calls
+
+
+def at_commit(monkeypatch, commit):
+    real = evaluate.run_folder.provenance
+    monkeypatch.setattr(evaluate.run_folder, "provenance", lambda device="cpu": real(device) | {"commit": commit})
 
 
 def same_results(a, b):
@@ -114,3 +120,14 @@ def test_flags_that_only_present_results_may_change_on_resume(ckpt, tmp_path, mo
     res = evaluate.main(flags + ["--label", "renamed", "--no-baselines"])
     assert res["config"]["label"] == "renamed" and set(res["results"]) == {"model"}
     assert calls["generate"] == -(-res["config"]["n_test"] * 2 // 4) - 1
+
+
+def test_new_code_never_resumes_an_old_journal(ckpt, tmp_path, monkeypatch, capsys):
+    flags = ["--model", str(ckpt), *FLAGS, "--no-ce", "--out", str(tmp_path / "e")]
+    counting(monkeypatch, kill_at=2)
+    with pytest.raises(Killed):
+        evaluate.main(flags)
+    at_commit(monkeypatch, "b" * 40)  # the code was updated in between
+    with pytest.raises(SystemExit):
+        run_cli(evaluate.main, flags)
+    assert "(commit differs)" in capsys.readouterr().err

@@ -20,7 +20,6 @@ from lora.inject import inject_lora, mark_only_lora_as_trainable
 from lora.layer import LoRALinear
 from qwen_min import Qwen2, Qwen2Config, generate
 from qwen_min.errors import run_cli
-from qwen_min.generate import produced_lengths
 from qwen_min.loss import causal_lm_loss
 from tests.conftest import random_model, tiny_config
 
@@ -239,11 +238,10 @@ def test_generation_with_samples_and_finished_rows_equals_flop_counter():
     kw = dict(max_new_tokens=10, temperature=1.5, seed=0, num_samples=3, stop_token_ids=[], stop_after=(7, 2),
               allowed_token_ids=[7, 8, 9])
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
-        out = generate(model, prompts, **kw)
-    lengths = produced_lengths(out[:, 7:], [], (7, 2))
-    n = out.shape[1] - 7
-    active = [sum(length > j for length in lengths) for j in range(n)]
-    assert len(set(lengths)) > 1 and active[-1] < 6  # rows really finished at different steps
+        gen = generate(model, prompts, details=True, **kw)
+    n = gen.tokens.shape[1] - 7
+    active = [sum(length > j for length in gen.lengths) for j in range(n)]  # rows still going at step j, from lengths
+    assert gen.active == active and len(set(gen.lengths)) > 1 and active[-1] < 6  # rows finished at different steps
     assert fc.get_total_flops() == flops.generate(Setup(cfg, head_rows=3), 2, 7, n, samples=3, active=active).matmul
 
 

@@ -127,6 +127,21 @@ def test_stop_after_ends_a_row_at_its_nth_occurrence_of_a_token():
         assert row[:end] == ref[:end] and all(t == 0 for t in row[end:])
 
 
+def test_details_say_how_many_tokens_each_row_produced_and_rows_active_per_step():
+    model = random_model(tiny_config())
+    free = generate(model, ROWS, max_new_tokens=12, stop_token_ids=[])[:, -12:]
+    target = free[0, 0].item()
+    ends = []  # by hand from the free run: a row ends after its 2nd `target`, else it runs all 12 steps
+    for ref in free.tolist():
+        hits = [i for i, t in enumerate(ref) if t == target]
+        ends.append(hits[1] + 1 if len(hits) >= 2 else 12)
+    gen = generate(model, ROWS, max_new_tokens=12, stop_token_ids=[], stop_after=(target, 2), pad_token_id=0, details=True)
+    assert gen.lengths == ends and len(set(ends)) > 1  # rows really end at different steps
+    assert gen.active == [sum(e > j for e in ends) for j in range(max(ends))]
+    assert torch.equal(gen.tokens, generate(model, ROWS, max_new_tokens=12, stop_token_ids=[], stop_after=(target, 2),
+                                            pad_token_id=0))
+
+
 # ---------------------------------------------------------------- generation_config.json, as transformers honours it
 
 QWEN_FILE = {"bos_token_id": 151643, "pad_token_id": 151643, "do_sample": True, "eos_token_id": [151645, 151643],
