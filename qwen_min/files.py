@@ -82,10 +82,13 @@ class Journal:
             return
         theirs = records[0].get("settings") if records and isinstance(records[0], dict) else None
         if theirs != settings:
-            differ = sorted(k for k in set(settings) | set(theirs or {}) if (theirs or {}).get(k) != settings.get(k))
-            raise UserError(f"{self.path} is the journal of an unfinished job with other settings ("
-                            f"{differ[0] if differ else 'unreadable'} differs); rerun that job's command to finish it, "
-                            "or choose another output folder.")
+            if not isinstance(theirs, dict):
+                why = "its first line holds no settings"
+            else:  # a key on one side only differs too, even where the other side's value is None
+                why = min(k for k in set(settings) | set(theirs)
+                          if k not in theirs or k not in settings or theirs[k] != settings[k]) + " differs"
+            raise UserError(f"{self.path} is the journal of an unfinished job with other settings ({why}); "
+                            "rerun that job's command to finish it, or choose another output folder.")
         self.done = {r.pop("piece"): r for r in records[1:] if isinstance(r, dict) and "piece" in r}
         lines = [{"settings": settings}] + [{"piece": name} | r for name, r in self.done.items()]
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in lines))  # without a cut-short last line

@@ -214,10 +214,10 @@ def test_settings_of_a_journal_and_of_files_that_are_none(tmp_path):
 def test_a_journal_whose_first_line_is_no_settings_is_refused(tmp_path):
     path = tmp_path / "journal.jsonl"
     path.write_text('[1, 2]\n{"piece": "forecast rows 0-3", "mse": 1.0}\n')
-    with pytest.raises(UserError, match=r"\(h differs\)"):  # not a settings line: every key differs, h first
+    with pytest.raises(UserError, match=r"\(its first line holds no settings\)"):  # not a settings line
         Journal(path, SETTINGS)
     path.write_text('{"piece": "forecast rows 0-3", "mse": 1.0}\n')
-    with pytest.raises(UserError, match=r"\(h differs\)"):
+    with pytest.raises(UserError, match=r"\(its first line holds no settings\)"):
         Journal(path, SETTINGS)
 
 
@@ -240,8 +240,15 @@ def test_lines_of_a_journal_that_are_no_pieces_are_ignored(tmp_path):
 def test_a_journal_of_no_settings_is_refused_as_unreadable(tmp_path):
     path = tmp_path / "journal.jsonl"
     path.write_text('[1, 2]\n')  # a first line that is no settings line, for a job whose settings are empty
-    with pytest.raises(UserError, match=r"\(unreadable differs\)"):
+    with pytest.raises(UserError, match=r"\(its first line holds no settings\)"):
         Journal(path, {})
+
+
+def test_a_setting_that_is_none_on_one_side_and_absent_on_the_other_is_named(tmp_path):
+    path = tmp_path / "journal.jsonl"
+    Journal(path, {"adapter_sha256": None, "k": 6}).add("forecast rows 0-3", {"mse": 1.0})
+    with pytest.raises(UserError, match=r"\(adapter_sha256 differs\)"):
+        Journal(path, {"k": 6})
 
 
 def test_atomic_write_json_is_indented_for_people(tmp_path):
