@@ -192,6 +192,8 @@ def read_score_file(path, h, n_rows):
         if not isinstance(data, dict):
             raise UserError(f"--score {path} holds a JSON {type(data).__name__}, not an object; write {{\"forecast\": [...], \"truth\": [...], \"series\": [...]}}.")
     elif path.suffix == ".npz":
+        if not zipfile.is_zipfile(path):  # np.load would read other bytes as a pickle or a bare .npy array
+            raise UserError(f"--score {path} is not a readable .npz archive; write it with np.savez(path, forecast=..., truth=..., series=...).")
         try:
             with np.load(path, allow_pickle=False) as npz:
                 data = {key: npz[key] for key in npz.files}

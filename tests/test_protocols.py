@@ -336,9 +336,7 @@ def test_read_score_file_messages_name_the_file_the_key_and_the_fix(tmp_path):
     assert "`series` must name distinct rows in 0..N-1 of the data file" in refused({"forecast": ok, "series": [0, -1]}, n_rows=None)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: np.load reads a non-zip file as a pickle (ValueError: the 'pickled' message) "
-                   "and returns a bare array for .npy bytes (TypeError, no UserError); a zipfile.is_zipfile check first fixes both")
-def test_an_npz_that_is_no_zip_is_called_unreadable(tmp_path):
+def test_an_npz_that_is_no_zip_is_called_unreadable(tmp_path):  # np.load alone would read these as a pickle, or an array
     (tmp_path / "text.npz").write_text("forecast: 1, 2")
     np.save(tmp_path / "array.npy", np.ones((1, 2, 2)))
     (tmp_path / "array.npy").rename(tmp_path / "array.npz")  # one .npy array under an .npz name
