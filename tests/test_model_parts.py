@@ -1,0 +1,213 @@
+"""qwen_min.model's parts and qwen_min.kv_cache one by one: RMSNorm and the RoPE tables by hand
+(numpy, float64), the head's restricted columns and bias, loading options, and the cache's slots.
+
+Devices: the `device=` arguments are checked on PyTorch's "meta" device (shapes only, no data),
+so a tensor made on the default device instead of the one asked for fails here without a GPU.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import random_model, tiny_config, write_checkpoint
+from qwen_min import KVCache, Qwen2
+from qwen_min.model import RMSNorm, RotaryEmbedding, positions_and_mask
+
+
+def test_rmsnorm_by_hand_with_its_default_eps():
+    x = np.array([[3e-4, -4e-4, 0.0, 1e-3], [1.0, 2.0, -2.0, 4.0]])  # row 0: mean(x^2) ~ 3e-7, so eps = 1e-6 matters
+    w = np.array([0.5, 1.5, -1.0, 2.0])
+    norm = RMSNorm(4)
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor(w))
+    expected = x / np.sqrt((x ** 2).mean(-1, keepdims=True) + 1e-6) * w
+    got = norm(torch.tensor(x, dtype=torch.float32)).detach().double().numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+    expected_eps = x / np.sqrt((x ** 2).mean(-1, keepdims=True) + 0.25) * w
+    norm.eps = 0.25
+    np.testing.assert_allclose(norm(torch.tensor(x, dtype=torch.float32)).detach().double().numpy(), expected_eps, rtol=1e-5)
+
+
+def test_rmsnorm_of_bfloat16_normalises_in_float32_and_returns_bfloat16():
+    """transformers' Qwen2RMSNorm: normalise in float32, cast back, then scale: bit-identical in bf16."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    x = (torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(0)) * 40).bfloat16()
+    ours, ref = RMSNorm(64, eps=1e-5), Qwen2RMSNorm(64, eps=1e-5)
+    with torch.no_grad():
+        w = 1 + 0.2 * torch.randn(64, generator=torch.Generator().manual_seed(1))
+        ours.weight.copy_(w), ref.weight.copy_(w)
+    ours, ref = ours.bfloat16(), ref.bfloat16()
+    y = ours(x)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, ref(x))
+
+
+def test_rope_tables_by_hand():
+    hd, n, theta = 6, 11, 500.0
+    rope = RotaryEmbedding(hd, n, theta)
+    i = np.arange(hd // 2)
+    angle = np.arange(n)[:, None] * theta ** (-2.0 * i / hd)  # (n, hd/2): position t, pair i
+    angle = np.concatenate([angle, angle], -1)  # half-split layout: pair i is dims i and i + hd/2
+    assert rope.cos.shape == rope.sin.shape == (n, hd) and rope.cos.dtype == torch.float32
+    np.testing.assert_allclose(rope.cos.double().numpy(), np.cos(angle), atol=2e-6)
+    np.testing.assert_allclose(rope.sin.double().numpy(), np.sin(angle), atol=2e-6)
+    assert "cos" not in rope.state_dict() and "sin" not in rope.state_dict()  # rebuilt, never saved
+    pos = torch.tensor([[3, 0], [10, 7]])
+    cos, sin = rope(pos, torch.bfloat16)
+    assert cos.shape == sin.shape == (2, 1, 2, hd) and cos.dtype == sin.dtype == torch.bfloat16
+    assert torch.equal(cos[1, 0, 0], torch.tensor(np.cos(angle[10]), dtype=torch.float32).bfloat16())
+    assert torch.equal(sin[0, 0, 0], torch.tensor(np.sin(angle[3]), dtype=torch.float32).bfloat16())
+
+
+def test_rope_tables_are_made_on_the_device_asked_for():
+    rope = RotaryEmbedding(8, 16, 10000.0, device="meta")
+    assert rope.cos.is_meta and rope.sin.is_meta and rope.cos.shape == (16, 8)
+
+
+def test_restricted_head_is_those_columns_of_the_full_head_with_their_bias():
+    for tie in (True, False):
+        model = random_model(tiny_config(tie_embeddings=tie), lm_head_bias=True)
+        h = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(4))
+        ids = torch.tensor([7, 2, 150, 2])
+        w = model.embed_tokens.weight if tie else model.lm_head.weight
+        with torch.no_grad():
+            expected = h @ w[ids].T + model.lm_head_bias[ids]  # (2, 3, 4), by hand
+            assert (model.head(h, ids) - expected).abs().max().item() <= 1e-5
+            assert (model.head(h) - (h @ w.T + model.lm_head_bias)).abs().max().item() <= 1e-5
+        model.lm_head_bias = None
+        with torch.no_grad():
+            assert (model.head(h, ids) - h @ w[ids].T).abs().max().item() <= 1e-5
+
+
+def test_a_float32_bias_on_a_bfloat16_model_gives_bfloat16_logits():
+    model = random_model(tiny_config(), dtype=torch.bfloat16)
+    bias = model.add_lm_head_bias()
+    assert bias.dtype == torch.bfloat16  # made in the model's dtype
+    model.lm_head_bias = torch.nn.Parameter(torch.linspace(-1, 1, 160))  # trained in float32 (as train.py may)
+    h = torch.randn(1, 2, 64).bfloat16()
+    with torch.no_grad():
+        out = model.head(h, torch.tensor([3, 159]))
+    assert out.dtype == torch.bfloat16
+    expected = h.float() @ model.embed_tokens.weight[[3, 159]].float().T + torch.tensor([-1 + 6 / 159, 1.0])
+    assert (out.float() - expected).abs().max().item() <= 0.05
+
+
+def test_add_lm_head_bias_adds_one_zero_trainable_bias_once():
+    model = random_model(tiny_config())
+    assert model.lm_head_bias is None and "lm_head_bias" not in dict(model.named_parameters())
+    bias = model.add_lm_head_bias()
+    assert isinstance(bias, torch.nn.Parameter) and bias.requires_grad
+    assert bias.shape == (160,) and bias.dtype == torch.float32 and torch.equal(bias, torch.zeros(160))
+    assert dict(model.named_parameters())["lm_head_bias"] is bias
+    with torch.no_grad():
+        bias.fill_(0.5)
+    assert model.add_lm_head_bias() is bias and bias[0].item() == 0.5  # a second call keeps the trained one
+    with torch.device("meta"):
+        meta = Qwen2(tiny_config())
+    assert meta.add_lm_head_bias().is_meta  # on the model's device
+
+
+def test_constructor_bias_flag_and_untied_head():
+    assert torch.equal(Qwen2(tiny_config(), lm_head_bias=True).lm_head_bias, torch.zeros(160))
+    assert Qwen2(tiny_config()).lm_head is None
+    untied = Qwen2(tiny_config(tie_embeddings=False))
+    assert untied.lm_head.weight.shape == (160, 64) and untied.lm_head.bias is None
+    assert untied.lm_head_weight is untied.lm_head.weight and Qwen2(tiny_config()).lm_head_weight.shape == (160, 64)
+
+
+def test_checkpoint_names_are_transformers():
+    assert Qwen2.checkpoint_name("layers.0.self_attn.q_proj") == "model.layers.0.self_attn.q_proj"
+    assert Qwen2.checkpoint_name("embed_tokens.weight") == "model.embed_tokens.weight"
+    assert Qwen2.checkpoint_name("lm_head.weight") == "lm_head.weight"
+
+
+def test_from_pretrained_passes_dtype_device_and_bias_on(tmp_path):
+    model = random_model(tiny_config())
+    folder = write_checkpoint(model, tmp_path / "ckpt")  # float32 on disk
+    plain = Qwen2.from_pretrained(folder)
+    assert plain.embed_tokens.weight.dtype == torch.float32 and plain.lm_head_bias is None
+    assert torch.equal(plain.embed_tokens.weight, model.embed_tokens.weight)
+    bf16 = Qwen2.from_pretrained(folder, dtype=torch.bfloat16, lm_head_bias=True)
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    assert torch.equal(bf16.embed_tokens.weight, model.embed_tokens.weight.bfloat16())
+    assert bf16.lm_head_bias.shape == (160,) and not bf16.lm_head_bias.any()
+    meta = Qwen2.from_pretrained(folder, device="meta")
+    assert all(p.is_meta for p in meta.parameters()) and meta.rope.cos.is_meta
+    half_folder = write_checkpoint(random_model(tiny_config(), dtype=torch.bfloat16), tmp_path / "bf16")
+    assert Qwen2.from_pretrained(half_folder).embed_tokens.weight.dtype == torch.float32  # float32 by default
+
+
+def test_positions_and_mask_are_made_on_the_inputs_device():
+    for past, am in ((0, None), (4, None), (4, torch.ones(2, 7, dtype=torch.long, device="meta"))):
+        pos, mask = positions_and_mask(2, 3, past, am, "meta")
+        assert pos.is_meta and pos.shape == (2, 3)
+        assert mask is None if (past, am) == (0, None) else (mask.is_meta and mask.shape == (2, 1, 3, past + 3))
+
+
+def test_positions_and_mask_of_padding_after_a_cache_by_hand():
+    # row 0: 1 pad, 2 real cached, then 2 new real; row 1: 3 real cached, a pad-free decode of 2
+    am = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+    pos, mask = positions_and_mask(2, 2, 3, am, "cpu")
+    assert pos.tolist() == [[2, 3], [3, 4]]
+    assert mask.dtype == torch.bool and mask.shape == (2, 1, 2, 5)
+    assert mask[0, 0].int().tolist() == [[0, 1, 1, 1, 0], [0, 1, 1, 1, 1]]
+    assert mask[1, 0].int().tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+    pos, mask = positions_and_mask(1, 3, 0, torch.tensor([[0, 0, 1]]), "cpu")  # two padding queries first
+    assert pos.tolist() == [[0, 0, 0]] and mask[0, 0].int().tolist() == [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
+    with pytest.raises(ValueError) as e:
+        positions_and_mask(2, 2, 3, am[:, 1:], "cpu")
+    assert str(e.value) == "attention_mask must have shape (2, 5) (cached + new tokens), got (2, 4)."
+
+
+def test_kv_cache_layout_defaults_and_device():
+    cache = KVCache(3, 2, 5, 7, 4)  # layers, batch, kv heads, slots, head_dim
+    assert cache.k.shape == cache.v.shape == (3, 2, 5, 7, 4)
+    assert cache.k.dtype == torch.float32 and cache.k.device.type == "cpu" and not cache.k.any()
+    assert (cache.max_seq_len, cache.length, cache.start) == (7, 0, 0)
+    assert cache.k is not cache.v
+    bf16 = random_model(tiny_config(n_layers=3, n_kv_heads=1), dtype=torch.bfloat16)
+    c = KVCache.for_model(bf16, batch_size=4, max_seq_len=9)
+    assert c.k.shape == c.v.shape == (3, 4, 1, 9, 16) and c.k.dtype == c.v.dtype == torch.bfloat16
+    with torch.device("meta"):
+        meta = Qwen2(tiny_config())
+    c = KVCache.for_model(meta, 1, 5)
+    assert c.k.is_meta and c.v.is_meta
+
+
+def test_kv_cache_append_reserves_slots_up_to_exactly_full():
+    cache = KVCache(1, 1, 1, 6, 2)
+    assert cache.append(4) == 0 and (cache.start, cache.length) == (0, 4)
+    assert cache.append(2) == 4 and (cache.start, cache.length) == (4, 6)  # exactly full is fine
+    with pytest.raises(ValueError) as e:
+        cache.append(1)
+    assert str(e.value) == "KV cache is full: 7 tokens do not fit in its 6 slots."
+    assert (cache.start, cache.length) == (4, 6)  # a refused append moves nothing
+
+
+def test_layer_views_write_their_reserved_slots_and_read_all_so_far():
+    cache = KVCache(2, 1, 1, 5, 2)
+    cache.append(2)
+    k0, v0 = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]]), torch.tensor([[[[5.0, 6.0], [7.0, 8.0]]]])  # (1, 1, 2, 2)
+    k, v = cache.layer(1).update(k0, v0)
+    assert k.tolist() == k0.tolist() and v.tolist() == v0.tolist()
+    assert not cache.k[0].any() and not cache.v[0].any()  # layer 0 untouched
+    cache.append(1)
+    k, v = cache.layer(1).update(torch.full((1, 1, 1, 2), 9.0), torch.full((1, 1, 1, 2), -9.0))
+    assert k[0, 0].tolist() == [[1.0, 2.0], [3.0, 4.0], [9.0, 9.0]]
+    assert v[0, 0].tolist() == [[5.0, 6.0], [7.0, 8.0], [-9.0, -9.0]]
+    assert not cache.k[1, :, :, 3:].any() and not cache.v[1, :, :, 3:].any()
+
+
+def test_select_keeps_the_given_rows_of_keys_and_values():
+    cache = KVCache(2, 3, 1, 4, 2)
+    cache.k[:] = torch.arange(3.0)[None, :, None, None, None]  # row r holds r
+    cache.v[:] = -torch.arange(3.0)[None, :, None, None, None]
+    cache.length = 2
+    assert cache.select(torch.tensor([2, 2, 0, 1])) is cache
+    assert cache.k.shape == (2, 4, 1, 4, 2) and cache.v.shape == (2, 4, 1, 4, 2)
+    assert cache.k[1, :, 0, 3, 1].tolist() == [2.0, 2.0, 0.0, 1.0]
+    assert cache.v[0, :, 0, 0, 0].tolist() == [-2.0, -2.0, 0.0, -1.0]
+    assert cache.length == 2
