@@ -30,8 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data import baselines, llmtime, lotka_volterra, metrics, protocols, splits, windows
+from data import baselines, llmtime, metrics, protocols, splits, windows
 from data.forecast import forecast_tasks, new_token_budget, read_forecast
+from data.recipe import Recipe
 import flops
 from qwen_min import GenerationConfig, Qwen2Config, Tokenizer, generate
 from qwen_min.cli import HelpFormatter, parse_with_config
@@ -257,34 +258,22 @@ def load_model(args):
     return run_folder.load_model(args.model, args.adapter, getattr(torch, args.dtype), args.device, bool(args.lm_head_bias))
 
 
-def named_split(name, n, seed):
-    """Split `name` of n trajectories: ours by seed, a report's as its code drew it."""
-    return splits.split(n, seed=seed) if name == "ours" else splits.REPORT_SPLITS[name](n)
-
-
-def protocol_split(args, n):
-    return named_split(args.split, n, args.seed)  # a preset fixes args.split to its report's
-
-
 def seen_in_training(args, n, test):
     """How many of the scored test series the evaluated run trained or validated on (0 without --run)."""
     if not getattr(args, "trained_on", None) or args.no_adapter:
         return 0
     name, seed = args.trained_on
-    trained = named_split(name, n, seed)
+    trained = Recipe(split=name, seed=seed).split_of(n)
     return int(np.isin(test, np.concatenate([trained.train, trained.val])).sum())
 
 
 def load_series(args):
     """Trajectories (N, T, 2), times (T,), the protocol's split and the test rows it scores."""
-    if args.data:
-        traj, times = lotka_volterra.load(args.data)
-    else:
-        traj, times = lotka_volterra.simulate(args.n_series, seed=args.seed)
+    traj, times = Recipe.of(args).trajectories()
     steps = args.k + args.h + (1 if args.protocol == "report-a" else 0)  # report A's truth drops the last step
     if steps > traj.shape[1]:
         raise UserError(f"--k {args.k} + --h {args.h} exceeds the {traj.shape[1]} steps of each trajectory; lower --k or --h.")
-    split = protocol_split(args, len(traj))
+    split = Recipe.of(args).split_of(len(traj))  # a preset fixes args.split (and seed) to its report's
     test = split.test[: protocols.PROTOCOLS[args.protocol].n_scored][: args.limit]
     if len(test) == 0:
         raise UserError("the test split is empty; use more trajectories (--n-series or --data).")
@@ -323,19 +312,19 @@ def scalers(args, traj, split, test):
     cross-entropy windows cover whole series, so their scales are fit on whole series, as
     train.py does for its validation windows.
     """
-    def fit(data, per):
+    def fit(data):
         try:
-            return llmtime.Scaler.fit(data, args.percentile, args.scale_target, per)
+            return Recipe.of(args).scaler(data)
         except ValueError as e:  # an all-zero or non-finite series in the user's data
             raise UserError(f"--data {args.data or '(simulated)'}: {e}") from None
 
     if args.scaling == "per-series":
-        return fit(traj[test, : args.k], True), fit(traj[test], True)
+        return fit(traj[test, : args.k]), fit(traj[test])
     saved = Path(args.run) / "scaler.json" if args.run else None
     if saved is not None and saved.is_file():  # absent (or a folder): refit, which gives the same scale
         scaler = run_folder.read_scaler(saved)
     else:
-        scaler = fit(traj[split.train], False)
+        scaler = fit(traj[split.train])
     return scaler, scaler
 
 

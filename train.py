@@ -37,7 +37,8 @@ import torch
 
 import flops
 import lora
-from data import llmtime, lotka_volterra, splits, windows
+from data import llmtime, splits, windows
+from data.recipe import Recipe
 from qwen_min import Qwen2, Qwen2Config, Tokenizer
 from qwen_min.cli import HelpFormatter, parse_with_config, renamed
 from qwen_min.errors import UserError, run_cli
@@ -183,11 +184,9 @@ def build_data(args, tok, cfg):
     if args.context > cfg.max_seq_len:
         raise UserError(f"--context {args.context} is longer than the {cfg.max_seq_len} positions of --model {args.model}; "
                         f"use --context {cfg.max_seq_len} or less.")
-    if args.data:
-        traj, _ = lotka_volterra.load(args.data)
-    else:
-        traj, _ = lotka_volterra.simulate(args.n_series, seed=args.seed)
-    split = splits.split(len(traj), seed=args.seed) if args.split == "ours" else splits.REPORT_SPLITS[args.split](len(traj))
+    recipe = Recipe.of(args)  # evaluate.py reads the same recipe from args.json: its test split is this split's
+    traj, _ = recipe.trajectories()
+    split = recipe.split_of(len(traj))
     need = (len(split.train) + len(split.val)) * args.context * 3 * 8  # at least one window of 3 int64 rows per series
     if need > physical_memory() / 2:
         raise UserError(f"token windows of --context {args.context} for {len(split.train) + len(split.val)} trajectories "
@@ -195,7 +194,7 @@ def build_data(args, tok, cfg):
     per_series = args.scaling == "per-series"
 
     def scaled(rows):  # per-series scales are fit on each series itself; global on the train split
-        scaler = llmtime.Scaler.fit(traj[rows] if per_series else traj[split.train], args.percentile, args.scale_target, per_series)
+        scaler = recipe.scaler(traj[rows] if per_series else traj[split.train])
         return scaler.transform(traj[rows]), scaler
 
     train_scaled, scaler = scaled(split.train)
