@@ -646,7 +646,7 @@ def train(args, run):
         step += 1
         spent += cost.coursework
         now = time.perf_counter()
-        tokens_per_s = int((labels != -100).sum()) / (now - t_last)
+        tokens_per_s = int((labels != windows.IGNORE_INDEX).sum()) / (now - t_last)
         t_last = now
         append_jsonl(run / "metrics.jsonl", {"kind": "train", "step": step, "loss": loss.item(), "lr": lr,
                                              "tokens_per_s": tokens_per_s, "flops": spent})

@@ -13,7 +13,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from data.windows import IGNORE_INDEX  # -100: its one home is where the labels are made
 
 
 def causal_lm_loss(model, input_ids, labels, vocab_ids=None):
