@@ -174,6 +174,10 @@ def test_each_required_key_is_named_when_missing(key):
     assert "lacks the key 'vocab_size'" in refusal(hf(vocab_size=None, num_attention_heads=None))  # the first, in order
 
 
+def test_head_dim_given_wins_over_hidden_size_over_heads():
+    assert Qwen2Config.from_hf_dict(hf(hidden_size=64, num_attention_heads=4, head_dim=32)).head_dim == 32  # not 64 / 4
+
+
 def test_head_dim_absent_is_hidden_size_over_heads():
     assert Qwen2Config.from_hf_dict(hf(head_dim=None, hidden_size=60, num_attention_heads=6, num_key_value_heads=1)).head_dim == 10
     assert Qwen2Config.from_hf_dict(hf(head_dim=None, hidden_size=64, num_attention_heads=1, num_key_value_heads=1)).head_dim == 64
@@ -207,3 +211,16 @@ def test_from_json_names_the_path(tmp_path):
     assert str(e.value) == f"{path}: describes a 'llama' model, and qwen-min implements 'qwen2' only" + TAIL
     path.write_text(json.dumps(hf()))
     assert Qwen2Config.from_json(path) == tiny_config()
+
+
+def test_rope_scaling_without_a_type_is_plain_rope_as_in_transformers():
+    """transformers 5 reads a scaling dict with neither rope_type nor type as rope_type 'default'."""
+    assert Qwen2Config.from_hf_dict(hf(rope_scaling={"factor": 2.0})) == tiny_config()
+
+
+@pytest.mark.xfail(strict=True, reason="source bug: from_hf_dict reads only rope_parameters' 'rope_type', while transformers 5 "
+                                       "also reads the older 'type' key there (rope_type = type), so linear scaling passes as plain RoPE")
+def test_rope_parameters_with_the_older_type_key_are_refused():
+    # transformers.Qwen2Config(rope_parameters={"type": "linear", "factor": 2.0}).rope_parameters["rope_type"] == "linear"
+    assert refusal(hf(rope_parameters={"type": "linear", "factor": 2.0})) == (
+        "config.json: asks for RoPE scaling {'type': 'linear', 'factor': 2.0}, and qwen-min implements plain RoPE only" + TAIL)
