@@ -8,7 +8,7 @@ import torch
 
 from conftest import hf_twin, random_model, tiny_config
 from qwen_min import GenerationConfig, generate
-from qwen_min.generate import pad_left, sample, tokens_seen
+from qwen_min.generate import decoding, pad_left, sample, tokens_seen
 
 ROWS = [[5, 6, 7, 8, 9, 10, 11, 12], [20, 21, 22], [30, 31, 32, 33, 34]]
 
@@ -157,3 +157,42 @@ def test_sample_turns_bfloat16_logits_into_float32_probabilities(monkeypatch):
     sample(logits.bfloat16(), 0.7, generator=torch.Generator().manual_seed(0))
     assert recorded[-1].dtype == torch.float32
     torch.testing.assert_close(recorded[-1], (logits / 0.7).softmax(-1), atol=1e-6, rtol=0)
+
+
+def test_a_stop_token_still_ends_a_row_while_stop_after_counts():
+    """Both rules at once, ends worked out by hand from the free run: a row ends at its first stop
+    token or its 2nd `target`, whichever comes first."""
+    free = free_run(12).tolist()
+    target, stop = free[0][0], free[1][2]
+    def end(row, rule):
+        hits = [i for i, t in enumerate(row) if t == target]
+        at_stop = row.index(stop) + 1 if stop in row else 12
+        at_after = hits[1] + 1 if len(hits) >= 2 else 12
+        return {"stop": at_stop, "after": at_after, "both": min(at_stop, at_after)}[rule]
+    ends = [end(row, "both") for row in free]
+    assert any(end(row, "stop") < end(row, "after") for row in free)  # the stop token decides some row
+    assert any(end(row, "after") < end(row, "stop") for row in free)  # and the count another
+    model = random_model(tiny_config(eos_token_id=999))
+    out = generate(model, ROWS, 12, stop_token_ids=[stop], stop_after=(target, 2), pad_token_id=0, details=True)
+    assert out.lengths == ends and out.active == [sum(e > j for e in ends) for j in range(max(ends))]
+
+
+def test_a_one_token_prompt_equals_transformers():
+    model = random_model(tiny_config(eos_token_id=999))
+    ids = torch.tensor([[9], [40]])
+    ours = generate(model, ids, 10, stop_token_ids=[], pad_token_id=0)
+    theirs = hf_twin(model).generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
+                                     pad_token_id=0, eos_token_id=None)
+    assert ours.tolist() == theirs.tolist()
+
+
+def test_decoding_reads_the_config_it_is_given_unless_told_not_to():
+    model = random_model(tiny_config(eos_token_id=4, bos_token_id=6))
+    gc = GenerationConfig(do_sample=True, temperature=0.9, top_k=8, top_p=0.7, repetition_penalty=1.3,
+                          eos_token_id=(2, 3), pad_token_id=5)
+    assert decoding(model, gc) == gc
+    neutral = GenerationConfig(do_sample=False, temperature=1.0, top_k=None, top_p=1.0, repetition_penalty=1.0,
+                               eos_token_id=(4,), pad_token_id=6)  # the model config's eos and bos
+    assert decoding(model, gc, use_generation_config=False) == neutral
+    assert decoding(model, gc, temperature=0.0) == GenerationConfig(
+        do_sample=False, temperature=0.0, top_k=8, top_p=0.7, repetition_penalty=1.3, eos_token_id=(2, 3), pad_token_id=5)
