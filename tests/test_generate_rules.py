@@ -27,8 +27,10 @@ def test_pad_left_by_hand():
     assert ids.tolist() == [[4, 5, 6], [3, 3, 7], [3, 8, 9]]
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 1]]
     assert ids.dtype == mask.dtype == torch.long  # transformers' dtypes for input_ids and attention_mask
-    with pytest.raises(ValueError, match="Every prompt must hold at least one token."):
-        pad_left([], pad_id=0)
+    for rows in ([], [[1, 2], []]):
+        with pytest.raises(ValueError) as e:
+            pad_left(rows, pad_id=0)
+        assert str(e.value) == "Every prompt must hold at least one token."
 
 
 def test_without_stop_ids_or_config_a_row_stops_at_the_model_configs_eos_and_pads_with_its_bos():
