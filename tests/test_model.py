@@ -14,6 +14,7 @@ CONFIGS = {
     "mqa": dict(n_heads=4, n_kv_heads=1),
     "mha": dict(n_heads=4, n_kv_heads=4),
     "untied_head": dict(tie_embeddings=False),
+    "eps_theta": dict(norm_eps=0.5, rope_theta=500.0),  # neither the defaults: every norm must be given its eps
 }
 
 

@@ -211,3 +211,24 @@ def test_select_keeps_the_given_rows_of_keys_and_values():
     assert cache.k[1, :, 0, 3, 1].tolist() == [2.0, 2.0, 0.0, 1.0]
     assert cache.v[0, :, 0, 0, 0].tolist() == [-2.0, -2.0, 0.0, -1.0]
     assert cache.length == 2
+
+
+def test_a_forward_pass_makes_positions_and_mask_on_the_models_device():
+    with torch.device("meta"):
+        model = Qwen2(tiny_config())
+    ids = torch.zeros(2, 5, dtype=torch.long, device="meta")
+    cache = KVCache.for_model(model, 2, 8)
+    assert model(ids, cache=cache).shape == (2, 5, 160)
+    out = model(ids[:, :1], attention_mask=torch.ones(2, 6, dtype=torch.long, device="meta"), cache=cache)
+    assert out.is_meta and out.shape == (2, 1, 160) and cache.length == 6
+    assert model(ids[:, :2], cache=cache).is_meta  # a decode step without a mask: the causal mask over the cache
+
+
+def test_bfloat16_activations_get_bfloat16_rotary_tables():
+    """transformers casts cos and sin to the activations' dtype before rotating (so q, k stay bf16)."""
+    model = random_model(tiny_config(), dtype=torch.bfloat16)
+    seen = []
+    model.layers[1].self_attn.register_forward_pre_hook(lambda m, args: seen.append([a.dtype for a in args[:3]]))
+    with torch.no_grad():
+        assert model(torch.tensor([[3, 4, 5]])).dtype == torch.bfloat16
+    assert seen == [[torch.bfloat16] * 3]  # x, cos, sin
