@@ -198,3 +198,8 @@ def test_decoding_reads_the_config_it_is_given_unless_told_not_to():
     assert decoding(model, gc, use_generation_config=False) == neutral
     assert decoding(model, gc, temperature=0.0) == GenerationConfig(
         do_sample=False, temperature=0.0, top_k=8, top_p=0.7, repetition_penalty=1.3, eos_token_id=(2, 3), pad_token_id=5)
+
+
+def test_sample_without_a_temperature_is_greedy():
+    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, -1.0, 1.5]]).repeat(500, 1)  # softmax 0.04, 0.84, 0.11: T = 1 would stray
+    assert sample(logits).tolist() == [1, 0] * 500
