@@ -3,6 +3,8 @@ scipy's (the same textbook method), the fit's loss against scipy minimising it s
 
 Short grids and few iterations keep each test well under a second, so the mutation run can afford them."""
 
+import warnings
+
 import numpy as np
 import pytest
 from scipy.optimize import minimize  # installed with scikit-learn (requirements-test.txt)
@@ -57,6 +59,33 @@ def test_nelder_mead_takes_scipys_steps_for_every_row():
             np.testing.assert_allclose(ours[i], expected, rtol=0, atol=1e-12, err_msg=f"row {i}, {iterations} iterations")
 
 
+def test_nelder_mead_takes_scipys_steps_through_ties_and_shrinks():
+    """A bumpy function rounded to one decimal: ties between values, and many iterations where no move helps."""
+    centres = np.array([[1.0, -2.0], [3.0, 0.5], [-1.0, 4.0]])
+    calls = 0
+
+    def bumpy(z, c):
+        return np.round(np.sin(3 * z[..., 0]) + np.sin(3 * z[..., 1]) + 0.1 * ((z - c) ** 2).sum(-1), 1)
+
+    def f(z, rows):
+        nonlocal calls
+        calls += 1
+        return bumpy(z, centres[rows])
+
+    x0 = np.array([[0.0, 0.0], [0.5, -0.5], [2.0, 1.0]])
+    ours = baselines.nelder_mead(f, x0, iterations=40, step=0.7)
+    assert calls > 1 + 40 + 10  # one call per iteration, one more per shrink: it shrank more than 10 times
+    for i in range(3):
+        np.testing.assert_allclose(ours[i], _scipy_nelder_mead(lambda z: bumpy(z, centres[i]), x0[i], 40, 0.7), atol=1e-12)
+    # unrounded, the best vertex keeps improving after the shrinks, so a wrong shrink shows in the result
+    wavy = lambda z, c: np.sin(7 * z[..., 0]) * np.sin(7 * z[..., 1]) + 0.1 * ((z - c) ** 2).sum(-1)
+    calls = 0
+    ours = baselines.nelder_mead(lambda z, rows: (f(z, rows), wavy(z, centres[rows]))[1], x0, iterations=60, step=1.5)
+    assert calls >= 1 + 60 + 5
+    for i in range(3):
+        np.testing.assert_allclose(ours[i], _scipy_nelder_mead(lambda z: wavy(z, centres[i]), x0[i], 60, 1.5), atol=1e-12)
+
+
 def test_nelder_mead_shrinks_when_no_move_helps():
     # 1-D, a step from 0 to 1 on a function worse everywhere but near 0 and 0.9: reflection (-1), expansion (-2),
     # both contractions (-0.5, 0.5) fail, so the simplex shrinks to {0, 0.5}; then the next iterations follow scipy
@@ -71,10 +100,12 @@ def test_nelder_mead_shrinks_when_no_move_helps():
 
 
 def test_nelder_mead_default_step_and_iterations():
-    f = lambda z, rows: ((z - 0.25) ** 2).sum(1)
-    ours = baselines.nelder_mead(f, np.zeros((1, 2)))
-    expected = _scipy_nelder_mead(lambda z: ((z - 0.25) ** 2).sum(), np.zeros(2), 150, 0.1)
+    scales = 10.0 ** np.arange(6)
+    bowl = lambda z: (scales * (z - 1) ** 2).sum(-1)  # 6 dimensions, badly scaled: still moving at iteration 150
+    ours = baselines.nelder_mead(lambda z, rows: bowl(z), np.full((1, 6), 2.0))
+    expected = _scipy_nelder_mead(bowl, np.full(6, 2.0), 150, 0.1)
     np.testing.assert_allclose(ours[0], expected, atol=1e-12)
+    assert np.abs(_scipy_nelder_mead(bowl, np.full(6, 2.0), 151, 0.1) - expected).max() > 1e-9  # the premise
 
 
 def _short_context():
@@ -90,18 +121,24 @@ def test_fit_without_iterations_is_the_regression_start():
     np.testing.assert_allclose(initial, [context[0, 0], [context[1, 0, 0], 1e-6]], rtol=1e-12)
 
 
-def _fit_against_scipy(context, times, iterations):
+def _fit_against_scipy(context, times, iterations, substeps=2):
     """Fit with baselines, then minimise the documented loss series by series with scipy from the same start:
     the mean squared error of the integrated log-trajectory, inf where the integration blows up. Returns how
     many of scipy's evaluations were inf."""
-    params, initial = baselines.fit_lotka_volterra(context, times, iterations=iterations, substeps=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a candidate that blows up is expected: it must not warn
+        if iterations is None:  # the defaults: 150 iterations, 8 substeps
+            params, initial = baselines.fit_lotka_volterra(context, times)
+            iterations, substeps = 150, 8
+        else:
+            params, initial = baselines.fit_lotka_volterra(context, times, iterations=iterations, substeps=substeps)
     start = baselines.fit_lotka_volterra(context, times, iterations=0)
     blown_up = 0
     for i in range(len(context)):
         def loss(z):  # z: log alpha, beta, delta, gamma, log prey and predator at times[0]
             nonlocal blown_up
             with np.errstate(all="ignore"):
-                path = lotka_volterra.integrate(np.exp(z[None, :4]), np.exp(z[None, 4:]), times, substeps=2)[0]
+                path = lotka_volterra.integrate(np.exp(z[None, :4]), np.exp(z[None, 4:]), times, substeps=substeps)[0]
                 err = np.mean((np.log(path) - np.log(context[i])) ** 2)
             blown_up += not np.isfinite(err)
             return err if np.isfinite(err) else np.inf
@@ -115,6 +152,11 @@ def _fit_against_scipy(context, times, iterations):
 
 def test_fit_minimises_the_mean_squared_log_error_as_scipy_does_series_by_series():
     assert _fit_against_scipy(*_short_context(), iterations=20) == 0
+
+
+def test_fit_defaults_to_150_iterations_of_8_substeps():
+    context, times = _short_context()
+    assert _fit_against_scipy(context[:1, :4], times[:4], iterations=None) == 0  # 4 steps: a cheap loss
 
 
 def test_fit_treats_a_blown_up_candidate_as_infinitely_bad():
@@ -146,13 +188,35 @@ def test_lotka_volterra_default_substeps_and_iterations_are_the_fits():
     np.testing.assert_allclose(got, lotka_volterra.integrate(params, initial, times[:8], substeps=8)[:, 6:], rtol=1e-12)
 
 
+def test_lotka_volterra_passes_iterations_and_substeps_to_the_fit():
+    context, times = _short_context()
+    got = baselines.lotka_volterra(context[:, :6], times[:8], 2, iterations=3, substeps=3)
+    params, initial = baselines.fit_lotka_volterra(context[:, :6], times[:6], iterations=3, substeps=3)
+    np.testing.assert_allclose(got, lotka_volterra.integrate(params, initial, times[:8], substeps=3)[:, 6:], rtol=1e-12)
+    assert not np.array_equal(params, baselines.fit_lotka_volterra(context[:, :6], times[:6], iterations=0)[0])  # the premise
+
+
+def test_float32_inputs_are_computed_in_float64():
+    context, times = _short_context()
+    c32 = context.astype(np.float32)
+    np.testing.assert_array_equal(baselines.regression_estimate(c32, times), baselines.regression_estimate(c32.astype(np.float64), times))
+    for a, b in zip(baselines.fit_lotka_volterra(c32[:, :6], times[:6], iterations=2, substeps=2),
+                    baselines.fit_lotka_volterra(c32[:, :6].astype(np.float64), times[:6], iterations=2, substeps=2)):
+        np.testing.assert_array_equal(a, b)
+    t32 = (times * 0.1).astype(np.float32)  # times that float32 rounds
+    np.testing.assert_array_equal(baselines.lotka_volterra(context[:, :6], t32, 3, iterations=0),
+                                  baselines.lotka_volterra(context[:, :6], t32.astype(np.float64), 3, iterations=0))
+
+
 def test_a_forecast_that_blows_up_falls_back_to_persistence(monkeypatch):
     """Series 0 fits sane rates, series 1 rates whose integration overflows: only its non-finite values are replaced."""
     context, times = _short_context()
     rates = np.array([[0.15, 0.3, 0.1, 0.2], [1e3, 1e-4, 1e-4, 1e-4]])
     start = context[:, 0]
     monkeypatch.setattr(baselines, "fit_lotka_volterra", lambda *args: (rates, start))
-    forecast = baselines.lotka_volterra(context[:, :8], times, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the overflow is expected: it must not warn
+        forecast = baselines.lotka_volterra(context[:, :8], times, 3)
     with np.errstate(all="ignore"):
         raw = lotka_volterra.integrate(rates, start, times[:11], substeps=8)[:, 8:]  # (2, 3, 2)
     bad = ~np.isfinite(raw)

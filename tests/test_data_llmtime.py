@@ -243,3 +243,8 @@ def test_encode_defaults_to_two_decimals_and_checks_the_rounded_value():
     assert llmtime.encode(np.array([[9999.5, 1.0]]), 2) == "9999.50,1.00"  # four integer digits: fine
     with pytest.raises(ValueError, match=r"finite values in \[0, 10000\)"):
         llmtime.encode(np.array([[9999.5, 1.0]]), 0)  # written 10000
+
+
+def test_each_empty_step_is_counted():
+    d = llmtime.decode("1.0,2.0;;;;3.0,4.0;")
+    assert d.issues == {"empty_step": 3} and d.values.tolist() == [[1.0, 2.0], [3.0, 4.0]]

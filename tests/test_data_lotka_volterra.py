@@ -211,13 +211,16 @@ def test_peak_decay_is_last_prey_peak_over_first_for_trajectories_with_two_or_mo
     falling = HAND[:, ::-1].copy()  # time reversed: second trajectory's peaks 8, 4, 2
     falling[0, :, 0] = [9, 1, 6, 1, 3, 1, 1]  # peaks 6 and 3: decays to a half
     np.testing.assert_allclose(lotka_volterra.peak_decay(falling), [0.5, 2 / 8])
+    early = HAND.copy()
+    early[0, :, 0] = [1, 3, 1, 1, 5, 1, 1]  # peaks at interior steps 0 and 3, not placed symmetrically
+    np.testing.assert_allclose(lotka_volterra.peak_decay(early)[0], 5 / 3)
 
 
 def test_summary_by_hand():
     s = lotka_volterra.summary(HAND.astype(np.float32))
     values = np.concatenate([PREY.ravel(), [1.0] * 7, [2.0] * 7])
     assert s["trajectories"] == 2 and s["min"] == 0.5 and s["max"] == 8.0
-    assert s["mean"] == pytest.approx((22 + 16 + 7 + 14) / 28)  # prey sums 22 and 16, predators 7 and 14
+    assert float(s["mean"]) == (22 + 16 + 7 + 14) / 28  # prey sums 22 and 16, predators 7 and 14: exact in float64
     for key, q in (("p1", 1), ("p50", 50), ("p95", 95), ("p99", 99)):
         assert s[key] == pytest.approx(np.percentile(values, q)), key
     assert s["p50"] == 2.0 and s["prey p50"] == 2.0 and s["predator p50"] == 1.5
@@ -247,12 +250,27 @@ def test_write_cli_writes_the_simulation_it_names(tmp_path, capsys):
     expected, times = lotka_volterra.simulate(3, seed=2)
     np.testing.assert_array_equal(traj, expected)
     np.testing.assert_array_equal(t, times)
+    lotka_volterra.main(["--write", str(path), "-n", "2"])  # the default seed is 0
+    np.testing.assert_array_equal(lotka_volterra.load(path)[0], lotka_volterra.simulate(2, seed=0)[0])
+    assert not np.array_equal(lotka_volterra.load(path)[0], lotka_volterra.simulate(2, seed=1)[0])
 
 
 def test_cli_without_a_task_says_what_to_pass(capsys):
     with pytest.raises(SystemExit) as info:
         lotka_volterra.main(["-n", "2"])
-    assert info.value.code == 2 and "nothing to do; pass --compare PATH and/or --write PATH." in capsys.readouterr().err
+    assert info.value.code == 2 and capsys.readouterr().err.endswith("error: nothing to do; pass --compare PATH and/or --write PATH.\n")
+
+
+def test_cli_help_names_each_flag_its_metavar_and_default(capsys):
+    with pytest.raises(SystemExit) as info:
+        lotka_volterra.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines to the terminal width
+    assert info.value.code == 0
+    for line in ("Lotka-Volterra predator-prey trajectories: the simulator that makes the default data.",
+                 "--compare PATH h5 file to compare the simulator with (default: None)",
+                 "--write PATH write simulated data to this h5 file (default: None)",
+                 "-n N number of trajectories (default: 1000)", "[--seed SEED]"):
+        assert line in help_text, line
 
 
 def test_save_writes_the_layouts_dtypes_and_load_returns_them(tmp_path):
@@ -299,3 +317,22 @@ def test_more_bad_files_and_their_whole_messages(tmp_path, datasets, message):
     with pytest.raises(DataFileError) as info:
         lotka_volterra.load(path)
     assert message in str(info.value)
+
+
+def test_integrate_computes_in_float64_whatever_it_is_given():
+    params, initial = lotka_volterra.sample_params(3, np.random.default_rng(6))
+    p32, i32 = params.astype(np.float32), initial.astype(np.float32)
+    t = lotka_volterra.time_grid(6, 10.0)
+    got = lotka_volterra.integrate(p32, i32, t, substeps=4)
+    assert got.dtype == np.float64
+    np.testing.assert_array_equal(got, lotka_volterra.integrate(p32.astype(np.float64), i32.astype(np.float64), t, substeps=4))
+
+
+def test_simulate_passes_its_grid_and_substeps_on():
+    traj, t = lotka_volterra.simulate(2, seed=4, n_steps=6, t_end=10.0, substeps=3)
+    np.testing.assert_array_equal(t, [0.0, 2.0, 4.0, 6.0, 8.0, 10.0])
+    params, initial = lotka_volterra.sample_params(2, np.random.default_rng(4))  # simulate's draws, in its order
+    expected = lotka_volterra.integrate(params, initial, t, substeps=3).astype(np.float32)
+    np.testing.assert_array_equal(traj, expected)
+    assert not np.array_equal(traj, lotka_volterra.integrate(params, initial, t).astype(np.float32))  # 40 substeps differ
+    np.testing.assert_array_equal(lotka_volterra.simulate(2, n_steps=6)[0], lotka_volterra.simulate(2, seed=0, n_steps=6)[0])

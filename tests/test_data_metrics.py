@@ -206,3 +206,19 @@ def test_point_metrics_without_spread_give_nan_and_small_spreads_are_used():
     truth = np.array([[[0.1, 0.2], [0.3, 0.4]]])  # sum (t - 0.25)^2 = 0.05, range 0.3
     m = metrics.point_metrics(truth + 0.1, truth)
     assert m["r2"] == pytest.approx(1 - 0.04 / 0.05) and m["nrmse"] == pytest.approx(100 * 0.1 / 0.3)
+
+
+def test_shapes_must_match_and_end_in_two_species():
+    for pred, truth in ((np.zeros((3, 2)), np.zeros((3, 2))), (np.zeros((1, 2, 2)), np.zeros((1, 3, 2)))):
+        with pytest.raises(ValueError, match=r"must both be \(series, steps, 2\), got"):
+            metrics.point_metrics(pred, truth)
+
+
+def test_a_float32_truth_is_scored_in_float64():
+    from sklearn.metrics import r2_score
+
+    rng = np.random.default_rng(5)
+    truth = rng.uniform(0.5, 4, size=(5, 40, 2)).astype(np.float32)
+    pred = truth + rng.normal(0, 0.01, size=truth.shape)
+    r2 = r2_score(truth.astype(np.float64).ravel(), pred.ravel())  # the pooled R2, in float64
+    assert metrics.point_metrics(pred, truth)["r2"] == pytest.approx(r2, rel=1e-13, abs=0)
