@@ -224,9 +224,12 @@ def test_a_forward_pass_makes_positions_and_mask_on_the_models_device():
     assert model(ids[:, :2], cache=cache).is_meta  # a decode step without a mask: the causal mask over the cache
 
 
-def test_bfloat16_activations_get_bfloat16_rotary_tables():
-    """transformers casts cos and sin to the activations' dtype before rotating (so q, k stay bf16)."""
-    model = random_model(tiny_config(), dtype=torch.bfloat16)
+def test_bfloat16_activations_get_bfloat16_rotary_tables(tmp_path):
+    """transformers casts cos and sin to the activations' dtype before rotating (so q, k stay bf16).
+    Loaded, the tables stay float32 (model.to(bfloat16) would cast them too, hiding the cast)."""
+    folder = write_checkpoint(random_model(tiny_config()), tmp_path / "ckpt")
+    model = Qwen2.from_pretrained(folder, dtype=torch.bfloat16)
+    assert model.rope.cos.dtype == torch.float32 and model.embed_tokens.weight.dtype == torch.bfloat16
     seen = []
     model.layers[1].self_attn.register_forward_pre_hook(lambda m, args: seen.append([a.dtype for a in args[:3]]))
     with torch.no_grad():
