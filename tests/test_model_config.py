@@ -218,9 +218,7 @@ def test_rope_scaling_without_a_type_is_plain_rope_as_in_transformers():
     assert Qwen2Config.from_hf_dict(hf(rope_scaling={"factor": 2.0})) == tiny_config()
 
 
-@pytest.mark.xfail(strict=True, reason="source bug: from_hf_dict reads only rope_parameters' 'rope_type', while transformers 5 "
-                                       "also reads the older 'type' key there (rope_type = type), so linear scaling passes as plain RoPE")
-def test_rope_parameters_with_the_older_type_key_are_refused():
+def test_rope_parameters_with_the_older_type_key_are_refused():  # transformers 5 reads 'type' as rope_type there too
     # transformers.Qwen2Config(rope_parameters={"type": "linear", "factor": 2.0}).rope_parameters["rope_type"] == "linear"
     assert refusal(hf(rope_parameters={"type": "linear", "factor": 2.0})) == (
         "config.json: asks for RoPE scaling {'type': 'linear', 'factor': 2.0}, and qwen-min implements plain RoPE only" + TAIL)
