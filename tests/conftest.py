@@ -26,6 +26,8 @@ def random_model(cfg: Qwen2Config, seed=0, lm_head_bias=False, dtype=torch.float
 
     Matrices get std 1/sqrt(fan_in), so activations and logits stay O(1) as in a trained model;
     larger weights would blow float32 rounding up to where no tolerance means anything.
+    With dtype=bfloat16, `.to()` casts the RoPE tables too, which Qwen2.from_pretrained keeps in
+    float32: a test about the tables' dtype must load the model with from_pretrained instead.
     """
     torch.manual_seed(seed)
     model = Qwen2(cfg, lm_head_bias=lm_head_bias)
