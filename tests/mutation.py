@@ -74,7 +74,10 @@ def run_area(area, out, children):
         env = {k: v for k, v in os.environ.items() if k != "QWEN_MIN_CHECKPOINT"} | {"OMP_NUM_THREADS": "1"}
         mutmut = [sys.executable, "-m", "mutmut"]
         run = subprocess.run(mutmut + ["run", "--max-children", str(children)], cwd=tmp, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if run.returncode != 0:  # e.g. the area's tests failed before any mutant (its clean run): say why, stop
+            tail = "\n".join(run.stdout.splitlines()[-30:])
+            raise SystemExit(f"{area}: mutmut run stopped with exit code {run.returncode} before measuring; its last lines:\n{tail}")
         subprocess.run(mutmut + ["export-cicd-stats"], cwd=tmp, env=env, check=True, capture_output=True)
         counts = json.loads((Path(tmp) / "mutants" / "mutmut-cicd-stats.json").read_text())
         listed = subprocess.run(mutmut + ["results"], cwd=tmp, env=env, check=True, capture_output=True, text=True).stdout
