@@ -203,7 +203,7 @@ def resolve(args, p):
     if args.out and (Path(args.out) / "results.json").exists():
         p.error(f"--out {args.out} already holds an evaluation's results.json; choose a new folder (or leave out --out: "
                 "each evaluation then gets its own)")
-    args.settings = journal_settings(args)
+    args.settings = None if args.score else journal_settings(args)  # --score decodes nothing: no journal
     args.out = args.out or default_out(args)
     if Path(args.out).exists() and not Path(args.out).is_dir():
         p.error(f"--out {args.out} is a file, not a folder; choose a folder for results.json")
@@ -234,7 +234,8 @@ def default_out(args):
     which = Path(args.adapter).name if args.adapter else "base"
     out = Path(args.run) / "eval" / f"{args.protocol}-{which}" if args.run else Path("evals") / f"{args.label}-{args.protocol}"
     unfinished = [f for f in [out, *sorted(out.parent.glob(out.name + "-*"))]
-                  if (f / JOURNAL).is_file() and not (f / "results.json").exists() and Journal.settings_of(f / JOURNAL) == args.settings]
+                  if args.settings is not None and (f / JOURNAL).is_file() and not (f / "results.json").exists()
+                  and Journal.settings_of(f / JOURNAL) == args.settings]
     if unfinished:
         return str(unfinished[-1])
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -726,11 +727,7 @@ def read_results(path):
 
 def write_results(args, res):
     res = to_json(res)
-    out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create --out {out} ({e.strerror}); choose another folder.") from None
+    out = Path(args.out)  # made by main
     atomic_write_json(out / "results.json", res)
     if args.log == "tensorboard":
         log_scalars(args, res)
@@ -805,13 +802,13 @@ def main(argv=None):
     if args.compare:
         print(compare(args.compare))
         return None
-    if args.score:
-        return score_main(args)
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create --out {out} ({e.strerror}); choose another folder.") from None
+    if args.score:
+        return score_main(args)
     # the run's eval/ and ledger.jsonl: never while train.py (or another evaluation) writes there; OUT: one evaluation's
     with FolderLock(args.run) if args.run else contextlib.nullcontext(), FolderLock(out):
         journal = Journal(out / JOURNAL, args.settings)
