@@ -13,11 +13,9 @@ state.pt (for --resume), adapter/ and best/ (peft format), loss.png, summary.jso
 --export-merged merged/ (a checkpoint transformers loads), with --log tensorboard tensorboard/,
 and later evaluate.py's eval/<protocol>-<adapter>/.
 
-The run folder survives a kill at any instant. Every file is written whole and renamed into
-place (qwen_min/files.py); state.pt is the commit point: it holds the trained tensors, the best
-ones, the optimizer and the RNG, and adapter/ and best/ are rewritten from it on --resume, so
-they always agree with the state that continues. Log lines written after it are dropped on
-resume. A lock makes the folder one process's for the whole run.
+The run folder survives a kill at any instant (qwen_min/run_folder.py says how); state.pt is the
+commit point of a checkpoint (qwen_min/checkpoint.py). This file is the recipe and the loop:
+flags, data, model, the FLOP budget, then `train()`, which reads top to bottom like nanoGPT's.
 """
 
 import argparse
@@ -25,11 +23,9 @@ import functools
 import json
 import math
 import os
-import pickle
 import shutil
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -42,10 +38,9 @@ from data.recipe import Recipe
 from qwen_min import Qwen2, Qwen2Config, Tokenizer
 from qwen_min.cli import HelpFormatter, parse_with_config, renamed
 from qwen_min.errors import UserError, run_cli
-from qwen_min.files import (FolderLock, append_jsonl, atomic_write, atomic_write_json, atomic_write_text,
-                            clean_leftovers, recover_folder, sync)
+from qwen_min.files import FolderLock, append_jsonl, atomic_write, atomic_write_json
 from qwen_min.loss import causal_lm_loss, mean_cross_entropy
-from qwen_min import run_folder
+from qwen_min import checkpoint, run_folder
 from qwen_min.progress import progress
 from qwen_min.scalars import Scalars, require_tensorboard
 from qwen_min.weights import resolve_checkpoint, save_pretrained
@@ -59,11 +54,6 @@ RESUMABLE = ("steps", "lr", "patience", "flops_budget", "device", "no_progress",
 # CUDA with grouped kv heads may fall back to the math kernel, which flops.py counts as
 # kernel="math": about 1% fewer FLOPs per step at 512 tokens. Not yet checked on a GPU.)
 ATTENTION_KERNEL = "fused"
-# What a run folder holds; a fresh start clears these (args.json is replaced, not removed).
-RUN_FILES = ("scaler.json", "metrics.jsonl", "ledger.jsonl", "state.pt", "loss.png", "summary.json")
-RUN_FOLDERS = ("adapter", "best", "merged", "tensorboard")
-OWN = {"args.json", ".lock", *RUN_FILES, *RUN_FOLDERS}
-STATE_KEYS = {"step", "trainable", "best", "optimizer", "rng", "cuda_rng", "best_val", "bad_evals", "spent"}
 
 
 def build_parser():
@@ -284,49 +274,13 @@ def why_not_finite(model, what, step, args):
 
 # ---------------------------------------------------------------- the run folder
 
-def make_run_folder(run):
-    """Creates --out; True if it was not there, so that a start failing early can remove it again."""
-    if run.exists() and not run.is_dir():
-        raise UserError(f"--out {run} is a file, not a folder; choose a folder for the run.")
-    try:
-        run.mkdir(parents=True)
-        return True
-    except FileExistsError:
-        return False
-    except OSError as e:
-        raise UserError(f"cannot create the run folder --out {run} ({e.strerror}); choose another place.") from None
-
-
-def tidy(run):
-    """Leftovers of a kill at any instant: folder swaps finished or undone, temporary files removed."""
-    for name in RUN_FOLDERS:
-        recover_folder(run / name)
-    clean_leftovers(run, names=OWN)
-
-
-def clear_run(run):
-    """A fresh start in a folder holding no checkpoint: what an earlier start wrote goes."""
-    for name in RUN_FILES:
-        (run / name).unlink(missing_ok=True)
-    for name in RUN_FOLDERS:
-        shutil.rmtree(run / name, ignore_errors=True)
-
-
 def open_run(args, run):
     """The flags of the run in `run` (its lock held, its leftovers tidied), and whether it resumes from state.pt."""
-    tidy(run)
+    run_folder.tidy(run)
     if args.resume:  # without state.pt (killed before its first checkpoint) the run starts over from args.json
-        if (run / "state.pt").exists() and not (run / "state.pt").is_file():
-            raise UserError(f"{run / 'state.pt'} is not a file; delete it and pass --resume to start the run over "
-                            "from its args.json, or choose another --out.")
-        if not (run / "args.json").is_file():
-            raise UserError(f"{run} holds no run to resume (no args.json); start it without --resume.")
-        return resumed_args(args, run), (run / "state.pt").is_file()
-    if (run / "state.pt").exists():
-        raise UserError(f"{run} already holds a run; pass --resume to continue it or choose another --out.")
-    foreign = sorted(p.name for p in run.iterdir() if p.name not in OWN)  # a fresh start clears what is the run's
-    if foreign:
-        raise UserError(f"--out {run} holds files that are not a run's ({', '.join(foreign[:3])}); choose a new or empty folder.")
+        from_state = run_folder.check_resumable(run)
+        return resumed_args(args, run), from_state
+    run_folder.check_fresh(run)
     return args, False
 
 
@@ -379,89 +333,6 @@ def resumed_args(args, run):
     return argparse.Namespace(**(saved | {k: getattr(args, k) for k in changed} | {"out": args.out, "resume": True, "given": args.given}))
 
 
-def save_adapter(model, folder, args, tensors=None):
-    """Writes the model's adapter to `folder` (peft format, swapped in whole), or `tensors`' if given."""
-    params = dict(model.named_parameters())
-    current = {n: params[n].detach().clone() for n in tensors or {}}
-    extra = {"lm_head_bias": model.lm_head_bias} if model.lm_head_bias is not None else None
-    try:
-        with torch.no_grad():
-            for n, t in (tensors or {}).items():
-                params[n].copy_(t)
-        lora.save_adapter(model, folder, base_model_name_or_path=args.model, extra=extra)  # under peft's names (Qwen2.checkpoint_name)
-    finally:
-        with torch.no_grad():
-            for n, t in current.items():
-                params[n].copy_(t)
-
-
-def write_adapters(model, run, state, args):
-    """adapter/ and best/ as the committed state says (best/ only once a validation has run)."""
-    save_adapter(model, run / "adapter", args)
-    if state["best"] is None:
-        shutil.rmtree(run / "best", ignore_errors=True)
-    else:
-        save_adapter(model, run / "best", args, state["best"])
-
-
-def commit(run, state):
-    """Writes state.pt, the commit point of a checkpoint: first the logs it counts on reach the disk."""
-    for name in ("metrics.jsonl", "ledger.jsonl"):
-        if (run / name).exists():
-            sync(run / name)
-    atomic_write(run / "state.pt", lambda tmp: torch.save(state, tmp))
-
-
-def load_state(run, model):
-    """The checkpoint in run/state.pt, loaded as tensors and plain data only (never arbitrary objects)."""
-    path = run / "state.pt"
-    fix = "delete it and pass --resume to start the run over from its args.json, or choose another --out"
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)  # RNG states must stay on the CPU
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as e:
-        raise UserError(f"{path} is damaged or holds more than tensors and plain data ({type(e).__name__}); {fix}.") from None
-    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-    def fits(tensors):
-        return isinstance(tensors, dict) and tensors.keys() == trained.keys() and all(
-            isinstance(t, torch.Tensor) and t.shape == trained[n].shape for n, t in tensors.items())
-    if not (isinstance(state, dict) and STATE_KEYS <= state.keys() and fits(state["trainable"])
-            and (state["best"] is None or fits(state["best"])) and isinstance(state["rng"], torch.Tensor)
-            and all(type(state[k]) is int for k in ("step", "bad_evals"))
-            and all(type(state[k]) in (int, float) for k in ("best_val", "spent"))):
-        raise UserError(f"{path} is not a checkpoint of this run (its keys or tensors do not fit the model); {fix}.")
-    return state
-
-
-def restore(state, model, optimizer, run):
-    """Loads a checkpoint into model and optimizer; drops log lines written after it."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name in state["trainable"]:
-                p.copy_(state["trainable"][name])
-    try:
-        optimizer.load_state_dict(state["optimizer"])  # moves its tensors to the parameters' device
-        torch.set_rng_state(state["rng"])
-    except (ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise UserError(f"{run / 'state.pt'} holds an optimizer or RNG state that does not fit this run ({type(e).__name__}); "
-                        "delete it and pass --resume to start the run over from its args.json.") from None
-    if state["cuda_rng"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    for path in (run / "metrics.jsonl", run / "ledger.jsonl"):
-        if path.exists():
-            keep = [line for line in path.read_text().splitlines() if logged_step(line) <= state["step"]]
-            atomic_write_text(path, "".join(line + "\n" for line in keep))
-
-
-def logged_step(line):
-    """The step of a log line; infinite for a line a kill cut short, so that it is dropped."""
-    try:
-        step = json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return math.inf
-    return step if type(step) is int else math.inf
-
-
 def plot_losses(run, path):
     import matplotlib
 
@@ -469,7 +340,7 @@ def plot_losses(run, path):
     import matplotlib.pyplot as plt
 
     lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").exists() else []
-    rows = [json.loads(line) for line in lines if logged_step(line) < math.inf]
+    rows = [json.loads(line) for line in lines if run_folder.logged_step(line) < math.inf]
     train = [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
     val = [(r["step"], r["val_loss"]) for r in rows if r["kind"] == "val"]
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -498,12 +369,233 @@ def export_merged(run, args):
     print(f"merged checkpoint written to {run / 'merged'}")
 
 
+# ---------------------------------------------------------------- the pieces of a run
+
+def build_model(args):
+    """The base checkpoint with LoRA injected; only LoRA (and the coursework's lm_head bias) is trained."""
+    dtype = getattr(torch, args.dtype)
+    model = Qwen2.from_pretrained(args.model, dtype=dtype, device=args.device, lm_head_bias=args.lm_head_bias)
+    lora.inject_lora(model, r=args.rank, alpha=args.alpha, dropout=args.dropout, targets=lora.parse_targets(args.targets))
+    lora.mark_only_lora_as_trainable(model, also=("lm_head_bias",))
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:  # trained parameters stay float32 (bf16 runs compute in bf16 under autocast)
+        p.data = p.data.float()
+    return model.train(), params
+
+
+class Budget:
+    """The run's FLOP budget, coursework convention. A step costs what flops.py counts for the batch
+    shape really run (trailing padding is cut off, so shapes vary); a validation, the forward passes
+    of its fixed batches. The loss feeds T - 1 tokens of a T-token window and scores T - 1 labels."""
+
+    def __init__(self, args, cfg, eval_shapes):
+        self.limit = args.flops_budget
+        self.setup = flops.Setup(cfg, flops.lora_targets(args.targets, args.rank), args.lm_head_bias,
+                                 len(llmtime.ALPHABET) if args.vocab == "numeric" else None, ATTENTION_KERNEL)
+        self.n_eval_batches = len(eval_shapes)
+        self.eval = sum(flops.forward_with_loss(self.setup, B, T - 1).coursework for B, T in eval_shapes)
+        self._steps = {}
+
+    def step(self, B, T) -> flops.Cost:
+        """One training step on a (B, T) batch of windows."""
+        if (B, T) not in self._steps:
+            self._steps[B, T] = flops.train_step(self.setup, B, T - 1)
+        return self._steps[B, T]
+
+    def affords(self, spent, step, with_eval) -> bool:
+        """Whether a step of `step` FLOPs (and its validation) still fits after `spent`."""
+        return spent + step + (self.eval if with_eval else 0) <= self.limit
+
+    def first_step(self, args):
+        """The least a run spends: one full step, with its validation when step 1 has one."""
+        return self.step(args.batch, args.context).coursework + (self.eval if args.eval_every == 1 or args.steps == 1 else 0)
+
+    def record_plan(self, ledger, name, args):
+        """The whole run's FLOPs as planned, into the ledger beside what is spent."""
+        plan = flops.plan_run(self.setup, args.steps, args.batch, args.context, args.eval_every, self.n_eval_batches)
+        ledger.add(name, "train", plan["train"], source="plan", step=0)
+        ledger.add(name, "eval", plan["eval"].coursework + self.eval, source="plan", step=0)  # + the step-0 baseline
+
+
+class Log:
+    """Where the loop's numbers go: metrics.jsonl (the record), the FLOP ledger, TensorBoard, the progress bar."""
+
+    def __init__(self, run, ledger, args, step, resuming):
+        self.run, self.ledger = run, ledger
+        self.bar = progress(args.steps, "train", "step", initial=step, bar=False if args.no_progress else None)
+        # a resume drops the events a killed run wrote after its checkpoint, as metrics.jsonl drops its lines
+        self.scalars = Scalars(run / "tensorboard", args.log == "tensorboard", purge_step=step + 1 if resuming else None)
+
+    def step(self, step, loss, lr, tokens_per_s, spent, cost):
+        append_jsonl(self.run / "metrics.jsonl", {"kind": "train", "step": step, "loss": loss, "lr": lr,
+                                                  "tokens_per_s": tokens_per_s, "flops": spent})
+        self.ledger.add(self.run.name, "train", cost, step=step)
+        for tag, value in (("train/loss", loss), ("train/lr", lr), ("train/tokens_per_s", tokens_per_s), ("flops/spent", spent)):
+            self.scalars.add(tag, value, step)
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}", flops=f"{spent:.2e}")
+        self.bar.update(1)
+
+    def validation(self, step, val_loss, improved, spent, cost):
+        append_jsonl(self.run / "metrics.jsonl", {"kind": "val", "step": step, "val_loss": val_loss, "best": improved, "flops": spent})
+        self.scalars.add("val/loss", val_loss, step)
+        self.scalars.add("flops/spent", spent, step)
+        self.ledger.add(self.run.name, "eval", cost, step=step)
+        self.bar.write(f"step {step}: validation loss {val_loss:.4f}{' (best)' if improved else ''}")
+
+    def close(self):
+        self.bar.close()
+        self.scalars.close()
+
+
+def start_or_resume(args, run, resuming, model, optimizer, scaler, budget):
+    """The loop's state, restored exactly from the last checkpoint or fresh (and then the folder is the
+    new run's), and the run's FLOP ledger. Writes args.json; a fresh start also scaler.json and the plan."""
+    if resuming:
+        state = checkpoint.load_state(run, model)
+        checkpoint.restore(state, model, optimizer, run)
+        run_folder.drop_lines_after(run, state["step"])
+        checkpoint.write_adapters(model, run, state, args.model)  # a kill may have left them behind or ahead of state.pt
+        loop = checkpoint.LoopState.of(state)
+        print(f"resuming {run} at step {loop.step} (best validation loss {loop.best_val:.4f})")
+    else:
+        least = budget.first_step(args)
+        if args.flops_budget < least:
+            raise UserError(f"--flops-budget {args.flops_budget:.3g} is smaller than one training step ({least:.3g} FLOPs at "
+                            f"--batch {args.batch} --context {args.context}, {args.flops_budget / least:.2g} of it); "
+                            f"raise it to at least {least:.3g}.")
+        run_folder.clear(run)
+        loop = checkpoint.LoopState()
+    # every flag's value, a resume's changes included: `train.py --config RUN/args.json --out NEW` runs it again
+    atomic_write_json(run / "args.json", {k: v for k, v in vars(args).items() if k not in ("resume", "given", "config")})
+    ledger = flops.Ledger(run / "ledger.jsonl", budget=args.flops_budget)  # on resume: the spending so far
+    if not resuming:
+        atomic_write_json(run / "scaler.json", scaler.to_dict() | {"decimals": args.decimals, "split_seed": args.seed})
+        budget.record_plan(ledger, run.name, args)
+    return loop, ledger
+
+
+def announce(args, cfg, params, train_w, val_w, budget, step):
+    """What is about to run, and on a CPU how long it will take at least."""
+    full_step = budget.step(args.batch, args.context).coursework
+    print(f"{len(params)} trainable tensors, {sum(p.numel() for p in params):,} parameters; {len(train_w.input_ids)} training "
+          f"windows of {args.context} tokens, {len(val_w.input_ids)} validation; {full_step:.3g} FLOPs per full step, "
+          f"budget {args.flops_budget:.3g}")
+    if args.device == "cpu" and cfg.n_layers >= 12:
+        est = full_step / cpu_matmul_rate()
+        print(f"warning: training on CPU: at least {est:.0f} s per step at this CPU's matmul rate (measured runs take about 1.5x "
+              f"that), {est * (args.steps - step) / 3600:.1f} h or more for the run; use a CUDA GPU for real runs.", file=sys.stderr)
+
+
+def validate(loop, model, val_loss, budget, log, args) -> bool:
+    """The validation loss (from `val_loss()`), the best adapter kept, the FLOPs counted and logged.
+    True when --patience validations have passed without improvement: stop early."""
+    v = val_loss()
+    if not math.isfinite(v):
+        raise UserError(why_not_finite(model, f"the validation loss became {v}", loop.step, args))
+    loop.spent += budget.eval
+    improved = v < loop.best_val
+    loop.best_val, loop.bad_evals = (v, 0) if improved else (loop.best_val, loop.bad_evals + 1)
+    if improved:
+        loop.best = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    log.validation(loop.step, v, improved, loop.spent, budget.eval)
+    return bool(args.patience) and loop.bad_evals >= args.patience
+
+
+def finish(run, args, loop, stop_reason, t_start):
+    """The run's end: loss.png, the merged checkpoint if asked for, summary.json and a last line."""
+    plot_losses(run, run / "loss.png")
+    if args.export_merged:
+        export_merged(run, args)
+    summary = {"steps": loop.step, "stop_reason": stop_reason, "best_val_loss": loop.best_val, "flops_spent": loop.spent,
+               "flops_budget": args.flops_budget, "budget_used": loop.spent / args.flops_budget, "run": str(run),
+               "wall_s": time.perf_counter() - t_start, "provenance": run_folder.provenance(args.device)}
+    atomic_write_json(run / "summary.json", summary)
+    print(f"done after {loop.step} steps ({stop_reason}): best validation loss {loop.best_val:.4f}, "
+          f"{loop.spent:.3g} FLOPs ({100 * loop.spent / args.flops_budget:.2f}% of the budget); adapter in {run / 'best'}")
+    return summary
+
+
+# ---------------------------------------------------------------- the loop
+
+def train(args, run):
+    """The run in `run`, whose lock the caller holds: build, restore or start, loop, report."""
+    t_start = time.perf_counter()  # this invocation's wall time, for summary.json
+    args, resuming = open_run(args, run)
+    torch.manual_seed(args.seed)
+    cfg = Qwen2Config.from_json(resolve_checkpoint(args.model) / "config.json")
+    tok = Tokenizer.from_pretrained(args.model)
+    train_w, val_w, scaler, _ = build_data(args, tok, cfg)
+    model, params = build_model(args)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    vocab_ids = torch.tensor(tok.character_ids(llmtime.ALPHABET), device=args.device) if args.vocab == "numeric" else None
+    autocast = functools.partial(torch.autocast, device_type=torch.device(args.device).type, dtype=torch.bfloat16,
+                                 enabled=args.dtype == "bfloat16")
+    budget = Budget(args, cfg, [to_batch(val_w, idx, "cpu")[0].shape for idx in eval_indices(val_w, args)])
+    loop, ledger = start_or_resume(args, run, resuming, model, optimizer, scaler, budget)
+    announce(args, cfg, params, train_w, val_w, budget, loop.step)
+    log = Log(run, ledger, args, loop.step, resuming)
+
+    def val_loss():
+        return evaluate(model, val_w, args, vocab_ids, autocast)
+
+    def save():  # a checkpoint: state.pt committed, then adapter/ and best/ written from it
+        checkpoint.save(run, model, optimizer, loop, args.model)
+        return loop.step
+
+    saved = loop.step if resuming else None
+    if loop.step == 0 and not resuming and budget.eval + budget.first_step(args) <= args.flops_budget:
+        validate(loop, model, val_loss, budget, log, args)  # the base model's loss: the baseline every later one must beat
+        saved = save()
+    stop_reason, step_limit = "steps", args.steps
+    if args.patience and loop.bad_evals >= args.patience:  # a resumed run that had already stopped early
+        stop_reason, step_limit = "early stopping", loop.step
+    t_last = time.perf_counter()
+    while loop.step < step_limit:
+        is_eval = (loop.step + 1) % args.eval_every == 0 or loop.step + 1 == args.steps
+        ids, labels = to_batch(train_w, batch_indices(loop.step, len(train_w.input_ids), args.batch, args.seed), args.device)
+        cost = budget.step(*ids.shape)
+        if not budget.affords(loop.spent, cost.coursework, is_eval):
+            stop_reason = "flops budget"
+            break
+        lr = learning_rate(loop.step, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with autocast():
+            loss = causal_lm_loss(model, ids, labels, vocab_ids)
+        if not torch.isfinite(loss):
+            raise UserError(why_not_finite(model, f"the loss became {loss.item()}", loop.step, args))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        optimizer.step()
+        loop.step += 1
+        loop.spent += cost.coursework
+        now = time.perf_counter()
+        tokens_per_s = int((labels != windows.IGNORE_INDEX).sum()) / (now - t_last)
+        t_last = now
+        log.step(loop.step, loss.item(), lr, tokens_per_s, loop.spent, cost)
+        if on_step is not None:
+            on_step(loop.step)
+        if is_eval:
+            stop = validate(loop, model, val_loss, budget, log, args)
+            saved = save()
+            t_last = time.perf_counter()
+            if stop:
+                stop_reason = "early stopping"
+                break
+    log.close()
+    if saved != loop.step:
+        save()
+    return finish(run, args, loop, stop_reason, t_start)
+
+
 # ---------------------------------------------------------------- main
 
 def main(argv=None):
     args = parse_args(argv)
     run = Path(args.out)
-    created = make_run_folder(run)
+    created = run_folder.create(run)
     with FolderLock(run):
         try:
             return train(args, run)
@@ -511,173 +603,6 @@ def main(argv=None):
             if created and not (run / "args.json").exists():  # a start that failed before writing anything leaves no folder
                 shutil.rmtree(run, ignore_errors=True)
             raise
-
-
-def train(args, run):
-    """The run in `run`, whose lock the caller holds: build, restore or start, loop, report."""
-    t_start = time.perf_counter()  # this invocation's wall time, for summary.json
-    args, resuming = open_run(args, run)
-    torch.manual_seed(args.seed)
-
-    # Build: tokenizer, data, model with LoRA.
-    cfg = Qwen2Config.from_json(resolve_checkpoint(args.model) / "config.json")
-    tok = Tokenizer.from_pretrained(args.model)
-    train_w, val_w, scaler, split = build_data(args, tok, cfg)
-    dtype = getattr(torch, args.dtype)
-    model = Qwen2.from_pretrained(args.model, dtype=dtype, device=args.device, lm_head_bias=args.lm_head_bias)
-    targets = lora.parse_targets(args.targets)
-    lora.inject_lora(model, r=args.rank, alpha=args.alpha, dropout=args.dropout, targets=targets)
-    trainable = lora.mark_only_lora_as_trainable(model, also=("lm_head_bias",))
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:  # trained parameters stay float32 (bf16 runs compute in bf16 under autocast)
-        p.data = p.data.float()
-    model.train()
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    vocab_ids = torch.tensor(tok.character_ids(llmtime.ALPHABET), device=args.device) if args.vocab == "numeric" else None
-
-    def autocast():
-        return torch.autocast(device_type=torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
-
-    # FLOPs from the FLOP model, for the batch shapes really run (trailing padding is cut off).
-    counted = flops.Setup(cfg, flops.lora_targets(args.targets, args.rank), args.lm_head_bias,
-                          len(llmtime.ALPHABET) if args.vocab == "numeric" else None, ATTENTION_KERNEL)
-
-    @functools.lru_cache(maxsize=None)
-    def step_cost(B, T):  # the loss feeds T - 1 tokens and scores T - 1 labels
-        return flops.train_step(counted, B, T - 1)
-
-    eval_batches = [to_batch(val_w, idx, "cpu")[0].shape for idx in eval_indices(val_w, args)]
-    eval_flops = sum(flops.forward_with_loss(counted, B, T - 1).coursework for B, T in eval_batches)
-    full_step = step_cost(args.batch, args.context).coursework
-    first_step = full_step + (eval_flops if args.eval_every == 1 or args.steps == 1 else 0)  # with its validation
-    if not resuming and args.flops_budget < first_step:
-        raise UserError(f"--flops-budget {args.flops_budget:.3g} is smaller than one training step ({first_step:.3g} FLOPs at "
-                        f"--batch {args.batch} --context {args.context}, {args.flops_budget / first_step:.2g} of it); "
-                        f"raise it to at least {first_step:.3g}.")
-
-    # State: restored exactly from the last checkpoint, or fresh (and then the folder is the new run's).
-    step, best_val, bad_evals, spent, best = 0, float("inf"), 0, 0.0, None
-    if resuming:
-        state = load_state(run, model)
-        restore(state, model, optimizer, run)
-        write_adapters(model, run, state, args)  # a kill may have left them behind or ahead of state.pt
-        step, best_val, bad_evals, spent, best = (state[k] for k in ("step", "best_val", "bad_evals", "spent", "best"))
-        print(f"resuming {run} at step {step} (best validation loss {best_val:.4f})")
-    else:
-        clear_run(run)
-    # every flag's value, a resume's changes included: `train.py --config RUN/args.json --out NEW` runs it again
-    atomic_write_json(run / "args.json", {k: v for k, v in vars(args).items() if k not in ("resume", "given", "config")})
-    ledger = flops.Ledger(run / "ledger.jsonl", budget=args.flops_budget)  # on resume: the spending so far
-    if not resuming:
-        atomic_write_json(run / "scaler.json", scaler.to_dict() | {"decimals": args.decimals, "split_seed": args.seed})
-        plan = flops.plan_run(counted, args.steps, args.batch, args.context, args.eval_every, len(eval_batches))
-        ledger.add(run.name, "train", plan["train"], source="plan", step=0)
-        ledger.add(run.name, "eval", plan["eval"].coursework + eval_flops, source="plan", step=0)  # + the step-0 baseline
-
-    saved_step = step if resuming else None
-
-    def checkpoint():
-        nonlocal saved_step
-        state = {"step": step, "trainable": {n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
-                 "best": best, "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
-                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                 "best_val": best_val, "bad_evals": bad_evals, "spent": spent}
-        commit(run, state)
-        write_adapters(model, run, state, args)
-        saved_step = step
-
-    n_params = sum(p.numel() for p in params)
-    print(f"{len(trainable)} trainable tensors, {n_params:,} parameters; {len(train_w.input_ids)} training windows of "
-          f"{args.context} tokens, {len(val_w.input_ids)} validation; {full_step:.3g} FLOPs per full step, budget {args.flops_budget:.3g}")
-    if args.device == "cpu" and cfg.n_layers >= 12:
-        est = full_step / cpu_matmul_rate()
-        print(f"warning: training on CPU: at least {est:.0f} s per step at this CPU's matmul rate (measured runs take about 1.5x "
-              f"that), {est * (args.steps - step) / 3600:.1f} h or more for the run; use a CUDA GPU for real runs.", file=sys.stderr)
-
-    def validate():
-        """Validation loss on the fixed subset; keeps the best adapter and checkpoints. True = stop early."""
-        nonlocal spent, best_val, bad_evals, best
-        val_loss = evaluate(model, val_w, args, vocab_ids, autocast)
-        if not math.isfinite(val_loss):
-            raise UserError(why_not_finite(model, f"the validation loss became {val_loss}", step, args))
-        spent += eval_flops
-        improved = val_loss < best_val
-        best_val, bad_evals = (val_loss, 0) if improved else (best_val, bad_evals + 1)
-        if improved:
-            best = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        append_jsonl(run / "metrics.jsonl", {"kind": "val", "step": step, "val_loss": val_loss, "best": improved, "flops": spent})
-        scalars.add("val/loss", val_loss, step)
-        scalars.add("flops/spent", spent, step)
-        ledger.add(run.name, "eval", eval_flops, step=step)
-        bar.write(f"step {step}: validation loss {val_loss:.4f}{' (best)' if improved else ''}")
-        checkpoint()
-        return bool(args.patience) and bad_evals >= args.patience
-
-    bar = progress(args.steps, "train", "step", initial=step, bar=False if args.no_progress else None)
-    # a resume drops the events a killed run wrote after its checkpoint, as metrics.jsonl drops its lines
-    scalars = Scalars(run / "tensorboard", args.log == "tensorboard", purge_step=step + 1 if resuming else None)
-    if step == 0 and not resuming and eval_flops + first_step <= args.flops_budget:
-        validate()  # the base model's loss: the baseline every later evaluation must beat
-    stop_reason = "steps"
-    if args.patience and bad_evals >= args.patience:  # a resumed run that had already stopped early
-        stop_reason, step_limit = "early stopping", step
-    else:
-        step_limit = args.steps
-    t_last = time.perf_counter()
-    while step < step_limit:
-        is_eval = (step + 1) % args.eval_every == 0 or step + 1 == args.steps
-        ids, labels = to_batch(train_w, batch_indices(step, len(train_w.input_ids), args.batch, args.seed), args.device)
-        cost = step_cost(*ids.shape)
-        if spent + cost.coursework + (eval_flops if is_eval else 0) > args.flops_budget:
-            stop_reason = "flops budget"
-            break
-        lr = learning_rate(step, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        with autocast():
-            loss = causal_lm_loss(model, ids, labels, vocab_ids)
-        if not torch.isfinite(loss):
-            raise UserError(why_not_finite(model, f"the loss became {loss.item()}", step, args))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        optimizer.step()
-        step += 1
-        spent += cost.coursework
-        now = time.perf_counter()
-        tokens_per_s = int((labels != windows.IGNORE_INDEX).sum()) / (now - t_last)
-        t_last = now
-        append_jsonl(run / "metrics.jsonl", {"kind": "train", "step": step, "loss": loss.item(), "lr": lr,
-                                             "tokens_per_s": tokens_per_s, "flops": spent})
-        ledger.add(run.name, "train", cost, step=step)
-        for tag, value in (("train/loss", loss.item()), ("train/lr", lr), ("train/tokens_per_s", tokens_per_s), ("flops/spent", spent)):
-            scalars.add(tag, value, step)
-        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}", flops=f"{spent:.2e}")
-        bar.update(1)
-
-        if on_step is not None:
-            on_step(step)
-        if is_eval:
-            stop = validate()
-            t_last = time.perf_counter()
-            if stop:
-                stop_reason = "early stopping"
-                break
-    bar.close()
-    scalars.close()
-    if saved_step != step:
-        checkpoint()
-    plot_losses(run, run / "loss.png")
-    if args.export_merged:
-        export_merged(run, args)
-    summary = {"steps": step, "stop_reason": stop_reason, "best_val_loss": best_val, "flops_spent": spent,
-               "flops_budget": args.flops_budget, "budget_used": spent / args.flops_budget, "run": str(run),
-               "wall_s": time.perf_counter() - t_start, "provenance": run_folder.provenance(args.device)}
-    atomic_write_json(run / "summary.json", summary)
-    print(f"done after {step} steps ({stop_reason}): best validation loss {best_val:.4f}, "
-          f"{spent:.3g} FLOPs ({100 * spent / args.flops_budget:.2f}% of the budget); adapter in {run / 'best'}")
-    return summary
 
 
 if __name__ == "__main__":

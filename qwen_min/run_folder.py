@@ -1,18 +1,25 @@
-"""Reading a train.py run folder back: its flags, its scale, its adapter, the model they make.
+"""A train.py run folder: what it holds, how a run makes it, and how a reader gets a run back.
 
 A run folder (docs/train.md, "What a run folder promises") holds:
 
     args.json      every flag of the run (the recipe: model, data, split, scaling, LoRA)
     scaler.json    the global scale fit on the training split (llmtime.Scaler.to_dict)
+    metrics.jsonl  a line per step and per validation; ledger.jsonl, FLOPs planned and spent
+    state.pt       the checkpoint that --resume continues (qwen_min/checkpoint.py)
     best/          the adapter with the best validation loss, in peft's format
     adapter/       the adapter of the last checkpoint
+    loss.png, summary.json at the end; merged/ and tensorboard/ when asked for
 
-evaluate.py and `python -m qwen_min` read runs through here, so both see the same run. Anything
-that is not what train.py writes is a UserError naming the file and what to do.
+It survives a kill at any instant: every file is written whole and renamed into place
+(qwen_min/files.py), a lock makes the folder one process's, and whatever a kill leaves half done is
+finished or undone when the folder is next opened (`tidy`). evaluate.py and `python -m qwen_min`
+read runs through here, so both see the same run. Anything that is not what train.py writes is a
+UserError naming the file and what to do.
 """
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import torch
@@ -20,8 +27,83 @@ import torch
 from data import llmtime, splits
 
 from .errors import UserError
+from .files import atomic_write_text, clean_leftovers, recover_folder
 from .model import Qwen2
 
+# What a run folder holds; a fresh start clears these (args.json is replaced, not removed).
+RUN_FILES = ("scaler.json", "metrics.jsonl", "ledger.jsonl", "state.pt", "loss.png", "summary.json")
+RUN_FOLDERS = ("adapter", "best", "merged", "tensorboard")
+OWN = {"args.json", ".lock", *RUN_FILES, *RUN_FOLDERS}
+
+
+# ---------------------------------------------------------------- making and opening one
+
+def create(run) -> bool:
+    """Creates the folder; True if it was not there, so that a start failing early can remove it again."""
+    if run.exists() and not run.is_dir():
+        raise UserError(f"--out {run} is a file, not a folder; choose a folder for the run.")
+    try:
+        run.mkdir(parents=True)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as e:
+        raise UserError(f"cannot create the run folder --out {run} ({e.strerror}); choose another place.") from None
+
+
+def tidy(run):
+    """Leftovers of a kill at any instant: folder swaps finished or undone, temporary files removed."""
+    for name in RUN_FOLDERS:
+        recover_folder(run / name)
+    clean_leftovers(run, names=OWN)
+
+
+def check_resumable(run) -> bool:
+    """Whether the run in `run` continues from state.pt (False: killed before its first checkpoint,
+    so it starts over from args.json)."""
+    if (run / "state.pt").exists() and not (run / "state.pt").is_file():
+        raise UserError(f"{run / 'state.pt'} is not a file; delete it and pass --resume to start the run over "
+                        "from its args.json, or choose another --out.")
+    if not (run / "args.json").is_file():
+        raise UserError(f"{run} holds no run to resume (no args.json); start it without --resume.")
+    return (run / "state.pt").is_file()
+
+
+def check_fresh(run):
+    """A new run may start here: no checkpoint, and nothing that is not a run's (which clear() would delete)."""
+    if (run / "state.pt").exists():
+        raise UserError(f"{run} already holds a run; pass --resume to continue it or choose another --out.")
+    foreign = sorted(p.name for p in run.iterdir() if p.name not in OWN)
+    if foreign:
+        raise UserError(f"--out {run} holds files that are not a run's ({', '.join(foreign[:3])}); choose a new or empty folder.")
+
+
+def clear(run):
+    """A fresh start in a folder holding no checkpoint: what an earlier start wrote goes."""
+    for name in RUN_FILES:
+        (run / name).unlink(missing_ok=True)
+    for name in RUN_FOLDERS:
+        shutil.rmtree(run / name, ignore_errors=True)
+
+
+def logged_step(line):
+    """The step of a log line; infinite for a line a kill cut short, so that it is dropped."""
+    try:
+        step = json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+    return step if type(step) is int else math.inf
+
+
+def drop_lines_after(run, step):
+    """On resume: the log lines a killed run wrote after its checkpoint at `step` go."""
+    for path in (run / "metrics.jsonl", run / "ledger.jsonl"):
+        if path.exists():
+            keep = [line for line in path.read_text().splitlines() if logged_step(line) <= step]
+            atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+# ---------------------------------------------------------------- reading one back
 
 def _is_int(x):
     return isinstance(x, int) and not isinstance(x, bool)
