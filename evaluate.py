@@ -38,7 +38,7 @@ from qwen_min import GenerationConfig, Qwen2Config, Tokenizer, generate
 from qwen_min.cli import HelpFormatter, parse_with_config
 from qwen_min.errors import UserError, run_cli
 from qwen_min.files import FolderLock, Journal, atomic_write_json
-from qwen_min.loss import mean_cross_entropy, mean_of_batch_means
+from qwen_min.loss import mean_cross_entropy, mean_of_batch_means, tokens_fed
 from qwen_min import run_folder
 from qwen_min.progress import progress, tracked
 from qwen_min.scalars import Scalars, require_tensorboard
@@ -340,7 +340,7 @@ def cross_entropy(model, tok, scaled, args):
                for start in range(0, len(w.input_ids), args.batch)]
     mean, tokens = mean_cross_entropy(model, tracked(batches, "cross-entropy", "batch"))
     counted = flops.Setup(model.config, lm_head_bias=model.lm_head_bias is not None)  # the adapter is merged
-    spent = sum(flops.forward_with_loss(counted, ids.shape[0], ids.shape[1] - 1).coursework for ids, _ in batches)  # T - 1 fed
+    spent = sum(flops.forward_with_loss(counted, ids.shape[0], tokens_fed(ids.shape[1])).coursework for ids, _ in batches)
     return {"mean": mean, "tokens": tokens, "windows": len(w.input_ids), "flops": spent, "convention": "per token, padding masked"}
 
 
@@ -353,7 +353,7 @@ def cross_entropy_report_a(model, tok, texts, args):
     batches = [(torch.from_numpy(w[i : i + 1]).to(args.device),) * 2 for i in range(len(w))]
     mean = mean_of_batch_means(model, tracked(batches, "cross-entropy", "window"))
     spent = len(w) * flops.forward_with_loss(flops.Setup(model.config, lm_head_bias=model.lm_head_bias is not None), 1,
-                                             args.context - 1).coursework
+                                             tokens_fed(args.context)).coursework
     return {"mean": mean, "tokens": int(w.size - len(w)), "windows": len(w), "flops": spent,
             "convention": "report A: padding counted, mean of per-window means"}
 

@@ -106,6 +106,7 @@ from lora.inject import parse_targets
 from qwen_min.cli import HelpFormatter, parse_with_config, renamed
 from qwen_min.errors import run_cli
 from qwen_min.files import append_jsonl, atomic_write_text
+from qwen_min.loss import tokens_fed
 
 PRIMITIVES = ("add", "mul", "div", "cmp", "exp", "log", "sqrt")
 WEIGHTS = {"add": 1, "mul": 1, "div": 1, "cmp": 1, "exp": 10, "log": 10, "sqrt": 10}  # docs/reference.md
@@ -687,10 +688,7 @@ class Ours:
     def residual(n, dim):
         return ops(add=n * dim)
 
-    @staticmethod
-    def tokens_fed(window):
-        """Tokens a training window feeds the model: its last is only a target (qwen_min/loss.py)."""
-        return window - 1
+    tokens_fed = staticmethod(tokens_fed)  # a window's last token is only a target (qwen_min/loss.py)
 
 
 def _free(*_):

@@ -39,7 +39,7 @@ from qwen_min import Qwen2, Qwen2Config, Tokenizer
 from qwen_min.cli import HelpFormatter, parse_with_config, renamed
 from qwen_min.errors import UserError, run_cli
 from qwen_min.files import FolderLock, append_jsonl, atomic_write, atomic_write_json
-from qwen_min.loss import causal_lm_loss, mean_cross_entropy
+from qwen_min.loss import causal_lm_loss, mean_cross_entropy, tokens_fed
 from qwen_min import checkpoint, run_folder
 from qwen_min.progress import progress
 from qwen_min.scalars import Scalars, require_tensorboard
@@ -386,20 +386,20 @@ def build_model(args):
 class Budget:
     """The run's FLOP budget, coursework convention. A step costs what flops.py counts for the batch
     shape really run (trailing padding is cut off, so shapes vary); a validation, the forward passes
-    of its fixed batches. The loss feeds T - 1 tokens of a T-token window and scores T - 1 labels."""
+    of its fixed batches. A window of T tokens feeds the model tokens_fed(T) = T - 1 (qwen_min/loss.py)."""
 
     def __init__(self, args, cfg, eval_shapes):
         self.limit = args.flops_budget
         self.setup = flops.Setup(cfg, flops.lora_targets(args.targets, args.rank), args.lm_head_bias,
                                  len(llmtime.ALPHABET) if args.vocab == "numeric" else None, ATTENTION_KERNEL)
         self.n_eval_batches = len(eval_shapes)
-        self.eval = sum(flops.forward_with_loss(self.setup, B, T - 1).coursework for B, T in eval_shapes)
+        self.eval = sum(flops.forward_with_loss(self.setup, B, tokens_fed(T)).coursework for B, T in eval_shapes)
         self._steps = {}
 
     def step(self, B, T) -> flops.Cost:
         """One training step on a (B, T) batch of windows."""
         if (B, T) not in self._steps:
-            self._steps[B, T] = flops.train_step(self.setup, B, T - 1)
+            self._steps[B, T] = flops.train_step(self.setup, B, tokens_fed(T))
         return self._steps[B, T]
 
     def affords(self, spent, step, with_eval) -> bool:

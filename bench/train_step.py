@@ -23,7 +23,7 @@ import flops  # noqa: E402
 import lora  # noqa: E402
 from data import llmtime, lotka_volterra, windows  # noqa: E402
 from qwen_min import Qwen2, Tokenizer  # noqa: E402
-from qwen_min.loss import causal_lm_loss  # noqa: E402
+from qwen_min.loss import causal_lm_loss, tokens_fed  # noqa: E402
 
 
 def matmul_peak(dtype, device, n=2048, reps=10):
@@ -116,7 +116,7 @@ def main():
     tokens = args.batch * args.context
     counted = flops.Setup(ours.config, flops.lora_targets("q,v", args.rank))
     ours_flops = flops.train_step(counted.replace(head_rows=len(llmtime.ALPHABET) if args.vocab == "numeric" else None),
-                                  args.batch, args.context - 1).matmul
+                                  args.batch, tokens_fed(args.context)).matmul
     ref_flops = flops.train_step(counted, args.batch, args.context).matmul
     peak = matmul_peak(dtype, args.device)
     t_ours, t_ref = statistics.median(times["ours"]), statistics.median(times["ref"])

@@ -16,9 +16,15 @@ import torch.nn.functional as F
 from data.windows import IGNORE_INDEX  # -100: its one home is where the labels are made
 
 
+def tokens_fed(window: int) -> int:
+    """Tokens a training window of `window` tokens feeds the model: its last is only a target. The FLOP
+    counts of a training step or a validation batch (train.py, evaluate.py, flops.py) start here."""
+    return window - 1
+
+
 def causal_lm_loss(model, input_ids, labels, vocab_ids=None):
     """input_ids, labels (B, T) -> mean cross-entropy (float32 scalar) over the scored tokens."""
-    h = model.body(input_ids[:, :-1])  # (B, T-1, D); right padding cannot reach real tokens (causal)
+    h = model.body(input_ids[:, :-1])  # (B, T-1, D), T-1 = tokens_fed(T); right padding cannot reach real tokens (causal)
     targets = labels[:, 1:]  # (B, T-1)
     if vocab_ids is not None:
         lookup = torch.full((model.config.vocab_size,), IGNORE_INDEX, dtype=torch.long, device=targets.device)
