@@ -38,7 +38,7 @@ from data.recipe import Recipe
 from qwen_min import Qwen2, Qwen2Config, Tokenizer
 from qwen_min.cli import HelpFormatter, parse_with_config, renamed
 from qwen_min.errors import UserError, run_cli
-from qwen_min.files import FolderLock, append_jsonl, atomic_write, atomic_write_json
+from qwen_min.files import FolderLock, append_jsonl, atomic_write, atomic_write_json, read_json_object
 from qwen_min.loss import causal_lm_loss, mean_cross_entropy, tokens_fed
 from qwen_min import checkpoint, run_folder
 from qwen_min.progress import progress
@@ -282,16 +282,6 @@ def open_run(args, run):
         return resumed_args(args, run), from_state
     run_folder.check_fresh(run)
     return args, False
-
-
-def read_json_object(path, what):
-    try:
-        obj = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path} is unreadable or not JSON ({type(e).__name__}); {what}.") from None
-    if not isinstance(obj, dict):
-        raise UserError(f"{path} holds a JSON {type(obj).__name__}, not the object train.py writes; {what}.")
-    return obj
 
 
 def saved_flag_problem(saved, parser):

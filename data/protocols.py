@@ -32,7 +32,6 @@ Report B (src/preprocessor.py, forecast_evaluation*.py, scripts/evaluate*.sh):
               over values of the samples' std (ddof 0)
 """
 
-import json
 import re
 import zipfile
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ import numpy as np
 
 from data import llmtime, metrics
 from qwen_min.errors import UserError
+from qwen_min.files import read_json_object
 
 
 @dataclass(frozen=True)
@@ -185,12 +185,8 @@ def read_score_file(path, h, n_rows):
     if not path.is_file():
         raise UserError(f"--score {path}: no such file; pass a .json or .npz file holding `forecast` (N, {h}, 2).")
     if path.suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UserError(f"--score {path} is not valid JSON ({e}); write an object with a `forecast` list of shape (N, {h}, 2).") from None
-        if not isinstance(data, dict):
-            raise UserError(f"--score {path} holds a JSON {type(data).__name__}, not an object; write {{\"forecast\": [...], \"truth\": [...], \"series\": [...]}}.")
+        data = read_json_object(path, f"write an object with a `forecast` list of shape (N, {h}, 2), and optional `truth` "
+                                      "and `series`", name=f"--score {path}")
     elif path.suffix == ".npz":
         if not zipfile.is_zipfile(path):  # np.load would read other bytes as a pickle or a bare .npy array
             raise UserError(f"--score {path} is not a readable .npz archive; write it with np.savez(path, forecast=..., truth=..., series=...).")

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from qwen_min.errors import UserError
-from qwen_min.files import atomic_folder
+from qwen_min.files import atomic_folder, read_json_object
 from qwen_min.weights import read_safetensors
 
 from .inject import inject_lora, linear_names, lora_layers
@@ -80,15 +80,10 @@ def read_adapter_config(folder) -> dict:
     if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
         raise UserError(f"{folder} is not a LoRA adapter folder: it needs {CONFIG} and {WEIGHTS}.")
     path = folder / CONFIG
-    try:
-        config = json.loads(path.read_text())
-    except ValueError as e:  # not UTF-8, or not JSON
-        raise UserError(f"{path} is not valid JSON ({str(e)[:80]}); save the adapter again.") from None
+    config = read_json_object(path, "save the adapter again")
 
     def refuse(problem):
         return UserError(f"{path} {problem}; pass an adapter saved by qwen-min or peft's LoRA.")
-    if not isinstance(config, dict):
-        raise refuse(f"holds a {type(config).__name__}, not a JSON object")
     if config.get("peft_type", "LORA") != "LORA":
         raise refuse(f"describes a {config.get('peft_type')} adapter, and qwen-min loads LoRA only")
     for flag in ("use_dora", "fan_in_fan_out"):

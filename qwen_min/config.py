@@ -6,13 +6,13 @@ RoPE scaling, activations other than SiLU) are refused with a clear error rather
 silently computed wrong.
 """
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
 from .errors import UserError
+from .files import read_json_object
 
 # Field -> (its key in config.json, the largest value accepted). The bounds sit far above any Qwen2
 # (the 72B model: hidden 8192, 80 layers, 152k vocabulary, 131k positions) and far below sizes
@@ -127,11 +127,7 @@ class Qwen2Config:
         path = Path(path)
         if not path.is_file():
             raise UserError(f"No config.json at {path}; pass a Qwen2 checkpoint folder (config.json, model.safetensors, tokenizer.json).")
-        try:
-            hf = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{path} is not valid JSON ({e}); restore the checkpoint's config.json.") from None
-        return cls.from_hf_dict(hf, source=path)
+        return cls.from_hf_dict(read_json_object(path, "restore the checkpoint's config.json"), source=path)
 
     def to_hf_dict(self) -> dict:
         """The same config under Hugging Face's key names (for exported checkpoints and tests)."""

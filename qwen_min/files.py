@@ -45,6 +45,21 @@ def atomic_write_json(path, obj) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2))
 
 
+def read_json_object(path, fix: str, name=None) -> dict:
+    """The JSON object in the file `path`. A file that cannot be read, is not JSON, or holds JSON of
+    another kind is a UserError naming it (`name`, default the path) and saying what to do (`fix`)."""
+    name = name or path
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UserError(f"{name} cannot be read ({e.strerror}); {fix}.") from None
+    except ValueError as e:  # not UTF-8, or not JSON; json quotes the place, cut short for a huge file
+        raise UserError(f"{name} is not valid JSON ({str(e)[:80]}); {fix}.") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{name} holds a JSON {type(obj).__name__}, not an object; {fix}.")
+    return obj
+
+
 def append_jsonl(path, record) -> None:
     """Appends `record` as one JSON line, in a single write."""
     with open(path, "a") as f:

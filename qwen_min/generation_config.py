@@ -15,12 +15,12 @@ length fields (max_length, max_new_tokens) are ignored: qwen_min.generate always
 max_new_tokens from its caller.
 """
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
+from .files import read_json_object
 
 FILE = "generation_config.json"
 # transformers' values for fields a generation_config.json leaves out (GenerationConfig._get_default_generation_params)
@@ -65,13 +65,8 @@ class GenerationConfig:
         path = Path(path)
         if not path.is_file():
             return cls()
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UserError(f"{path} is not valid JSON ({e}); fix or delete it (without it decoding is greedy with no repetition penalty).") from None
-        if not isinstance(data, dict):
-            raise UserError(f"{path} must hold a JSON object of decoding settings, not a {type(data).__name__}; fix or delete it.")
-        return cls.from_dict(data, source=path)
+        fix = "fix or delete it (without it decoding is greedy with no repetition penalty)"
+        return cls.from_dict(read_json_object(path, fix), source=path)
 
     @classmethod
     def from_dict(cls, data: dict, source="generation config") -> "GenerationConfig":

@@ -27,7 +27,7 @@ import torch
 from data import llmtime, splits
 
 from .errors import UserError
-from .files import atomic_write_text, clean_leftovers, recover_folder
+from .files import atomic_write_text, clean_leftovers, read_json_object, recover_folder
 from .model import Qwen2
 
 # What a run folder holds; a fresh start clears these (args.json is replaced, not removed).
@@ -126,12 +126,7 @@ def read_args(run) -> dict:
     path = Path(run) / "args.json"
     if not path.is_file():
         raise UserError(f"{run} holds no args.json; pass a train.py run folder to --run.")
-    try:
-        args = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise UserError(f"{path} is not valid JSON; is {run} a train.py run folder?") from None
-    if not isinstance(args, dict):
-        raise UserError(f"{path} holds a JSON {type(args).__name__}, not the object train.py writes; is {run} a train.py run folder?")
+    args = read_json_object(path, f"is {run} a train.py run folder?")
     if "model" not in args:
         raise UserError(f"{path} names no 'model'; restore the run's args.json (train.py writes every flag there).")
     bad = next((k for k, ok in ARG_CHECKS.items() if k in args and not ok(args[k])), None)

@@ -299,7 +299,7 @@ def test_a_run_whose_args_json_is_not_an_object_is_refused(tmp_path, capsys):
     (tmp_path / "args.json").write_text("[1, 2]")
     with pytest.raises(SystemExit):
         evaluate.parse_args(["--run", str(tmp_path)])
-    assert "not the object train.py writes" in capsys.readouterr().err
+    assert f"{tmp_path / 'args.json'} holds a JSON list, not an object; is {tmp_path} a train.py run folder?" in capsys.readouterr().err
 
 
 def test_a_runs_split_is_its_test_split_and_test_series_it_trained_on_are_counted(ckpt, tmp_path, capsys):

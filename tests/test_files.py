@@ -12,7 +12,7 @@ import pytest
 
 from qwen_min.errors import UserError
 from qwen_min.files import (FolderLock, Journal, append_jsonl, atomic_folder, atomic_write, atomic_write_json,
-                            atomic_write_text, clean_leftovers, read_jsonl, recover_folder)
+                            atomic_write_text, clean_leftovers, read_json_object, read_jsonl, recover_folder)
 
 
 def listing(folder):
@@ -292,3 +292,27 @@ def test_atomic_folder_flushes_every_file_of_the_new_version_before_the_swap(tmp
         (tmp / "sub" / "b").write_text("2")
     atomic_folder(tmp_path / "adapter", write)
     assert sorted(flushed) == ["adapter.tmp/a", "adapter.tmp/sub/b"]
+
+
+def test_read_json_object_names_the_file_and_what_to_do(tmp_path):
+    path = tmp_path / "x.json"
+    path.write_text('{"a": [1, 2]}', encoding="utf-8")
+    assert read_json_object(path, "fix it") == {"a": [1, 2]}
+    cases = [("[1]", f"{path} holds a JSON list, not an object; fix it."),
+             ('"a"', f"{path} holds a JSON str, not an object; fix it."),
+             ("{", f"{path} is not valid JSON (Expecting property name enclosed in double quotes: line 1 column 2 (char 1)); fix it."),
+             (b"\xff{}", f"{path} is not valid JSON ('utf-8' codec can't decode byte 0xff in position 0: invalid start byte); fix it."),
+             ("{" + "\n" * 100000 + " 1}",  # json's message is 85 characters here; the first 80 are quoted
+              f"{path} is not valid JSON (Expecting property name enclosed in double quotes: line 100001 column 2 (char 10); fix it.")]
+    for content, message in cases:
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        with pytest.raises(UserError) as e:
+            read_json_object(path, "fix it")
+        assert str(e.value) == message
+        assert e.value.__context__ is None or e.value.__suppress_context__  # one sentence, no chained traceback
+    with pytest.raises(UserError) as e:
+        read_json_object(path, "fix it", name="--score x.json")
+    assert str(e.value).startswith("--score x.json is not valid JSON (")
+    with pytest.raises(UserError) as e:
+        read_json_object(tmp_path, "pass a file")  # a folder: the read itself fails
+    assert str(e.value) == f"{tmp_path} cannot be read (Is a directory); pass a file."

@@ -280,7 +280,7 @@ def test_config_turned_off_or_overridden_decodes_greedy_without_penalty(tmp_path
 
 @pytest.mark.parametrize("text, says", [
     ("{not json", "not valid JSON"),
-    ("[1, 2]", "JSON object"),
+    ("[1, 2]", "holds a JSON list, not an object"),
     (b"\xff\xfe\x00garbage", "not valid JSON"),
     ('{"do_sample": "yes"}', "'do_sample' must be true or false"),
     ('{"temperature": "hot"}', "'temperature' must be a number"),

@@ -134,7 +134,8 @@ def test_unreadable_files_get_the_whole_sentence(tmp_path):
     path.write_text("[1, 2]")
     with pytest.raises(UserError) as e:
         GenerationConfig.from_json(path)
-    assert str(e.value) == f"{path} must hold a JSON object of decoding settings, not a list; fix or delete it."
+    assert str(e.value) == (f"{path} holds a JSON list, not an object; "
+                            "fix or delete it (without it decoding is greedy with no repetition penalty).")
     path.write_text("{")
     with pytest.raises(UserError) as e:
         GenerationConfig.from_json(path)

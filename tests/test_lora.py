@@ -299,7 +299,7 @@ Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
     (_write("adapter_config.json", b""), "adapter_config.json is not valid JSON"),
     (_write("adapter_config.json", lambda p: p.read_bytes()[:40]), "adapter_config.json is not valid JSON"),
     (_write("adapter_config.json", bytes(range(256))), "adapter_config.json is not valid JSON"),
-    (_write("adapter_config.json", b"[4, 8]"), "holds a list, not a JSON object"),
+    (_write("adapter_config.json", b"[4, 8]"), "holds a JSON list, not an object; save the adapter again."),
     (_edit_config({"r": 0}), "rank r = 0"),
     (_edit_config({"r": "4"}), "rank r = '4'"),
     (_edit_config({"r": 10**9}), "rank r = 1000000000"),

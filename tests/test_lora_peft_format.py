@@ -219,7 +219,7 @@ def test_config_refusals_are_whole_sentences(tmp_path):
         f"{path} is not valid JSON (Expecting property name enclosed in double quotes: line 100001 column 2 (char 10); "
         "save the adapter again.")
     path.write_text("[4, 8]")
-    assert message(lambda: read_adapter_config(folder)) == f"{path} holds a list, not a JSON object" + REFUSAL
+    assert message(lambda: read_adapter_config(folder)) == f"{path} holds a JSON list, not an object; save the adapter again."
     path.write_text(json.dumps({"peft_type": "PREFIX_TUNING", "r": 4}))
     assert message(lambda: read_adapter_config(folder)) == \
         f"{path} describes a PREFIX_TUNING adapter, and qwen-min loads LoRA only" + REFUSAL

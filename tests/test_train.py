@@ -313,9 +313,9 @@ def test_budget_smaller_than_one_step_is_refused_and_the_folder_stays_usable(ckp
 
 
 @pytest.mark.parametrize("content, message", [
-    ("[1, 2]", "holds a JSON list, not the object"),
-    ("{not json", "not JSON"),
-    ("", "not JSON"),
+    ("[1, 2]", "holds a JSON list, not an object; restore it or start a new run in another folder."),
+    ("{not json", "is not valid JSON (Expecting property name"),
+    ("", "is not valid JSON (Expecting value"),
     ('{"rank": 8}', "lacks the flag"),
     (None, "gives 'rank' the value '4'"),  # the run's own args.json with rank written as a string
     ("rank0", "--rank must be at least 1"),
