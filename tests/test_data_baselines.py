@@ -99,6 +99,51 @@ def test_nelder_mead_shrinks_when_no_move_helps():
         np.testing.assert_allclose(ours[0], expected, atol=1e-12)
 
 
+def test_nelder_mead_breaks_exact_ties_as_scipy_does():
+    """1-D from the simplex {0, 1} with f(0) = 0 and f(1) = 5: the four candidates are -1 (reflect), -2 (expand),
+    -0.5 (contract outside) and 0.5 (contract inside), and f is designed to tie exactly where the textbook rules
+    draw their lines. The reflection ties the best value (f(-1) = 0), so it is neither accepted nor expanded (the
+    expansion, f(-2) = -1, would win); it is not below the second value (in 1-D the best one), so the method
+    contracts outside; the contraction ties the reflection (f(-0.5) = 0) and is accepted, not a shrink towards 0
+    (which would bring in f(0.5) = -0.5). So after one iteration the best vertex is still 0; after a second the
+    reflection of -0.5 through 0 gives 0.5."""
+    table = {0.0: 0.0, 1.0: 5.0, -1.0: 0.0, -2.0: -1.0, -0.5: 0.0, 0.5: -0.5}
+
+    def f(z):
+        x = np.asarray(z, dtype=np.float64)[..., 0]
+        out = 0.1 * (x + 3) ** 2 + 1  # elsewhere: above every value in the table
+        for point, value in table.items():
+            out = np.where(x == point, value, out)
+        return out
+
+    for iterations, by_hand in ((1, 0.0), (2, 0.5)):
+        ours = baselines.nelder_mead(lambda z, rows: f(z), np.array([[0.0]]), iterations=iterations, step=1.0)
+        assert ours.tolist() == [[by_hand]]
+        assert _scipy_nelder_mead(f, np.array([0.0]), iterations, 1.0).tolist() == [by_hand]
+    for iterations in (3, 5):
+        ours = baselines.nelder_mead(lambda z, rows: f(z), np.array([[0.0]]), iterations=iterations, step=1.0)
+        np.testing.assert_allclose(ours[0], _scipy_nelder_mead(f, np.array([0.0]), iterations, 1.0), atol=1e-12)
+
+
+def test_least_squares_ridge_shrinks_like_sklearns_ridge():
+    """A predator that barely moves (1 +- 3e-5): X = [1, -y] is nearly collinear, the smallest eigenvalue of X^T X is
+    1.8e-9, next to the 1e-9 ridge. The estimate is scikit-learn's Ridge with alpha 1e-9 (no intercept), whose norm a
+    ridge keeps below the plain least-squares one (0.2, 0.3); a ridge subtracted instead would nearly cancel that
+    eigenvalue and more than double the estimate."""
+    from sklearn.linear_model import Ridge
+
+    pred = 1 + 3e-5 * np.linspace(-1, 1, 10)
+    X = np.stack([np.ones(10), -pred], -1)  # (k, 2)
+    y = 0.2 - 0.3 * pred  # alpha 0.2, beta 0.3 exactly
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scikit-learn warns that the matrix is ill-conditioned: that is the point
+        expected = Ridge(alpha=1e-9, fit_intercept=False, solver="cholesky").fit(X, y).coef_
+    got = baselines._least_squares(X[None], y[None])[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-5)  # the conditioning (~1e10) leaves ~1e-6 of rounding
+    assert np.linalg.norm(got) < np.linalg.norm(np.linalg.lstsq(X, y, rcond=None)[0]) < 0.4
+    assert np.abs(expected - [0.2, 0.3]).max() > 0.05  # the premise: the ridge matters here
+
+
 def test_nelder_mead_default_step_and_iterations():
     scales = 10.0 ** np.arange(6)
     bowl = lambda z: (scales * (z - 1) ** 2).sum(-1)  # 6 dimensions, badly scaled: still moving at iteration 150
@@ -127,11 +172,7 @@ def _fit_against_scipy(context, times, iterations, substeps=2):
     many of scipy's evaluations were inf."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a candidate that blows up is expected: it must not warn
-        if iterations is None:  # the defaults: 150 iterations, 8 substeps
-            params, initial = baselines.fit_lotka_volterra(context, times)
-            iterations, substeps = 150, 8
-        else:
-            params, initial = baselines.fit_lotka_volterra(context, times, iterations=iterations, substeps=substeps)
+        params, initial = baselines.fit_lotka_volterra(context, times, iterations=iterations, substeps=substeps)
     start = baselines.fit_lotka_volterra(context, times, iterations=0)
     blown_up = 0
     for i in range(len(context)):
@@ -154,9 +195,37 @@ def test_fit_minimises_the_mean_squared_log_error_as_scipy_does_series_by_series
     assert _fit_against_scipy(*_short_context(), iterations=20) == 0
 
 
+def _sensitive_context():
+    """One series seen at times 0, 2, 4 and 30: over the long last gap 8 substeps are coarse enough that 9 would change
+    the losses Nelder-Mead compares, and at 150 iterations the fit is still moving (the tests assert these premises)."""
+    times = np.array([0.0, 2.0, 4.0, 30.0])
+    return lotka_volterra.integrate(PARAMS[:1], INITIAL[:1], times, substeps=400) * [[[1.02, 0.97]]], times
+
+
+def _scipy_fit(context, times, iterations, substeps):
+    """scipy's Nelder-Mead on the documented loss of one series (context (k, 2)) from the regression start:
+    returns params (4,) and initial values (2,)."""
+    start = np.log(np.concatenate(baselines.fit_lotka_volterra(context[None], times, iterations=0), axis=1)[0])
+
+    def loss(z):
+        with np.errstate(all="ignore"):
+            path = lotka_volterra.integrate(np.exp(z[None, :4]), np.exp(z[None, 4:]), times, substeps=substeps)[0]
+            err = np.mean((np.log(path) - np.log(context)) ** 2)
+        return err if np.isfinite(err) else np.inf
+
+    z = np.exp(_scipy_nelder_mead(loss, start, iterations, 0.1))
+    return z[:4], z[4:]
+
+
 def test_fit_defaults_to_150_iterations_of_8_substeps():
-    context, times = _short_context()
-    assert _fit_against_scipy(context[:1, :4], times[:4], iterations=None) == 0  # 4 steps: a cheap loss
+    context, times = _sensitive_context()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # candidates that blow up must not warn
+        params, initial = baselines.fit_lotka_volterra(context, times)
+    expected = np.concatenate(_scipy_fit(context[0], times, 150, 8))
+    np.testing.assert_allclose(np.concatenate([params[0], initial[0]]), expected, rtol=1e-9)
+    for other in (_scipy_fit(context[0], times, 151, 8), _scipy_fit(context[0], times, 150, 9)):  # the premises
+        assert np.abs(np.concatenate(other) / expected - 1).max() > 1e-3
 
 
 def test_fit_treats_a_blown_up_candidate_as_infinitely_bad():
@@ -181,11 +250,13 @@ def test_lotka_volterra_forecast_integrates_the_fit_forward():
     np.testing.assert_allclose(longer, expected, rtol=1e-12)  # times past k + h are not used
 
 
-def test_lotka_volterra_default_substeps_and_iterations_are_the_fits():
-    context, times = _short_context()
-    got = baselines.lotka_volterra(context[:1, :6], times[:8], 2, iterations=1)
-    params, initial = baselines.fit_lotka_volterra(context[:1, :6], times[:6], iterations=1, substeps=8)
-    np.testing.assert_allclose(got, lotka_volterra.integrate(params, initial, times[:8], substeps=8)[:, 6:], rtol=1e-12)
+def test_lotka_volterra_defaults_to_150_iterations_of_8_substeps():
+    context, times = _sensitive_context()
+    future = np.concatenate([times, [32.0, 34.0]])
+    got = baselines.lotka_volterra(context, future, 2)
+    params, initial = _scipy_fit(context[0], times, 150, 8)
+    # the fit's defaults test shows that a 151st iteration, or 9 substeps, moves the fit on this context
+    np.testing.assert_allclose(got[0], lotka_volterra.integrate(params[None], initial[None], future, substeps=8)[0, 4:], rtol=1e-9)
 
 
 def test_lotka_volterra_passes_iterations_and_substeps_to_the_fit():
@@ -194,6 +265,14 @@ def test_lotka_volterra_passes_iterations_and_substeps_to_the_fit():
     params, initial = baselines.fit_lotka_volterra(context[:, :6], times[:6], iterations=3, substeps=3)
     np.testing.assert_allclose(got, lotka_volterra.integrate(params, initial, times[:8], substeps=3)[:, 6:], rtol=1e-12)
     assert not np.array_equal(params, baselines.fit_lotka_volterra(context[:, :6], times[:6], iterations=0)[0])  # the premise
+    # where the substeps change the fit: against scipy fitting with 3 substeps (the fit's own default, 8, differs)
+    context, times = _sensitive_context()
+    future = np.concatenate([times, [32.0]])
+    got = baselines.lotka_volterra(context, future, 1, iterations=20, substeps=3)
+    params, initial = _scipy_fit(context[0], times, 20, 3)
+    expected = lotka_volterra.integrate(params[None], initial[None], future, substeps=3)[0, 4:]
+    np.testing.assert_allclose(got[0], expected, rtol=1e-9)
+    assert np.abs(_scipy_fit(context[0], times, 20, 8)[0] / params - 1).max() > 1e-3  # the premise
 
 
 def test_float32_inputs_are_computed_in_float64():

@@ -2,6 +2,8 @@
 
 import json
 import os
+import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -229,14 +231,30 @@ def test_the_zero_warning_counts_values_strictly_below_half_a_hundredth_and_need
         llmtime.Scaler.fit(small)
 
 
-def test_the_zero_warning_points_at_the_caller_and_says_what_to_do():
+def test_the_zero_warning_points_at_the_caller_and_says_what_to_do(monkeypatch):
+    """stacklevel: the warning names the frame that called fit (the line below), not llmtime.py. Under
+    tests/mutation.py, mutmut wraps fit in two frames of its own (a trampoline and its wrapper), so the frame that
+    called fit's code is then the trampoline: the check follows the stack actually run, which is why a stacklevel one
+    too high (naming the wrapper, or this test's caller) fails here under mutmut as well as in a plain run."""
     data = np.ones((10, 20, 2))
     data[3] = 1e9
+    real_warn, seen = warnings.warn, []
+
+    def recording_warn(message, category=None, stacklevel=1):  # forwards with one level more: the same frame named
+        fit = sys._getframe(1)  # the frame of fit's own code, which called warn
+        seen.append((fit.f_code.co_filename, fit.f_back.f_code.co_filename, fit.f_back.f_lineno))  # and its caller
+        real_warn(message, category, stacklevel=stacklevel + 1)
+
+    monkeypatch.setattr(warnings, "warn", recording_warn)
     with pytest.warns(UserWarning, match=r"an outlier probably sets the scale: drop it, or scale per series\.$") as caught:
+        call_line = sys._getframe().f_lineno + 1
         llmtime.Scaler.fit(data)
-    # stacklevel: the line that called fit, not llmtime.py. Under tests/mutation.py, mutmut's trampoline is one
-    # frame between this file and fit, so there the warning names the trampoline.
-    assert caught[0].filename == __file__ or caught[0].filename.endswith("mutmut/mutation/trampoline.py")
+    [(fit_file, caller_file, caller_line)] = seen
+    assert fit_file == llmtime.__file__ and (caught[0].filename, caught[0].lineno) == (caller_file, caller_line)
+    if caller_file == __file__:  # a plain run: fit is called from here
+        assert caller_line == call_line
+    else:  # under mutmut, fit's caller is its trampoline
+        assert caller_file.endswith("mutmut/mutation/trampoline.py")
 
 
 def test_encode_defaults_to_two_decimals_and_checks_the_rounded_value():

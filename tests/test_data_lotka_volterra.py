@@ -336,3 +336,68 @@ def test_simulate_passes_its_grid_and_substeps_on():
     np.testing.assert_array_equal(traj, expected)
     assert not np.array_equal(traj, lotka_volterra.integrate(params, initial, t).astype(np.float32))  # 40 substeps differ
     np.testing.assert_array_equal(lotka_volterra.simulate(2, n_steps=6)[0], lotka_volterra.simulate(2, seed=0, n_steps=6)[0])
+
+
+def _rk4_by_hand(params, initial, times, substeps):
+    """One trajectory, written out here: classic RK4 on (ln x, ln y), `substeps` equal steps per output interval."""
+    alpha, beta, delta, gamma = params
+    rhs = lambda u, v: np.array([alpha - beta * np.exp(v), delta * np.exp(u) - gamma])
+    z = np.log(np.array(initial, dtype=np.float64))
+    out = [np.exp(z)]
+    for t0, t1 in zip(times[:-1], times[1:]):
+        h = (t1 - t0) / substeps
+        for _ in range(substeps):
+            k1 = rhs(*z)
+            k2 = rhs(*(z + h / 2 * k1))
+            k3 = rhs(*(z + h / 2 * k2))
+            k4 = rhs(*(z + h * k3))
+            z = z + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+        out.append(np.exp(z))
+    return np.array(out)  # (T, 2)
+
+
+def test_integrate_is_rk4_with_40_substeps_by_default():
+    """Output steps of 25 time units: 40 and 41 substeps differ by ~1e-6, far above the rounding of the two codes."""
+    params = np.array([[0.15, 0.3, 0.1, 0.2], [0.1, 0.4, 0.15, 0.25]])
+    initial = np.array([[1.0, 0.9], [1.1, 1.2]])
+    times = np.array([0.0, 25.0, 50.0])
+    got = lotka_volterra.integrate(params, initial, times)
+    for i in range(2):
+        np.testing.assert_allclose(got[i], _rk4_by_hand(params[i], initial[i], times, 40), rtol=1e-12)
+        assert np.abs(_rk4_by_hand(params[i], initial[i], times, 41) / got[i] - 1).max() > 1e-7  # the premise
+    np.testing.assert_allclose(lotka_volterra.integrate(params, initial, times, substeps=3)[1],
+                               _rk4_by_hand(params[1], initial[1], times, 3), rtol=1e-12)  # substeps is obeyed
+
+
+def test_simulate_integrates_with_40_substeps_by_default():
+    """Two output steps of 50 time units: 41 substeps would move the float32 values by many units in the last place."""
+    traj, t = lotka_volterra.simulate(2, seed=5, n_steps=3, t_end=100.0)
+    params, initial = lotka_volterra.sample_params(2, np.random.default_rng(5))  # simulate's draws, in its order
+    for i in range(2):
+        expected = _rk4_by_hand(params[i], initial[i], t, 40)
+        np.testing.assert_allclose(traj[i], expected, rtol=2e-7)  # float32: about one unit in the last place
+        assert np.abs(_rk4_by_hand(params[i], initial[i], t, 41) / expected - 1).max() > 1e-6  # the premise: 5x the tolerance
+
+
+def test_summary_takes_each_percentile_at_its_named_level():
+    """Eleven trajectories of 30 steps, every value distinct (so neighbouring percentiles differ), with designed prey
+    peak counts 0, 0, 7 (eight times), 14: with 11 trajectories the 10th and 90th percentiles fall exactly on the
+    2nd and 10th smallest counts, 0 and 7, while the 11th and 91st would be 0.7 and 7.7, written 1 and 8."""
+    rng = np.random.default_rng(0)
+    counts = [0, 0] + [7] * 8 + [14]
+    x = np.empty((11, 30, 2))
+    for n, m in enumerate(counts):
+        prey = 3.0 + 0.1 * np.arange(30) + rng.uniform(0, 0.05, 30)  # rising: no peak
+        prey[: 2 * m + 1] = rng.uniform(1.0, 1.2, 2 * m + 1)  # lows ...
+        prey[1 : 2 * m : 2] = rng.uniform(2.0, 2.4, m)  # ... and m highs between them: m peaks
+        x[n, :, 0] = prey * (1 + n)  # each trajectory at its own scale: no value repeats
+        x[n, :, 1] = rng.uniform(0.1, 5.0, 30)
+    assert lotka_volterra.prey_peaks(x).sum(axis=1).tolist() == counts  # the premise
+    s = lotka_volterra.summary(x)
+    prey, pred = x[..., 0], x[..., 1]
+    for key, values, q in (("p1", x, 1), ("p50", x, 50), ("p95", x, 95), ("p99", x, 99), ("prey p50", prey, 50),
+                           ("prey p95", prey, 95), ("predator p50", pred, 50), ("predator p95", pred, 95)):
+        assert s[key] == pytest.approx(np.percentile(values, q), rel=1e-12), key
+        assert np.percentile(values, q + 1) != pytest.approx(s[key], rel=1e-6), key  # the premise: a neighbour differs
+    assert s["cycles per window, mean"] == pytest.approx(70 / 11)
+    assert s["cycles per window, 10-90%"] == "0-7"
