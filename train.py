@@ -476,9 +476,9 @@ def announce(args, cfg, params, train_w, val_w, budget, step):
               f"that), {est * (args.steps - step) / 3600:.1f} h or more for the run; use a CUDA GPU for real runs.", file=sys.stderr)
 
 
-def validate(loop, model, val_loss, budget, log, args) -> bool:
+def validate(loop, model, val_loss, budget, log, args):
     """The validation loss (from `val_loss()`), the best adapter kept, the FLOPs counted and logged.
-    True when --patience validations have passed without improvement: stop early."""
+    Returns the loss, and True when --patience validations have passed without improvement: stop early."""
     v = val_loss()
     if not math.isfinite(v):
         raise UserError(why_not_finite(model, f"the validation loss became {v}", loop.step, args))
@@ -488,7 +488,7 @@ def validate(loop, model, val_loss, budget, log, args) -> bool:
     if improved:
         loop.best = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     log.validation(loop.step, v, improved, loop.spent, budget.eval)
-    return bool(args.patience) and loop.bad_evals >= args.patience
+    return v, bool(args.patience) and loop.bad_evals >= args.patience
 
 
 def finish(run, args, loop, stop_reason, t_start):
@@ -507,8 +507,10 @@ def finish(run, args, loop, stop_reason, t_start):
 
 # ---------------------------------------------------------------- the loop
 
-def train(args, run):
-    """The run in `run`, whose lock the caller holds: build, restore or start, loop, report."""
+def train(args, run, on_validation=None):
+    """The run in `run`, whose lock the caller holds: build, restore or start, loop, report.
+    `on_validation(step, val_loss, flops_spent)` is called after each validation's checkpoint;
+    returning True stops the run there (stop reason "pruned": study.py stops trials that fall behind)."""
     t_start = time.perf_counter()  # this invocation's wall time, for summary.json
     args, resuming = open_run(args, run)
     torch.manual_seed(args.seed)
@@ -534,8 +536,10 @@ def train(args, run):
 
     saved = loop.step if resuming else None
     if loop.step == 0 and not resuming and budget.eval + budget.first_step(args) <= args.flops_budget:
-        validate(loop, model, val_loss, budget, log, args)  # the base model's loss: the baseline every later one must beat
+        v, _ = validate(loop, model, val_loss, budget, log, args)  # the base model's loss: the baseline every later one must beat
         saved = save()
+        if on_validation is not None:
+            on_validation(0, v, loop.spent)  # reported, never a reason to stop: nothing has been trained yet
     stop_reason, step_limit = "steps", args.steps
     if args.patience and loop.bad_evals >= args.patience:  # a resumed run that had already stopped early
         stop_reason, step_limit = "early stopping", loop.step
@@ -568,11 +572,14 @@ def train(args, run):
         if on_step is not None:
             on_step(loop.step)
         if is_eval:
-            stop = validate(loop, model, val_loss, budget, log, args)
+            v, stop = validate(loop, model, val_loss, budget, log, args)
             saved = save()
             t_last = time.perf_counter()
             if stop:
                 stop_reason = "early stopping"
+                break
+            if on_validation is not None and on_validation(loop.step, v, loop.spent):
+                stop_reason = "pruned"
                 break
     log.close()
     if saved != loop.step:
@@ -582,13 +589,13 @@ def train(args, run):
 
 # ---------------------------------------------------------------- main
 
-def main(argv=None):
+def main(argv=None, on_validation=None):
     args = parse_args(argv)
     run = Path(args.out)
     created = run_folder.create(run)
     with FolderLock(run):
         try:
-            return train(args, run)
+            return train(args, run, on_validation)
         except BaseException:
             if created and not (run / "args.json").exists():  # a start that failed before writing anything leaves no folder
                 shutil.rmtree(run, ignore_errors=True)

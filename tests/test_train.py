@@ -555,3 +555,20 @@ def test_log_tensorboard_mirrors_metrics_jsonl_and_a_resume_drops_what_a_kill_le
     # resume to 6 steps: steps 5 and 6 appear once each, after the first run's 1-4
     train.main(["--out", str(run), "--resume", "--steps", "6", "--no-progress"])
     assert [s for s, _ in scalars()["train/loss"]] == [1, 2, 3, 4, 5, 6]
+
+
+def test_on_validation_sees_each_validation_at_its_flops_and_can_stop_the_run(ckpt, tmp_path):
+    seen = []
+
+    def on_validation(step, val_loss, spent):
+        seen.append((step, val_loss, spent))
+        return step == 10  # stop after the second validation past the baseline
+
+    run = tmp_path / "run"
+    summary = train.main(run_args(ckpt, run, "--steps", "30"), on_validation=on_validation)
+    val = records(run, "val")
+    assert [(r["step"], r["val_loss"], r["flops"]) for r in val] == seen  # what metrics.jsonl records, as it happens
+    assert [s for s, _, _ in seen] == [0, 5, 10]
+    assert summary["steps"] == 10 and summary["stop_reason"] == "pruned" and summary["flops_spent"] == seen[-1][2]
+    state = torch.load(run / "state.pt", weights_only=True)
+    assert state["step"] == 10  # the checkpoint a pruned run leaves is its last step's
