@@ -44,7 +44,7 @@ AREAS = {
               "tests/test_data_lotka_volterra.py", "tests/test_data_forecast.py",
               "tests/test_data_baselines.py"]),
     "protocols": (["data/protocols.py"], ["tests/test_protocols.py"]),
-    "flops": (["flops.py"], ["tests/test_flops.py"]),
+    "flops": (["flops.py"], ["tests/test_flops.py", "tests/test_flops_algebra.py", "tests/test_flops_cli.py"]),
     "train": (["train.py"], ["tests/test_train.py"]),
     "evaluate": (["evaluate.py"], ["tests/test_evaluate.py", "tests/test_evaluate_oracle.py"]),
 }
