@@ -147,6 +147,23 @@ def test_a_runs_forecasts_default_to_evaluations_of_50_steps_from_50():
     assert flops.plan_run(Setup(TINY), 1, 1, 2, forecasts=flops.Forecasts(0))["generate"] == Cost()
 
 
+def test_samples_multiply_the_decoding_rows_and_no_new_token_costs_no_head():
+    """3 samples of 2 prompts: a prefill of the 2 prompts, then 6 rows; the head on each new token of each row."""
+    cost = flops.generate(Setup(TINY), 2, 3, 2, samples=3)
+    assert cost["prefill.layers.0.self_attn.q_proj"].matmul == 2 * (2 * 3) * 4 * 4  # (6 x 4)(4 x 4): 2 x 3 tokens
+    assert cost["decode.layers.0.self_attn.q_proj"].matmul == 2 * 6 * 4 * 4  # one token for each of the 6 rows
+    assert prims(cost["lm_head"]) == {"mul": 2 * 6 * 40, "add": 2 * 6 * 30}  # 2 tokens x 6 rows x (1x4)(4x10)
+    none = flops.generate(Setup(TINY), 2, 3, 0)
+    assert none["lm_head"] == Cost() and none["decode"] == Cost() and none.matmul == none["prefill"].matmul > 0
+
+
+def test_report_a_attention_has_the_mirrors_parts():
+    """Report A counts attention differently but names the same pieces (scores, mask, softmax, weighted sum)."""
+    A = flops.convention_named("report-a")
+    sdpa = A.scaled_dot_product_attention(1, 2, 3, 3, 2)
+    assert list(sdpa.parts) == ["scores", "mask", "softmax", "weighted_sum"] and sdpa["mask"] == Cost()
+
+
 def prims(cost):
     return {k: v for k, v in cost.ops.items() if v}
 

@@ -50,7 +50,12 @@ def test_text_output_on_tiny_by_hand(tiny_model, capsys):
     flops.main(["--model", tiny_model, "--context", "2", "--batch", "1", "--targets", "none", "--lm-head-bias",
                 "--steps", "3", "--eval-every", "2", "--eval-batches", "1", "--forecast-series", "1", "--k", "1",
                 "--h", "1", "--tokens-per-step", "1", "--gen-head-rows", "7", "--flops-budget", "1e4"])
-    out = lines_of(capsys.readouterr().out)
+    raw = capsys.readouterr().out
+    out = lines_of(raw)
+    # the forward table's columns: names left-aligned, numbers right-aligned, every line as wide as the header
+    table = raw.splitlines()[2:2 + out.index(next(line for line in out if line.startswith("total "))) - 1]
+    assert len({len(line) for line in table}) == 1 and table[0].startswith("module ") and table[0].endswith(" coursework")
+    assert table[-1].startswith("total ") and table[-1].endswith(" 1162") and table[1].startswith("embed_tokens ")
     assert out[:3] == ["Convention: ours", "One forward pass: batch 1 x 2 tokens, head 10 rows + bias, LoRA none",
                        "module matmul view add mul div cmp exp log sqrt coursework"]
     assert "layers.*.input_layernorm 0 8 24 4 0 0 0 2 56" in out  # 2 rows of 4
@@ -94,6 +99,7 @@ def test_json_output_on_tiny_by_hand(tiny_model, capsys):
     assert fwd["modules"]["layers.*.mlp.silu"]["coursework"] == {"total": 156, "add": 24, "mul": 0, "div": 12, "cmp": 0,
                                                                  "exp": 12, "log": 0, "sqrt": 0}
     assert "total" not in fwd["modules"] and list(fwd["modules"])[:2] == ["embed_tokens", "rope"]
+    assert list(fwd["modules"])[-2:] == ["norm", "lm_head"] and fwd["modules"]["norm"]["coursework"]["total"] == 56
     step = out["train_step"]
     assert step["forward"]["coursework"]["total"] == 751 and step["forward"]["matmul_view"] == 360
     assert step["backward"]["coursework"]["total"] == 170 and step["backward"]["matmul_view"] == 0
