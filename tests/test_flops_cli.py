@@ -117,6 +117,23 @@ def test_json_output_on_tiny_by_hand(tiny_model, capsys):
     assert "report" not in out
 
 
+def test_forecasts_with_and_without_the_kv_cache_by_hand(tiny_model, capsys):
+    """2 series at once, 1 context token, 2 new tokens, a 7-row head with the bias (1x4)(4x7) + 7 = 56 per row.
+    With the cache: a prefill of the 2 rows (2 x 455; matmul 2 x 256), one decode step on 2 keys (the body
+    on 1 token whose attention reads 2 keys: softmax over 2 costs 52, the whole attention 84 instead of 38,
+    so 2 x 501; matmul 2 x 272), the head on 2 rows twice (4 x 56). Without it: the body on 1 token, then on
+    both tokens again (2 x (946 + 56); matmul 2 x 544), the same heads."""
+    argv = ["--model", tiny_model, "--context", "2", "--batch", "1", "--targets", "none", "--lm-head-bias", "--steps", "1",
+            "--forecast-series", "2", "--forecast-batch", "2", "--k", "1", "--h", "2", "--tokens-per-step", "1",
+            "--gen-head-rows", "7", "--json"]
+    flops.main(argv)
+    cached = json.loads(capsys.readouterr().out)["run"]["generate"]
+    assert (cached["matmul_view"], cached["coursework"]["total"]) == (512 + 544 + 4 * 56, 910 + 1002 + 4 * 56)
+    flops.main(argv + ["--no-kv-cache"])
+    plain = json.loads(capsys.readouterr().out)["run"]["generate"]
+    assert (plain["matmul_view"], plain["coursework"]["total"]) == (512 + 1088 + 4 * 56, 910 + 2004 + 4 * 56)
+
+
 REPORT_A_TEXT = """\
 Report A, Table 3: one sequence of 512 tokens, LoRA {'q_proj': 4, 'v_proj': 4} (Exp and Sqrt weighted x 10)
   Operation Cost Add. Mult. Div. Exp. Sqrt Total
