@@ -89,6 +89,14 @@ def read_spec(path, overrides=None) -> dict:
     bad = next((why for ok, why in checks if not ok), None)
     if bad:
         raise UserError(f"{path}: {bad}.")
+    entries = spec["final"].get("evaluate", [])
+    if not (isinstance(entries, list) and all(isinstance(e, (str, dict)) for e in entries)):
+        raise UserError(f"{path}: [final] evaluate must be a list of presets or tables of evaluate.py flags.")
+    import evaluate
+
+    for label, argv in evaluations(entries, spec["final"].get("evaluate_flags", [])):
+        parsed(evaluate.build_parser().parse_args, argv + ["--run", "RUN"],
+               f"{path}: the final evaluation '{label}' is not a valid evaluate.py command")
     for setting in settings(spec) if spec["design"] != "search" else [dict(zip(spec["axes"], c)) for c in itertools.product(*spec["axes"].values())]:
         train_args(spec, setting, out="-", source=path)  # refuses a setting train.py would refuse
     return spec
@@ -110,27 +118,38 @@ def settings(spec) -> list:
     return out
 
 
-def flags(spec, setting) -> list:
-    """train.py's command line for one trial: the spec's [train] with the trial's setting over it."""
+def to_argv(values: dict) -> list:
+    """{flag name: value} -> a command line: `true` is a switch given, `false` one left out."""
     argv = []
-    for key, value in (spec["train"] | setting).items():
+    for key, value in values.items():
         flag = "--" + str(key).replace("_", "-")
         if value is True:
             argv.append(flag)
         elif value is not False:
             argv += [flag, str(value)]
-    return argv + ["--no-progress"]
+    return argv
+
+
+def flags(spec, setting) -> list:
+    """train.py's command line for one trial: the spec's [train] with the trial's setting over it."""
+    return to_argv(spec["train"] | setting) + ["--no-progress"]
+
+
+def parsed(parse, argv, what):
+    """parse(argv), argparse's complaint turned into one sentence about `what`."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return parse(argv)
+    except SystemExit:
+        why = (err.getvalue().strip().splitlines() or ["--help is not a setting"])[-1].split("error: ")[-1]
+        raise UserError(f"{what} ({why}).") from None
 
 
 def train_args(spec, setting, out, source="the spec"):
     """train.py's parsed flags for one trial; a setting train.py would refuse is refused here, in one sentence."""
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err):
-            return train.parse_args(flags(spec, setting) + ["--out", str(out)])
-    except SystemExit:
-        why = err.getvalue().strip().splitlines()[-1].split("error: ")[-1]
-        raise UserError(f"{source}: the trial {setting} is not a valid train.py run ({why}).") from None
+    return parsed(train.parse_args, flags(spec, setting) + ["--out", str(out)],
+                  f"{source}: the trial {setting} is not a valid train.py run")
 
 
 def planned_flops(args) -> float:
@@ -345,6 +364,18 @@ def run_trial(study, book, spec, trial):
 
 # ---------------------------------------------------------------- the final run
 
+def evaluations(entries, common) -> list:
+    """[final] evaluate's entries as (label, evaluate.py flags): a preset's name ("ours": our protocol),
+    or a table of evaluate.py flags with a `label`, e.g. greedy and sampled decoding of one adapter:
+    {label = "b-sampled", preset = "report-b", samples = 20, temperature = 0.7}. `common`: flags for all."""
+    out = []
+    for entry in entries:
+        table = dict(entry) if isinstance(entry, dict) else ({} if entry == "ours" else {"preset": entry}) | {"label": entry}
+        label = str(table.pop("label", None) or "-".join(f"{k}{v}" for k, v in table.items()) or "ours")
+        out.append((label, to_argv(table) + [str(f) for f in common]))
+    return out
+
+
 def final(study, book, spec, out):
     """The best trial's settings with the spec's [final] over them (more steps, early stopping),
     trained under what the budget has left, then evaluated under each of [final]'s presets."""
@@ -365,10 +396,9 @@ def final(study, book, spec, out):
     argv = flags(spec, setting) + ["--out", str(run), "--flops-budget", repr(planned)]
     summary = train.main(argv + (["--resume"] if (run / "args.json").is_file() else []))
     results = {}
-    for preset in presets:  # "ours": our protocol, no preset
-        res = evaluate.main(["--run", str(run), *(["--preset", preset] if preset != "ours" else []), "--plots", "0",
-                             *map(str, eval_flags), "--out", str(run / "eval" / f"study-{preset}")])
-        results[preset] = {"results": res["results"].get("model"), "flops": sum(res["flops"].values())}
+    for label, argv in evaluations(presets, eval_flags):
+        res = evaluate.main(["--run", str(run), *argv, "--plots", "0", "--out", str(run / "eval" / f"study-{label}")])
+        results[label] = {"flags": argv, "results": res["results"].get("model"), "flops": sum(res["flops"].values())}
     record = json.loads((out / "final.json").read_text()) | {"spent": summary["flops_spent"], "summary": summary, "evaluations": results}
     atomic_write_json(out / "final.json", record)
     return record

@@ -146,7 +146,8 @@ def test_a_killed_study_continues_where_it_stopped(ckpt, tmp_path):
 
 def test_the_final_run_trains_the_best_setting_with_final_over_it_and_evaluates_it(ckpt, tmp_path):
     out = tmp_path / "s"
-    final = '[final]\nsteps = 6\npatience = 1\nevaluate = ["ours"]\nevaluate_flags = ["--limit", "2", "--h", "3", "--k", "12", "--no-baselines"]'
+    final = ('[final]\nsteps = 6\npatience = 1\nevaluate = ["ours", {label = "sampled", samples = 3, temperature = 0.8}]\n'
+             'evaluate_flags = ["--limit", "2", "--h", "3", "--k", "12", "--no-baselines"]')
     spec = spec_file(tmp_path / "s.toml", ckpt, axes="lr = [1e-4, 1e-2]", extra="[prune]\nenabled = false\n" + final)
     report = study.main([str(spec), "--out", str(out), "--final"])
     best = min((r for r in report["trials"]), key=lambda r: r["best_val_loss"])
@@ -155,11 +156,13 @@ def test_the_final_run_trains_the_best_setting_with_final_over_it_and_evaluates_
     args = json.loads((out / "final" / "args.json").read_text())
     assert args["lr"] == best["setting"]["lr"] and args["patience"] == 1 and args["steps"] == 6
     assert fin["spent"] == json.loads((out / "final" / "summary.json").read_text())["flops_spent"]
-    assert fin["evaluations"]["ours"]["flops"] > 0
+    assert fin["evaluations"]["ours"]["flops"] > 0 and fin["evaluations"]["sampled"]["flags"][:4] == ["--samples", "3", "--temperature", "0.8"]
+    sampled = json.loads((out / "final" / "eval" / "study-sampled" / "results.json").read_text())
+    assert sampled["config"]["samples"] == 3 and fin["evaluations"]["sampled"]["results"] == sampled["results"]["model"]
     names = [b["phase"] for b in report["budget_table"]]
     assert names[-3:] == ["final training", "final evaluation", "total"]
     assert report["budget_table"][-1]["spent"] == pytest.approx(sum(r["spent"] for r in report["trials"]) + fin["spent"]
-                                                               + fin["evaluations"]["ours"]["flops"])
+                                                               + sum(e["flops"] for e in fin["evaluations"].values()))
 
 
 def test_specs_that_make_no_study_are_refused_in_one_sentence(ckpt, tmp_path):
@@ -173,6 +176,10 @@ def test_specs_that_make_no_study_are_refused_in_one_sentence(ckpt, tmp_path):
         f'name = "t"\nbudget = 1e12\n[train]\nmodel = "{ckpt}"\n[axes]\nrank = [4, 0]\n': "the trial {'rank': 0} is not a valid train.py run (--rank must be at least 1)",
         'name = "t"\nbudget = \n': "is not valid TOML",
         'name = "t"\nbudget = 1e12\ntrain = 3\n[axes]\nlr = [1e-3]\n': "'train' must be a table",
+        'name = "t"\nbudget = 1e12\n[axes]\nlr = [1e-3]\n[final]\nevaluate = ["report-c"]\n':
+            "the final evaluation 'report-c' is not a valid evaluate.py command (argument --preset: invalid choice",
+        'name = "t"\nbudget = 1e12\n[axes]\nlr = [1e-3]\n[final]\nevaluate = [{label = "s", samples = "x"}]\n':
+            "the final evaluation 's' is not a valid evaluate.py command (argument --samples: invalid int value",
     }
     for body, why in cases.items():
         path = tmp_path / "bad.toml"
