@@ -60,7 +60,7 @@ def build_parser():
     p = argparse.ArgumentParser(formatter_class=HelpFormatter, description="LoRA fine-tuning of Qwen2.5 on Lotka-Volterra trajectories (LLMTIME text).")
     g = p.add_argument_group("model and LoRA")
     g.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct", help="checkpoint folder or hub id")
-    g.add_argument("--rank", type=int, default=8, help="LoRA rank r")
+    g.add_argument("--rank", type=int, default=8, help="LoRA rank r (0: no LoRA, only the lm_head bias; needs --lm-head-bias)")
     g.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: = rank, scale 1)")
     g.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
     g.add_argument("--targets", default="q,v", help="layers LoRA adapts: a comma list of q,k,v,o,gate,up,down, "
@@ -118,7 +118,8 @@ def flag_problem(args):
     except ValueError as e:
         bad = f"--targets: {e}"
     checks = [
-        (args.rank >= 1, "--rank must be at least 1"),
+        (args.rank >= 1 or (args.rank == 0 and args.lm_head_bias),
+         "--rank must be at least 1, or 0 with --lm-head-bias (LoRA off: only the lm_head bias trained)"),
         (args.alpha is None or (args.alpha > 0 and finite(args.alpha)), "--alpha must be a positive number (the LoRA scale is alpha / rank)"),
         (0 <= args.dropout < 1, "--dropout must be in [0, 1)"),
         (not bad, bad),
@@ -365,7 +366,8 @@ def build_model(args):
     """The base checkpoint with LoRA injected; only LoRA (and the coursework's lm_head bias) is trained."""
     dtype = getattr(torch, args.dtype)
     model = Qwen2.from_pretrained(args.model, dtype=dtype, device=args.device, lm_head_bias=args.lm_head_bias)
-    lora.inject_lora(model, r=args.rank, alpha=args.alpha, dropout=args.dropout, targets=lora.parse_targets(args.targets))
+    if args.rank:  # rank 0: report A's ablation, LoRA off and only the lm_head bias trained
+        lora.inject_lora(model, r=args.rank, alpha=args.alpha, dropout=args.dropout, targets=lora.parse_targets(args.targets))
     lora.mark_only_lora_as_trainable(model, also=("lm_head_bias",))
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:  # trained parameters stay float32 (bf16 runs compute in bf16 under autocast)

@@ -40,12 +40,15 @@ def save_adapter(model, folder, module_name=None, base_model_name_or_path=None, 
 
     The folder is the adapter's alone: it is written beside its place and swapped in whole
     (qwen_min.files.atomic_folder), so a kill leaves the previous adapter or the new one, and
-    files of an earlier save (an extra_parameters file the new one lacks) never linger."""
+    files of an earlier save (an extra_parameters file the new one lacks) never linger.
+    A model with no LoRA layers but `extra` tensors (report A's ablation: only the lm_head bias
+    trained) saves a rank-0 adapter: r = 0, no target modules, the tensors in extra_parameters.
+    That one is qwen-min's own; peft has no rank 0, and no slot for the bias either way."""
     layers = lora_layers(model)
-    if not layers:
+    if not layers and not extra:
         raise ValueError("The model has no LoRA layers to save.")
-    first = next(iter(layers.values()))
-    if len({(m.r, m.alpha) for m in layers.values()}) != 1:
+    first = next(iter(layers.values()), None)
+    if len({(m.r, m.alpha) for m in layers.values()}) > 1:
         raise ValueError("peft's format needs one rank and alpha for all LoRA layers.")
     folder = Path(folder)
     foreign = sorted(p.name for p in folder.iterdir() if p.name not in (CONFIG, WEIGHTS, EXTRA, "README.md")) if folder.is_dir() else []
@@ -60,7 +63,8 @@ def save_adapter(model, folder, module_name=None, base_model_name_or_path=None, 
         tensors[f"{key}.lora_B.weight"] = m.lora_B.detach().contiguous().cpu()
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
-        "r": first.r, "lora_alpha": first.alpha, "lora_dropout": getattr(first.dropout, "p", 0.0),
+        "r": first.r if first else 0, "lora_alpha": first.alpha if first else 0,
+        "lora_dropout": getattr(first.dropout, "p", 0.0) if first else 0.0,
         "target_modules": sorted({n.rsplit(".", 1)[-1] for n in layers}), "bias": "none",
         "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
         "modules_to_save": None, "inference_mode": True,
@@ -92,6 +96,8 @@ def read_adapter_config(folder) -> dict:
     if config.get("rank_pattern") or config.get("alpha_pattern"):
         raise refuse("gives per-module ranks or alphas, and qwen-min needs one rank and alpha")
     r, alpha, targets = config.get("r"), config.get("lora_alpha", config.get("r")), config.get("target_modules")
+    if r == 0 and type(r) is int and targets == [] and (folder / EXTRA).is_file():  # rank 0: only extra tensors trained
+        return config
     if type(r) is not int or not 1 <= r <= MAX_RANK:
         raise refuse(f"gives the rank r = {r!r}, not a whole number from 1 to {MAX_RANK}")
     if type(alpha) not in (int, float) or not (math.isfinite(alpha) and alpha > 0):
@@ -117,7 +123,8 @@ def load_adapter(model, folder, module_name=None):
     unknown = sorted(set(targets) - linear_names(model))
     if unknown:
         raise UserError(f"{folder / CONFIG} targets {', '.join(unknown)}, which this model does not have; was it trained on another model?")
-    inject_lora(model, r=r, alpha=alpha, targets=targets)
+    if r:  # rank 0 injects nothing: its adapter is its extra tensors
+        inject_lora(model, r=r, alpha=alpha, targets=targets)
     module_name = names_in_checkpoint(model, module_name)
     expected = {}
     for name, m in lora_layers(model).items():

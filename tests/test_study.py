@@ -173,7 +173,7 @@ def test_specs_that_make_no_study_are_refused_in_one_sentence(ckpt, tmp_path):
         'name = "t"\nbudget = 1e12\ndesign = "search"\n[axes]\nlr = [1e-3]\n': "a search needs 'trials'",
         'name = "t"\nbudget = 1e12\nbudgte = 3\n[axes]\nlr = [1e-3]\n': "'budgte' is not a key of a study spec",
         f'name = "t"\nbudget = 1e12\n[train]\nmodel = "{ckpt}"\nout = "x"\n[axes]\nlr = [1e-3]\n': "may not set out",
-        f'name = "t"\nbudget = 1e12\n[train]\nmodel = "{ckpt}"\n[axes]\nrank = [4, 0]\n': "the trial {'rank': 0} is not a valid train.py run (--rank must be at least 1)",
+        f'name = "t"\nbudget = 1e12\n[train]\nmodel = "{ckpt}"\n[axes]\nrank = [4, 0]\n': "the trial {'rank': 0} is not a valid train.py run (--rank must be at least 1, or 0 with --lm-head-bias",
         'name = "t"\nbudget = \n': "is not valid TOML",
         'name = "t"\nbudget = 1e12\ntrain = 3\n[axes]\nlr = [1e-3]\n': "'train' must be a table",
         'name = "t"\nbudget = 1e12\n[axes]\nlr = [1e-3]\n[final]\nevaluate = ["report-c"]\n':
