@@ -47,7 +47,8 @@ AREAS = {
     "flops": (["flops.py"], ["tests/test_flops.py", "tests/test_flops_algebra.py", "tests/test_flops_cli.py"]),
     "train": (["train.py", "qwen_min/run_folder.py", "qwen_min/checkpoint.py"],  # not test_kill_resume.py: 3 min a mutant
               ["tests/test_train.py", "tests/test_train_run_folder.py", "tests/test_train_cli.py"]),
-    "evaluate": (["evaluate.py"], ["tests/test_evaluate.py", "tests/test_evaluate_oracle.py", "tests/test_evaluate_resume.py"]),
+    "evaluate": (["evaluate.py"], ["tests/test_evaluate.py", "tests/test_evaluate_oracle.py", "tests/test_evaluate_resume.py",
+                                   "tests/test_evaluate_cli.py"]),
 }
 SOURCES = ["qwen_min/", "lora/", "data/", "flops.py", "train.py", "evaluate.py"]  # copied into the scratch tree
 
