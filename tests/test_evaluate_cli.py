@@ -457,3 +457,353 @@ def test_seen_in_training_counts_scored_series_the_run_trained_or_validated_on()
     assert evaluate.seen_in_training(args, 40, test) == 5
     assert evaluate.seen_in_training(SimpleNamespace(trained_on=("ours", 0), no_adapter=True), 40, test) == 0  # the base model
     assert evaluate.seen_in_training(SimpleNamespace(no_adapter=False), 40, test) == 0  # no run
+
+
+def step_table(h, base):
+    """Per-step means base + step / 100 (se step / 1000, the last one None) for both metrics and species."""
+    s = {"mean": [base + (j + 1) / 100 for j in range(h)], "se": [(j + 1) / 1000 for j in range(h - 1)] + [None]}
+    return {m: {sp: s for sp in ("prey", "predator")} for m in ("mae", "mape")}
+
+
+def screen_result(protocol="ours", samples=3, h=3, ce=True):
+    model_overall = dict(mse=0.5, rmse=0.70711, mae=0.25, r2=0.9, nrmse=12.5, mape=3.25, wape=4.5)
+    model = {"overall": model_overall, "per_step": step_table(h, 0.1)}
+    if samples > 1:
+        model["probabilistic"] = {"crps": 0.125, "coverage_50": 0.5, "coverage_90": 0.875}
+    persistence = {"overall": {k: 2 * v for k, v in model_overall.items()}, "per_step": step_table(h, 0.5)}
+    return {"config": {"label": "tuned", "protocol": protocol, "n_test": 6, "k": 5, "h": h, "samples": samples},
+            "cross_entropy": {"convention": "per token, padding masked", "mean": 1.234567, "windows": 7} if ce else None,
+            "results": {"model": model, "persistence": persistence},
+            "repairs": {"forecasts_repaired": 2, "forecasts": 18, "by_kind": {"empty": 2}},
+            "timing": {"total_s": 12.34, "cross_entropy_s": 1.06, "forecast_s": 10.0, "baselines_s": 0.54},
+            "tokens_generated": 1234, "flops": {"cross_entropy": 1.5e9, "generate": 2.25e10}}
+
+
+def test_markdown_of_our_protocol_line_by_line():
+    assert evaluate.markdown(screen_result()).splitlines() == [
+        "## tuned: protocol ours, 6 test series, 5 -> 3 steps, 3 samples, original units",
+        "",
+        "cross-entropy (test, per token, padding masked): 1.2346 over 7 windows",
+        "",
+        "| metric | model | persistence |",
+        "|---|---|---|",
+        "| MSE | 0.5 | 1 |",
+        "| RMSE | 0.7071 | 1.414 |",
+        "| MAE | 0.25 | 0.5 |",
+        "| R2 | 0.9 | 1.8 |",
+        "| NRMSE % | 12.5 | 25 |",
+        "| MAPE % | 3.25 | 6.5 |",
+        "| WAPE % | 4.5 | 9 |",
+        "| CRPS | 0.125 | - |",
+        "| coverage 50% | 0.5 | - |",
+        "| coverage 90% | 0.875 | - |",
+        "",
+        "repaired forecasts: 2 of 18 {'empty': 2}",
+        "",
+        "| step | prey MAE | predator MAE | prey MAPE % | predator MAPE % |",
+        "|---|---|---|---|---|",
+        "| 1 | 0.11 ± 0.001 | 0.11 ± 0.001 | 0.11 ± 0.001 | 0.11 ± 0.001 |",
+        "| 3 | 0.13 ± - | 0.13 ± - | 0.13 ± - | 0.13 ± - |",
+        "",
+        "time: 12.3 s (cross-entropy 1.1 s, forecasts 10.0 s for 1234 tokens, baselines 0.5 s)",
+        "FLOPs (flops.py, coursework convention): cross-entropy 1.5e+09, forecasts 2.25e+10",
+    ]
+
+
+def test_markdown_greedy_without_cross_entropy_flops_or_repairs_and_every_table_step():
+    res = screen_result(samples=1, h=50, ce=False) | {"flops": None, "truth_check": {"summary": "series: the protocol's test series"}}
+    res["repairs"] = {"forecasts_repaired": 0, "forecasts": 6, "by_kind": {}}
+    del res["timing"]["cross_entropy_s"], res["timing"]["forecast_s"]  # --score: neither ran
+    lines = evaluate.markdown(res).splitlines()
+    assert lines[0] == "## tuned: protocol ours, 6 test series, 5 -> 50 steps, greedy, original units"
+    assert lines[1:4] == ["", "| metric | model | persistence |", "|---|---|---|"]
+    assert not any(line.startswith(("| CRPS", "| coverage", "cross-entropy", "FLOPs")) for line in lines)
+    assert "repaired forecasts: 0 of 6 " in lines
+    assert [line.split(" |")[0] for line in lines if line[:3] in ("| 1", "| 2", "| 3", "| 4", "| 5")] == [
+        "| 1", "| 5", "| 10", "| 20", "| 30", "| 40", "| 49", "| 50"]
+    assert "| 49 | 0.59 ± 0.049 | 0.59 ± 0.049 | 0.59 ± 0.049 | 0.59 ± 0.049 |" in lines
+    assert lines[-3:] == ["series: the protocol's test series", "",
+                          "time: 12.3 s (cross-entropy 0.0 s, forecasts 0.0 s for 1234 tokens, baselines 0.5 s)"]
+
+
+def test_markdown_of_report_b_leads_with_its_published_metrics():
+    res = screen_result(protocol="report-b", samples=1, h=20, ce=False)
+    res["results"]["model"]["published"] = {"overall": dict(mse=0.5, rmse=0.75, mae=0.25, r2=0.875, nrmse=12.5, mape=3.5,
+                                                            avg_uncertainty=0.0625)}
+    res["results"]["persistence"]["published"] = {"overall": dict(mse=1.5, rmse=1.25, mae=1.0, r2=0.5, nrmse=25.0, mape=7.0)}
+    lines = evaluate.markdown(res).splitlines()
+    assert lines[:14] == [
+        "## tuned: protocol report-b, 6 test series, 5 -> 20 steps, greedy, original units", "",
+        "report B's metrics (scikit-learn, original units):", "",
+        "| metric | model | persistence |", "|---|---|---|",
+        "| MSE | 0.5 | 1.5 |", "| RMSE | 0.75 | 1.25 |", "| MAE | 0.25 | 1 |", "| R2 | 0.875 | 0.5 |", "| NRMSE % | 12.5 | 25 |",
+        "| MAPE % | 3.5 | 7 |", "| Avg. Unc. | 0.0625 | - |", ""]
+    del res["results"]["model"]["published"]["overall"]["avg_uncertainty"]
+    assert not any(line.startswith("| Avg. Unc.") for line in evaluate.markdown(res).splitlines())  # no samples: no row
+
+
+def test_markdown_of_report_a_prints_its_table_by_0_based_horizon_index():
+    res = screen_result(protocol="report-a", samples=1, h=50)
+    published = {m: {sp: {"mean": [j / 1000 for j in range(50)], "se": [j / 10000 for j in range(49)] + [None]}
+                     for sp in ("prey", "predator")} for m in ("mae", "mape")}
+    res["results"]["model"]["published"] = {"per_step": published}
+    lines = evaluate.markdown(res).splitlines()
+    start = lines.index("report A's table (scaled units; step = horizon index, 0-based; mean ± standard error):")
+    assert lines[start + 1:start + 12] == [
+        "", "| step | prey MAE | predator MAE | prey MAPE % | predator MAPE % |", "|---|---|---|---|---|",
+        "| 1 | 0.001 ± 0.000 | 0.001 ± 0.000 | 0.001 ± 0.000 | 0.001 ± 0.000 |",
+        "| 5 | 0.005 ± 0.001 | 0.005 ± 0.001 | 0.005 ± 0.001 | 0.005 ± 0.001 |",
+        "| 10 | 0.010 ± 0.001 | 0.010 ± 0.001 | 0.010 ± 0.001 | 0.010 ± 0.001 |",
+        "| 20 | 0.020 ± 0.002 | 0.020 ± 0.002 | 0.020 ± 0.002 | 0.020 ± 0.002 |",
+        "| 30 | 0.030 ± 0.003 | 0.030 ± 0.003 | 0.030 ± 0.003 | 0.030 ± 0.003 |",
+        "| 40 | 0.040 ± 0.004 | 0.040 ± 0.004 | 0.040 ± 0.004 | 0.040 ± 0.004 |",
+        "| 49 | 0.049 ± - | 0.049 ± - | 0.049 ± - | 0.049 ± - |", ""]
+    assert lines[0].endswith(", scaled units") and "| 50 |" not in " ".join(lines)  # no per-step table of ours after it
+
+
+# ---------------------------------------------------------------- the cross-entropy, by hand
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from conftest import random_model, tiny_config, write_checkpoint
+    from qwen_min import Tokenizer
+
+    ckpt = write_checkpoint(random_model(tiny_config()), tmp_path_factory.mktemp("tiny") / "ckpt")
+    return random_model(tiny_config()), Tokenizer.from_pretrained(ckpt)
+
+
+def scored_logits(model, ids):
+    """(logits of positions 0..T-2, their next tokens) of one row: what a causal LM is scored on."""
+    with torch.no_grad():
+        return model(ids[None, :-1])[0], ids[1:]
+
+
+def test_cross_entropy_is_per_scored_token_over_all_windows_with_padding_masked(tiny):
+    import torch.nn.functional as F
+
+    from data import windows
+
+    model, tok = tiny
+    scaled = np.array([[[1.25, 0.5]] * 9, [[3.0, 2.5]] * 9, [[0.75, 0.25]] * 9])  # (3, 9, 2)
+    args = SimpleNamespace(context=30, decimals=2, batch=2, device="cpu")
+    w = windows.dataset_windows(scaled, tok, 30, 30, 2, tok.pad_id)
+    total, count = 0.0, 0
+    for ids, labels in zip(w.input_ids, w.labels):  # window by window, padding cut by hand
+        n = int((ids != tok.pad_id).sum()) if tok.pad_id not in ids[:1] else len(ids)
+        logits, _ = scored_logits(model, torch.from_numpy(ids[:n]))
+        target = torch.from_numpy(labels[1:n])
+        keep = target != -100
+        total += F.cross_entropy(logits[keep], target[keep], reduction="sum").item()
+        count += int(keep.sum())
+    got = evaluate.cross_entropy(model, tok, scaled, args)
+    assert got["windows"] == len(w.input_ids) >= 3 and got["tokens"] == count
+    assert got["mean"] == pytest.approx(total / count, rel=1e-5)
+    assert got["convention"] == "per token, padding masked"
+    import flops
+
+    setup = flops.Setup(model.config)
+    shapes = [windows.batch(w, slice(s, s + 2))[0].shape for s in range(0, len(w.input_ids), 2)]
+    assert got["flops"] == sum(flops.forward_with_loss(setup, B, T - 1).coursework for B, T in shapes)
+
+
+def test_report_a_cross_entropy_scores_padding_and_averages_window_means(tiny):
+    import torch.nn.functional as F
+
+    import flops
+
+    model, tok = tiny
+    texts = ["1.25,0.50;3.00,2.50;" * 2, "0.75,0.25;"]  # 40 and 10 characters, one token each
+    args = SimpleNamespace(context=16, device="cpu")
+    rows = []  # 16-token windows every 16 tokens, right-padded; labels = the ids, padding included
+    for t in texts:
+        ids = tok.encode(t)
+        for start in range(0, len(ids), 16):
+            piece = ids[start:start + 16]
+            rows.append(piece + [tok.pad_id] * (16 - len(piece)))
+    means = []
+    for r in rows:
+        logits, target = scored_logits(model, torch.tensor(r))
+        means.append(F.cross_entropy(logits, target).item())
+    got = evaluate.cross_entropy_report_a(model, tok, texts, args)
+    assert got["windows"] == len(rows) == 4 and got["tokens"] == 4 * 15
+    assert got["mean"] == pytest.approx(sum(means) / len(means), rel=1e-5)
+    assert got["flops"] == 4 * flops.forward_with_loss(flops.Setup(model.config), 1, 15).coursework
+    assert got["convention"] == "report A: padding counted, mean of per-window means"
+
+
+# ---------------------------------------------------------------- series, --score, results, the run's scalars
+
+def write_lv(path, n, steps):
+    """n series of `steps` steps with known values: series r, step j = (r + 1 + j / 8, 2 + j / 4)."""
+    from data import lotka_volterra
+
+    j = np.arange(steps)
+    traj = np.stack([np.stack([r + 1 + j / 8, 2 + j / 4], axis=1) for r in range(n)])
+    lotka_volterra.save(path, traj, np.linspace(0.0, 1.0, steps))
+    return traj
+
+
+def test_load_series_refuses_more_steps_than_a_trajectory_has_and_an_empty_test_split(here):
+    write_lv(here / "lv.h5", 20, 12)
+    args = evaluate.parse_args(["--data", "lv.h5", "--k", "5", "--h", "7", "--no-ce"])
+    traj, times, split, test = evaluate.load_series(args)
+    assert traj.shape == (20, 12, 2) and traj.dtype == np.float64 and test.tolist() == split.test.tolist() and len(test) == 3
+    with pytest.raises(UserError) as e:
+        evaluate.load_series(evaluate.parse_args(["--data", "lv.h5", "--k", "5", "--h", "8"]))
+    assert str(e.value) == "--k 5 + --h 8 exceeds the 12 steps of each trajectory; lower --k or --h."
+    assert evaluate.load_series(evaluate.parse_args(["--data", "lv.h5", "--k", "5", "--h", "7", "--limit", "2"]))[3].tolist() == \
+        test[:2].tolist()
+    with pytest.raises(UserError) as e:
+        evaluate.load_series(evaluate.parse_args(["--n-series", "1", "--k", "5", "--h", "5"]))
+    assert str(e.value) == "the test split is empty; use more trajectories (--n-series or --data)."
+
+
+def test_report_a_needs_one_step_more_than_k_plus_h(here):
+    write_lv(here / "short.h5", 20, 99)
+    with pytest.raises(UserError) as e:
+        evaluate.load_series(evaluate.parse_args(["--data", "short.h5", "--preset", "report-a"]))
+    assert str(e.value) == "--k 49 + --h 50 exceeds the 99 steps of each trajectory; lower --k or --h."
+    write_lv(here / "long.h5", 20, 100)
+    evaluate.load_series(evaluate.parse_args(["--data", "long.h5", "--preset", "report-a"]))  # its truth drops the last step
+
+
+def test_series_of_our_protocol_are_truth_and_context_in_original_units(here):
+    traj = write_lv(here / "lv.h5", 20, 12)
+    args = evaluate.parse_args(["--data", "lv.h5", "--k", "5", "--h", "4"])
+    s = evaluate.Series(args, traj, [3, 11])
+    assert s.rows.dtype == np.int64 and s.rows.tolist() == [3, 11] and s.unit == 1.0
+    np.testing.assert_array_equal(s.truth, traj[[3, 11], 5:9])
+    np.testing.assert_array_equal(s.context, traj[[3, 11], :5])
+    np.testing.assert_array_equal(s.context_original, traj[[3, 11], :5])
+
+
+def test_series_of_report_a_are_in_its_scaled_units(here):
+    from data import protocols
+
+    traj = write_lv(here / "lv.h5", 20, 100)
+    args = evaluate.parse_args(["--data", "lv.h5", "--preset", "report-a"])
+    s = evaluate.Series(args, traj, [2])
+    alpha = np.percentile(traj, 90) / 10  # P90 of the whole file -> 10
+    assert s.unit == pytest.approx(1 / alpha, rel=1e-12)
+    np.testing.assert_allclose(s.context, traj[[2], :49] / alpha, rtol=1e-12)
+    np.testing.assert_allclose(s.truth, np.round(traj[[2], 49:99] / alpha, 2), atol=1e-9)  # its text's two decimals
+    assert s.texts == [protocols.report_a_text(protocols.report_a_scaled(traj)[0][2])]
+
+
+def score_file(path, forecast, truth=None, series=None):
+    arrays = {"forecast": forecast} | ({"truth": truth} if truth is not None else {}) | ({"series": series} if series is not None else {})
+    np.savez(path, **arrays)
+    return path
+
+
+def test_score_scores_a_files_forecasts_against_the_protocols_test_series(here):
+    traj = write_lv(here / "lv.h5", 20, 12)
+    base = ["--data", "lv.h5", "--k", "5", "--h", "4", "--no-baselines", "--plots", "0"]
+    test = evaluate.load_series(evaluate.parse_args(base + ["--out", "probe"]))[3]
+    truth = traj[test, 5:9]
+    res = evaluate.main(base + ["--score", str(score_file(here / "f.npz", truth + 0.5)), "--out", "a"])
+    assert res["results"]["model"]["overall"]["mae"] == pytest.approx(0.5, rel=1e-12)
+    assert res["truth_check"] == {"same_series": True, "in_test_split": 3,
+                                  "summary": "series: the protocol's test series (3 of 3 in it) of lv.h5"}
+    assert res["repairs"] == {"forecasts_repaired": 0, "forecasts": 3, "by_kind": {}} and res["tokens_generated"] == 0
+    assert res["cross_entropy"] is None and res["flops"] is None and res["config"]["label"] == "f"
+    assert json.loads((here / "a" / "results.json").read_text())["truth_check"]["same_series"] is True
+    # other rows, named, with a truth that is not the protocol's
+    rows = np.array([r for r in range(20) if r not in test][:2] + [int(test[0])])
+    res = evaluate.main(base + ["--score", str(score_file(here / "g.npz", traj[rows, 5:9], traj[rows, 5:9] + 0.25, rows)),
+                                "--out", "b"])
+    check = res["truth_check"]
+    assert (check["same_series"], check["in_test_split"], check["truth_given"], check["truth_matches_protocol"]) == (False, 1, True, False)
+    assert check["truth_max_abs_difference"] == pytest.approx(0.25, rel=1e-12)
+    assert check["summary"] == ("series: NOT the protocol's test series (1 of 3 in it) of lv.h5; scored against the file's truth, "
+                                "which does NOT match the protocol's truth for those rows (largest difference 0.25)")
+    assert res["results"]["model"]["overall"]["mae"] == pytest.approx(0.25, rel=1e-12)  # scored against the file's truth
+    res = evaluate.main(base + ["--score", str(score_file(here / "h.npz", truth, truth + 1e-9)), "--out", "c"])
+    assert res["truth_check"]["truth_matches_protocol"] is True and "which matches the protocol's truth" in res["truth_check"]["summary"]
+    with pytest.raises(UserError) as e:
+        evaluate.main(base + ["--score", str(score_file(here / "i.npz", truth[:2])), "--out", "d"])
+    assert str(e.value) == (f"--score {here / 'i.npz'} holds 2 forecasts but protocol ours scores 3 test series; add `series` (the "
+                            "data rows forecast) or forecast exactly those series, in order.")
+
+
+def test_score_without_data_names_the_simulated_trajectories(here):
+    args = ["--n-series", "20", "--k", "5", "--h", "4", "--no-baselines", "--plots", "0"]
+    traj, _, _, test = evaluate.load_series(evaluate.parse_args(args + ["--out", "probe"]))
+    res = evaluate.main(args + ["--score", str(score_file(here / "f.npz", traj[test, 5:9])), "--out", "a"])
+    assert res["truth_check"]["summary"] == "series: the protocol's test series (3 of 3 in it) of 20 simulated trajectories (no --data)"
+
+
+def test_main_says_when_out_cannot_be_made(here):
+    (here / "f").write_text("x")
+    with pytest.raises(UserError) as e:
+        evaluate.main(["--n-series", "20", "--out", "f/sub"])
+    assert str(e.value) == "cannot create --out f/sub (Not a directory); choose another folder."
+
+
+def test_results_score_the_kept_series_and_name_the_lost_ones():
+    truth = np.arange(3 * 2 * 2, dtype=np.float64).reshape(3, 2, 2) + 1
+    series = SimpleNamespace(rows=np.array([7, 8, 9]), truth=truth, context=np.zeros((3, 4, 2)))
+    args = SimpleNamespace(protocol="ours")
+    model = truth + np.array([0.5, 0.0])
+    samples = np.stack([model, model + 1, model - 1], axis=1)  # (3, S=3, 2, 2)
+    kept = np.array([True, False, True])
+    scores, out = evaluate.results(args, series, {"model": model, "persistence": truth}, samples, kept)
+    assert out["index"].tolist() == [7, 9] and out["lost"].tolist() == [8]
+    np.testing.assert_array_equal(out["target"], truth[[0, 2]])
+    assert scores["model"]["overall"]["mae"] == pytest.approx(0.25) and scores["persistence"]["overall"]["mae"] == 0
+    assert "probabilistic" in scores["model"] and "probabilistic" not in scores["persistence"]  # samples are the model's only
+    q = out["quantiles"]
+    assert q["levels"] == (0.05, 0.25, 0.5, 0.75, 0.95) and q["values"].shape == (5, 2, 2, 2)
+    np.testing.assert_allclose(q["values"][2], model[kept])  # the median of {m, m + 1, m - 1}
+    np.testing.assert_allclose(q["values"][0], model[kept] - 0.9)  # 5%: 0.1 of the way from m - 1 to m
+    _, greedy = evaluate.results(args, series, {"model": model}, samples[:, :1])
+    assert greedy["quantiles"] is None and greedy["lost"] == [] and greedy["index"].tolist() == [7, 8, 9]
+
+
+def test_baselines_are_in_the_protocols_units_or_left_out():
+    from data import baselines
+
+    ctx = np.array([[[1.0, 2.0], [1.5, 2.5], [2.0, 2.25]]])
+    series = SimpleNamespace(context_original=ctx, unit=0.5)
+    args = SimpleNamespace(no_baselines=False, h=2, lv_iterations=3)
+    times = np.linspace(0, 1, 5)
+    got = evaluate.baseline_forecasts(args, series, times)
+    np.testing.assert_array_equal(got["persistence"], np.full((1, 2, 2), [1.0, 1.125]))  # the last context step, times the unit
+    np.testing.assert_allclose(got["lotka_volterra"], baselines.lotka_volterra(ctx, times, 2, 3) * 0.5, rtol=1e-12)
+    assert evaluate.baseline_forecasts(SimpleNamespace(no_baselines=True), series, times) == {}
+
+
+class Recorder:
+    """Stands in for qwen_min.scalars.Scalars: records (tag, value, step) and where it writes."""
+    made = []
+
+    def __init__(self, where):
+        self.where, self.rows, self.closed = where, [], False
+        Recorder.made.append(self)
+
+    def add(self, tag, value, step):
+        self.rows.append((tag, value, step))
+
+    def close(self):
+        self.closed = True
+
+
+def test_log_scalars_tags_each_metric_at_the_runs_last_step(tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluate, "Scalars", Recorder)
+    Recorder.made.clear()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"steps": 12}))
+    res = {"results": {"model": {"overall": {"mae": 0.5, "r2": None, "n": 3}}, "persistence": {"overall": {"mae": 1.5}}},
+           "cross_entropy": {"mean": 2.25}}
+    args = SimpleNamespace(run=str(run), out=str(tmp_path / "o"), protocol="ours", adapter=str(run / "best"))
+    evaluate.log_scalars(args, res)
+    (rec,) = Recorder.made
+    assert rec.where == run / "tensorboard" and rec.closed
+    assert rec.rows == [("eval/ours-best/model/mae", 0.5, 12), ("eval/ours-best/model/n", 3, 12),
+                        ("eval/ours-best/persistence/mae", 1.5, 12), ("eval/ours-best/cross_entropy", 2.25, 12)]
+    (run / "summary.json").write_text("{not json")  # a run still training: step 0
+    evaluate.log_scalars(SimpleNamespace(**vars(args) | {"adapter": None}), res | {"cross_entropy": None})
+    assert Recorder.made[1].rows[0] == ("eval/ours-base/model/mae", 0.5, 0) and len(Recorder.made[1].rows) == 3
+    evaluate.log_scalars(SimpleNamespace(run=None, out=str(tmp_path / "o"), protocol="report-b", adapter=None), res)
+    assert Recorder.made[2].where == tmp_path / "o" / "tensorboard" and Recorder.made[2].rows[0][::2] == ("eval/report-b-base/model/mae", 0)
