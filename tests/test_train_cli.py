@@ -337,7 +337,7 @@ def planned(ckpt, tmp_path, steps):
     ledger = flops.Ledger(tmp_path / "ledger.jsonl", budget=args.flops_budget)
     budget.record_plan(ledger, "run", args)
     setup = flops.Setup(cfg, flops.lora_targets("q,v", 4), False, None, "fused")
-    return [json.loads(line) for line in open(tmp_path / "ledger.jsonl")], setup
+    return [json.loads(line) for line in (tmp_path / "ledger.jsonl").read_text().splitlines()], setup
 
 
 def test_the_budget_records_the_whole_run_as_planned(ckpt, tmp_path):
@@ -420,3 +420,101 @@ def test_export_merged_says_why_it_writes_nothing(tmp_path, capsys):
     train.export_merged(run, argparse.Namespace(lm_head_bias=False))
     assert capsys.readouterr().err == "note: --export-merged skipped: no validation finished, so there is no best adapter.\n"
     assert list(run.iterdir()) == []
+
+
+# ---------------------------------------------------------------- the logs, the loss plot, what a run says
+
+class Recorder:
+    """Stands in for qwen_min.scalars.Scalars: what Log writes to TensorBoard, and how it was opened."""
+
+    def __init__(self, folder, enabled=True, purge_step=None):
+        self.folder, self.enabled, self.purge_step, self.rows, self.closed = folder, enabled, purge_step, [], False
+
+    def add(self, tag, value, step):
+        self.rows.append((tag, value, step))
+
+    def close(self):
+        self.closed = True
+
+
+def test_log_writes_each_step_and_validation_to_metrics_the_ledger_tensorboard_and_the_screen(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "Scalars", Recorder)
+    run = tmp_path / "run7"
+    run.mkdir()
+    ledger = flops.Ledger(run / "ledger.jsonl")
+    args = argparse.Namespace(steps=10, no_progress=True, log="tensorboard")
+    log = train.Log(run, ledger, args, 2, resuming=True)
+    assert (log.scalars.folder, log.scalars.enabled, log.scalars.purge_step) == (run / "tensorboard", True, 3)
+    log.step(3, 1.23456, 1e-3, 1234.4, 5e9, 7.0)
+    log.validation(3, 0.5, True, 6e9, 2.0)
+    log.validation(4, 0.75, False, 7e9, 2.0)
+    log.close()
+    assert [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] == [
+        {"kind": "train", "step": 3, "loss": 1.23456, "lr": 1e-3, "tokens_per_s": 1234.4, "flops": 5e9},
+        {"kind": "val", "step": 3, "val_loss": 0.5, "best": True, "flops": 6e9},
+        {"kind": "val", "step": 4, "val_loss": 0.75, "best": False, "flops": 7e9}]
+    assert [json.loads(line) for line in (run / "ledger.jsonl").read_text().splitlines()] == [
+        {"stage": "run7", "kind": "train", "source": "spent", "flops": 7.0, "step": 3},
+        {"stage": "run7", "kind": "eval", "source": "spent", "flops": 2.0, "step": 3},
+        {"stage": "run7", "kind": "eval", "source": "spent", "flops": 2.0, "step": 4}]
+    assert log.scalars.rows == [("train/loss", 1.23456, 3), ("train/lr", 1e-3, 3), ("train/tokens_per_s", 1234.4, 3),
+                                ("flops/spent", 5e9, 3), ("val/loss", 0.5, 3), ("flops/spent", 6e9, 3), ("val/loss", 0.75, 4),
+                                ("flops/spent", 7e9, 4)] and log.scalars.closed
+    out, err = capsys.readouterr()
+    assert out == "step 3: validation loss 0.5000 (best)\nstep 4: validation loss 0.7500\n"
+    assert err.startswith("train: 3/10 step (30%)") and err.rstrip().endswith("| loss 1.2346 lr 1.00e-03 tok_s 1234 flops 5.00e+09")
+    fresh = train.Log(run, ledger, argparse.Namespace(steps=10, no_progress=True, log="none"), 0, resuming=False)
+    assert (fresh.scalars.enabled, fresh.scalars.purge_step) == (False, None)
+    fresh.close()
+
+
+@pytest.mark.filterwarnings("ignore:No artists with labels")  # the empty plot's legend has nothing to name
+def test_the_loss_plot_shows_each_train_step_and_validation_of_metrics_jsonl(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    run = tmp_path / "myrun"
+    run.mkdir()
+    rows = [{"kind": "val", "step": 0, "val_loss": 3.0}, {"kind": "train", "step": 1, "loss": 2.5},
+            {"kind": "train", "step": 2, "loss": 2.0}, {"kind": "val", "step": 2, "val_loss": 2.25}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"kind": "train", "st')
+    figures, real_close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: (figures.append(fig), real_close(fig)))
+    train.plot_losses(run, run / "loss.png")
+    (ax,) = figures[0].axes
+    lines = {line.get_label(): line.get_xydata().tolist() for line in ax.get_lines()}
+    assert lines == {"train": [[1, 2.5], [2, 2.0]], "validation": [[0, 3.0], [2, 2.25]]}
+    assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) == ("step", "cross-entropy per token", "myrun")
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["train", "validation"]
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and list(run.glob("*.tmp")) == []
+    (run / "metrics.jsonl").unlink()
+    train.plot_losses(run, run / "empty.png")  # killed before its first step: an empty plot, no error
+    assert not figures[1].axes[0].get_lines() and (run / "empty.png").is_file()
+
+
+class FakeBudget:
+    """What announce reads of a Budget: one full step's FLOPs."""
+
+    def step(self, B, T):
+        return argparse.Namespace(coursework=2.5e12)
+
+    def full_step(self, args):
+        return argparse.Namespace(coursework=2.5e12)
+
+
+def test_announce_says_what_will_run_and_warns_of_a_real_model_on_a_cpu(monkeypatch, capsys):
+    monkeypatch.setattr(train, "cpu_matmul_rate", lambda: 1e11)
+    params = [torch.zeros(3, 4), torch.zeros(1000)]
+    w = lambda n: argparse.Namespace(input_ids=np.zeros((n, 8)))
+    args = argparse.Namespace(batch=4, context=512, flops_budget=1e17, device="cpu", steps=2000)
+    train.announce(args, argparse.Namespace(n_layers=24), params, w(1234), w(56), FakeBudget(), 560)
+    out, err = capsys.readouterr()
+    assert out == ("2 trainable tensors, 1,012 parameters; 1234 training windows of 512 tokens, 56 validation; 2.5e+12 FLOPs per "
+                   "full step, budget 1e+17\n")
+    assert err == ("warning: training on CPU: at least 25 s per step at this CPU's matmul rate (measured runs take about 1.5x "
+                   "that), 10.0 h or more for the run; use a CUDA GPU for real runs.\n")  # 25 s x 1440 steps left
+    train.announce(args, argparse.Namespace(n_layers=11), params, w(1), w(1), FakeBudget(), 0)  # a tiny model: no warning
+    train.announce(argparse.Namespace(**vars(args) | {"device": "cuda"}), argparse.Namespace(n_layers=24), params, w(1), w(1),
+                   FakeBudget(), 0)
+    assert capsys.readouterr().err == ""
+    train.announce(args, argparse.Namespace(n_layers=12), params, w(1), w(1), FakeBudget(), 0)
+    assert capsys.readouterr().err.startswith("warning: training on CPU: at least 25 s per step")
