@@ -600,6 +600,18 @@ def train_step(s: Setup, B, T) -> Cost:
     return group(forward=fwd, backward=backward(s, B, T), optimizer=adamw(trainable_parameters(s)))
 
 
+def train_step_accumulated(s: Setup, shapes) -> Cost:
+    """One optimizer step over micro-batches of the (B, T) `shapes` (train.py --micro-batch): each one's
+    forward and backward, autograd adding each later one's gradients into .grad (part "accumulate":
+    an add per trained number), then one optimizer step. The loss weights per micro-batch are scalars: not counted."""
+    if len(shapes) == 1:
+        return train_step(s, *shapes[0])
+    steps = [train_step(s, B, T) for B, T in shapes]
+    added = FREE if s.convention.backward_factor else ops(add=(len(shapes) - 1) * trainable_parameters(s))
+    return group(forward=sum(c["forward"] for c in steps), backward=sum(c["backward"] for c in steps),
+                 accumulate=added, optimizer=steps[0]["optimizer"])
+
+
 def coursework_estimate(step: Cost) -> Cost:
     """The coursework's training estimate: backward = 2 x forward, so a step = 3 x forward."""
     return 3 * Cost(step["forward"].matmul, step["forward"].ops)

@@ -42,6 +42,7 @@ from qwen_min.errors import UserError, run_cli
 from qwen_min.files import FolderLock, atomic_write_json, atomic_write_text
 
 DESIGNS = ("one-at-a-time", "grid", "search")
+SPARE = "no slot of the design was left"  # a trial asked for as another worker took the last slot
 
 
 def require_optuna():
@@ -161,7 +162,7 @@ def planned_flops(args) -> float:
     budget = train.Budget(args, cfg, [(args.batch, args.context)] * args.eval_batches)  # budget.eval: one full validation
     plan = flops.plan_run(budget.setup, args.steps, args.batch, args.context, args.eval_every, args.eval_batches)
     # a hair above the plan, so that the float rounding of a run's running sum never stops it a step short
-    return (plan["train"].coursework + plan["eval"].coursework + budget.eval) * (1 + 1e-9)
+    return (args.steps * budget.full_step(args).coursework + plan["eval"].coursework + budget.eval) * (1 + 1e-9)
 
 
 # ---------------------------------------------------------------- the study's database
@@ -182,7 +183,7 @@ class Book:
             db.execute(sa.text("CREATE TABLE IF NOT EXISTS qwen_min_budget (study VARCHAR(255) PRIMARY KEY, "
                                "budget FLOAT NOT NULL, reserved FLOAT NOT NULL)"))
             db.execute(sa.text("CREATE TABLE IF NOT EXISTS qwen_min_slots (study VARCHAR(255), slot INTEGER, "
-                               "PRIMARY KEY (study, slot))"))
+                               "trial INTEGER, PRIMARY KEY (study, slot))"))
         with contextlib.suppress(sa.exc.IntegrityError), self.engine.begin() as db:
             db.execute(sa.text("INSERT INTO qwen_min_budget VALUES (:s, :b, 0)"), {"s": study, "b": budget})
 
@@ -202,15 +203,23 @@ class Book:
         """(budget, reserved): reserved is what finished trials spent plus what running ones hold."""
         return tuple(self._run("SELECT budget, reserved FROM qwen_min_budget WHERE study = :s").one())
 
-    def take_slot(self, n):
-        """The first of slots 0..n-1 no worker has taken, now this worker's; None when all are taken."""
+    def take_slot(self, n, trial):
+        """The first of slots 0..n-1 no worker has taken, now `trial`'s; None when all are taken."""
         for slot in range(n):
             try:
-                self._run("INSERT INTO qwen_min_slots VALUES (:s, :i)", i=slot)
+                self._run("INSERT INTO qwen_min_slots VALUES (:s, :i, :t)", i=slot, t=trial)
                 return slot
             except self.sa.exc.IntegrityError:
                 continue
         return None
+
+    def slots_taken(self):
+        return self._run("SELECT COUNT(*) FROM qwen_min_slots WHERE study = :s").scalar()
+
+    def slot_of(self, trial):
+        """The slot `trial` took (None if it took none)."""
+        row = self._run("SELECT slot FROM qwen_min_slots WHERE study = :s AND trial = :t", t=trial).first()
+        return None if row is None else row[0]
 
 
 def _engine_kwargs(url):
@@ -283,15 +292,27 @@ def work(study, book, spec, out):
     n_slots = spec["trials"] if spec["design"] == "search" else len(settings(spec))
     while True:
         orphan = next((t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)) if orphaned(t)), None)
-        if orphan is not None:
+        if orphan is not None:  # a kill at any point of a trial's life: continue it from there
             trial = optuna.trial.Trial(study, orphan._trial_id)
             trial.set_user_attr("worker", whose())
-            print(f"trial {trial.number}: its worker was killed; continuing {orphan.user_attrs.get('run')}")
+            slot = book.slot_of(trial.number)
+            if orphan.user_attrs.get("reserved"):
+                print(f"trial {trial.number}: its worker was killed; continuing {orphan.user_attrs['run']}")
+            elif slot is None:  # killed before it took a slot: nothing of the design is lost
+                trial.set_user_attr("not_run", "its worker was killed before it took a slot")
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                continue
+            elif not start(study, book, spec, out, trial, slot):  # killed before its reservation: lay it out again
+                continue
+        elif book.slots_taken() >= n_slots:
+            return
         else:
-            slot = book.take_slot(n_slots)
-            if slot is None:
+            trial = study.ask()  # before the slot: a kill in between loses no slot
+            slot = book.take_slot(n_slots, trial.number)
+            if slot is None:  # another worker took the last one since: this trial is no part of the design
+                trial.set_user_attr("not_run", SPARE)
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 return
-            trial = study.ask()
             if not start(study, book, spec, out, trial, slot):
                 continue
         run_trial(study, book, spec, trial)
@@ -316,6 +337,7 @@ def start(study, book, spec, out, trial, slot) -> bool:
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
         print(f"trial {trial.number} {setting}: not run: {why}")
         return False
+    trial.set_user_attr("reserved", True)  # a kill just before this holds the plan twice: never overruns, at worst idles
     print(f"trial {trial.number} {setting}: {planned:.3g} FLOPs reserved; run folder {run}")
     return True
 
@@ -411,6 +433,8 @@ def trial_rows(study) -> list:
     rows = []
     for t in study.get_trials(deepcopy=False):
         a, curve = t.user_attrs, t.intermediate_values
+        if a.get("not_run") == SPARE:
+            continue
         rows.append({"trial": t.number, "setting": a.get("setting", {}), "state": t.state.name.lower(),
                      "best_val_loss": min(curve.values()) if curve else None, "planned": a.get("planned", 0.0),
                      "spent": a.get("spent"), "stop_reason": a.get("stop_reason") or a.get("not_run") or a.get("error"),

@@ -48,7 +48,7 @@ from qwen_min.weights import resolve_checkpoint, save_pretrained
 on_step = None  # called with the step number after every step; tests use it to kill a run midway
 # Flags a --resume may change; every other flag is the saved run's.
 OLD_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16"}  # --precision's values, before it became --dtype
-RESUMABLE = ("steps", "lr", "patience", "flops_budget", "device", "no_progress", "export_merged", "log")
+RESUMABLE = ("steps", "lr", "patience", "flops_budget", "device", "no_progress", "export_merged", "log", "micro_batch")
 # Training calls scaled_dot_product_attention with is_causal=True, which runs PyTorch's fused
 # flash kernels on CPU and, in bf16, on CUDA; flops.py counts their backward accordingly. (fp32 on
 # CUDA with grouped kv heads may fall back to the math kernel, which flops.py counts as
@@ -77,7 +77,9 @@ def build_parser():
     g.add_argument("--stride", type=int, default=None, help="window stride (default: context / 2)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW)")
-    g.add_argument("--batch", type=int, default=4, help="windows per step")
+    g.add_argument("--batch", type=int, default=4, help="windows per optimiser step (the global batch)")
+    g.add_argument("--micro-batch", type=int, default=None, help="windows through the model at once; --batch is reached by "
+                   "accumulating gradients (default: --batch; same result to float rounding, less memory)")
     g.add_argument("--steps", type=int, default=2000, help="optimizer steps in all (raise it with --resume to train on)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on the LoRA weights")
     g.add_argument("--schedule", default="constant", choices=["constant", "cosine"], help="cosine: linear warm-up then cosine decay to 10%%")
@@ -130,6 +132,7 @@ def flag_problem(args):
         (args.stride is None or 1 <= args.stride <= args.context, "--stride must be in 1..--context"),
         (0 < args.lr <= 1, "--lr must be a positive number up to 1 (AdamW's steps are about --lr in size)"),
         (args.batch >= 1, "--batch must be at least 1"),
+        (args.micro_batch is None or 1 <= args.micro_batch <= args.batch, "--micro-batch must be in 1..--batch"),
         (args.steps >= 1, "--steps must be at least 1"),
         (args.weight_decay >= 0 and finite(args.weight_decay), "--weight-decay must be a number >= 0"),
         (args.warmup >= 0, "--warmup must be 0 or more steps (a negative warm-up would make the learning rate negative)"),
@@ -222,6 +225,31 @@ def to_batch(w, idx, device):
     return tuple(torch.from_numpy(a).to(device) for a in windows.batch(w, idx))
 
 
+def micro_batches(w, idx, micro, device):
+    """A step's windows idx in chunks of `micro` rows, each cut to its own longest row."""
+    return [to_batch(w, idx[i:i + micro], device) for i in range(0, len(idx), micro)]
+
+
+def accumulate(model, chunks, vocab_ids, autocast):
+    """Forward and backward over a global batch given as micro-batches; the batch's mean loss per
+    scored token. Each micro-batch's mean is weighted by its share of the batch's scored tokens, so
+    the gradients add up to those of the whole batch at once (to float rounding)."""
+    if len(chunks) == 1:  # no accumulation: exactly the plain step
+        ids, labels = chunks[0]
+        with autocast():
+            loss = causal_lm_loss(model, ids, labels, vocab_ids)
+        loss.backward()
+        return loss.item()
+    scored = [int((labels[:, 1:] != windows.IGNORE_INDEX).sum()) for _, labels in chunks]
+    total = 0.0
+    for (ids, labels), n in zip(chunks, scored):
+        with autocast():
+            loss = causal_lm_loss(model, ids, labels, vocab_ids) * (n / sum(scored))
+        loss.backward()
+        total += loss.item()
+    return total
+
+
 # ---------------------------------------------------------------- schedule, evaluation, checks
 
 def learning_rate(step, args):
@@ -234,9 +262,10 @@ def learning_rate(step, args):
 
 
 def eval_indices(val, args):
-    """The fixed validation subset: the first --eval-batches batches of validation windows."""
-    n = min(len(val.input_ids), args.eval_batches * args.batch)
-    return [np.arange(start, min(n, start + args.batch)) for start in range(0, n, args.batch)]
+    """The fixed validation subset, the first --eval-batches x --batch validation windows, in chunks
+    of --micro-batch (the subset is the same whatever the chunks; its mean loss is per token)."""
+    n, size = min(len(val.input_ids), args.eval_batches * args.batch), args.micro_batch or args.batch
+    return [np.arange(start, min(n, start + size)) for start in range(0, n, size)]
 
 
 def evaluate(model, val, args, vocab_ids, autocast):
@@ -311,6 +340,7 @@ def resumed_args(args, run):
     saved = read_json_object(run / "args.json", fix)
     saved.setdefault("split", "ours")  # runs made before --split existed
     saved.setdefault("log", "none")  # runs made before --log existed
+    saved.setdefault("micro_batch", None)  # runs made before --micro-batch existed
     if "precision" in saved:  # runs made before --precision fp32|bf16 became --dtype float32|bfloat16
         saved.setdefault("dtype", OLD_DTYPE_NAMES.get(saved.pop("precision")))
     problem = saved_flag_problem(saved, build_parser())
@@ -388,11 +418,17 @@ class Budget:
         self.eval = sum(flops.forward_with_loss(self.setup, B, tokens_fed(T)).coursework for B, T in eval_shapes)
         self._steps = {}
 
-    def step(self, B, T) -> flops.Cost:
-        """One training step on a (B, T) batch of windows."""
-        if (B, T) not in self._steps:
-            self._steps[B, T] = flops.train_step(self.setup, B, tokens_fed(T))
-        return self._steps[B, T]
+    def step(self, shapes) -> flops.Cost:
+        """One training step on micro-batches of (B, T) windows (one of them without accumulation)."""
+        shapes = tuple(shapes)
+        if shapes not in self._steps:
+            self._steps[shapes] = flops.train_step_accumulated(self.setup, [(B, tokens_fed(T)) for B, T in shapes])
+        return self._steps[shapes]
+
+    def full_step(self, args) -> flops.Cost:
+        """A step of full windows: --batch of them, in chunks of --micro-batch."""
+        micro = args.micro_batch or args.batch
+        return self.step([(min(micro, args.batch - i), args.context) for i in range(0, args.batch, micro)])
 
     def affords(self, spent, step, with_eval) -> bool:
         """Whether a step of `step` FLOPs (and its validation) still fits after `spent`."""
@@ -400,12 +436,12 @@ class Budget:
 
     def first_step(self, args):
         """The least a run spends: one full step, with its validation when step 1 has one."""
-        return self.step(args.batch, args.context).coursework + (self.eval if args.eval_every == 1 or args.steps == 1 else 0)
+        return self.full_step(args).coursework + (self.eval if args.eval_every == 1 or args.steps == 1 else 0)
 
     def record_plan(self, ledger, name, args):
         """The whole run's FLOPs as planned, into the ledger beside what is spent."""
         plan = flops.plan_run(self.setup, args.steps, args.batch, args.context, args.eval_every, self.n_eval_batches)
-        ledger.add(name, "train", plan["train"], source="plan", step=0)
+        ledger.add(name, "train", args.steps * self.full_step(args), source="plan", step=0)
         ledger.add(name, "eval", plan["eval"].coursework + self.eval, source="plan", step=0)  # + the step-0 baseline
 
 
@@ -468,7 +504,7 @@ def start_or_resume(args, run, resuming, model, optimizer, scaler, budget):
 
 def announce(args, cfg, params, train_w, val_w, budget, step):
     """What is about to run, and on a CPU how long it will take at least."""
-    full_step = budget.step(args.batch, args.context).coursework
+    full_step = budget.full_step(args).coursework
     print(f"{len(params)} trainable tensors, {sum(p.numel() for p in params):,} parameters; {len(train_w.input_ids)} training "
           f"windows of {args.context} tokens, {len(val_w.input_ids)} validation; {full_step:.3g} FLOPs per full step, "
           f"budget {args.flops_budget:.3g}")
@@ -548,29 +584,28 @@ def train(args, run, on_validation=None):
     t_last = time.perf_counter()
     while loop.step < step_limit:
         is_eval = (loop.step + 1) % args.eval_every == 0 or loop.step + 1 == args.steps
-        ids, labels = to_batch(train_w, batch_indices(loop.step, len(train_w.input_ids), args.batch, args.seed), args.device)
-        cost = budget.step(*ids.shape)
+        idx = batch_indices(loop.step, len(train_w.input_ids), args.batch, args.seed)
+        chunks = micro_batches(train_w, idx, args.micro_batch or args.batch, args.device)
+        cost = budget.step(ids.shape for ids, _ in chunks)
         if not budget.affords(loop.spent, cost.coursework, is_eval):
             stop_reason = "flops budget"
             break
         lr = learning_rate(loop.step, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        with autocast():
-            loss = causal_lm_loss(model, ids, labels, vocab_ids)
-        if not torch.isfinite(loss):
-            raise UserError(why_not_finite(model, f"the loss became {loss.item()}", loop.step, args))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = accumulate(model, chunks, vocab_ids, autocast)
+        if not math.isfinite(loss):
+            raise UserError(why_not_finite(model, f"the loss became {loss}", loop.step, args))
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         optimizer.step()
         loop.step += 1
         loop.spent += cost.coursework
         now = time.perf_counter()
-        tokens_per_s = int((labels != windows.IGNORE_INDEX).sum()) / (now - t_last)
+        tokens_per_s = sum(int((labels != windows.IGNORE_INDEX).sum()) for _, labels in chunks) / (now - t_last)
         t_last = now
-        log.step(loop.step, loss.item(), lr, tokens_per_s, loop.spent, cost)
+        log.step(loop.step, loss, lr, tokens_per_s, loop.spent, cost)
         if on_step is not None:
             on_step(loop.step)
         if is_eval:

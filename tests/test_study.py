@@ -194,3 +194,24 @@ def test_a_study_made_from_another_spec_is_refused(ckpt, tmp_path):
     study.main([str(spec_file(tmp_path / "s.toml", ckpt, axes="lr = [1e-2]", steps=2)), "--out", str(out)])
     with pytest.raises(UserError, match="was made from another spec"):
         study.main([str(spec_file(tmp_path / "s.toml", ckpt, axes="lr = [1e-3]", steps=2)), "--out", str(out)])
+
+
+def test_trials_killed_before_their_reservation_are_laid_out_again_or_dropped(ckpt, tmp_path):
+    import socket
+
+    path = spec_file(tmp_path / "s.toml", ckpt, axes="lr = [1e-4, 1e-2]", steps=2, extra="[prune]\nenabled = false")
+    out = tmp_path / "s"
+    out.mkdir()
+    spec = study.read_spec(path)
+    st, bk = study.open_study(spec, out, None)
+    gone = f"{socket.gethostname()}:999999999"  # a process id no process has
+    first = st.ask()
+    assert bk.take_slot(2, first.number) == 0
+    first.set_user_attr("worker", gone)  # killed after taking slot 0, before reserving its FLOPs
+    second = st.ask()
+    second.set_user_attr("worker", gone)  # killed before taking a slot
+    rows = study.main([str(path), "--out", str(out)])["trials"]
+    assert [(r["trial"], r["state"]) for r in rows] == [(0, "complete"), (1, "fail"), (2, "complete")]
+    assert rows[0]["setting"] == {"lr": 1e-4} and rows[2]["setting"] == {"lr": 1e-2}  # each slot once
+    assert rows[1]["stop_reason"] == "its worker was killed before it took a slot"
+    assert book(out)[1] == pytest.approx(rows[0]["spent"] + rows[2]["spent"])
