@@ -508,6 +508,7 @@ def test_markdown_of_our_protocol_line_by_line():
         "time: 12.3 s (cross-entropy 1.1 s, forecasts 10.0 s for 1234 tokens, baselines 0.5 s)",
         "FLOPs (flops.py, coursework convention): cross-entropy 1.5e+09, forecasts 2.25e+10",
     ]
+    assert evaluate.markdown(screen_result(samples=2)).splitlines()[0].endswith("-> 3 steps, 2 samples, original units")
 
 
 def test_markdown_greedy_without_cross_entropy_flops_or_repairs_and_every_table_step():
