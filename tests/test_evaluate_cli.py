@@ -808,3 +808,55 @@ def test_log_scalars_tags_each_metric_at_the_runs_last_step(tmp_path, monkeypatc
     assert Recorder.made[1].rows[0] == ("eval/ours-base/model/mae", 0.5, 0) and len(Recorder.made[1].rows) == 3
     evaluate.log_scalars(SimpleNamespace(run=None, out=str(tmp_path / "o"), protocol="report-b", adapter=None), res)
     assert Recorder.made[2].where == tmp_path / "o" / "tensorboard" and Recorder.made[2].rows[0][::2] == ("eval/report-b-base/model/mae", 0)
+
+
+@pytest.mark.filterwarnings("ignore:No artists with labels")
+def test_the_plots_show_context_truth_forecasts_bands_and_error_by_step(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k, h = 3, 2
+    context = [[[1.0, 2.0], [1.5, 2.5], [2.0, 3.0]], [[4.0, 5.0], [4.5, 5.5], [5.0, 6.0]], [[7.0, 8.0]] * 3]
+    target = [[[2.5, 3.5], [3.0, 4.0]], [[5.5, 6.5], [6.0, 7.0]], [[7.0, 8.0]] * 2]
+    model = [[[2.25, 3.25], [2.75, 3.75]], [[5.25, 6.25], [5.75, 6.75]], [[7.0, 8.0]] * 2]
+    quantiles = (np.array(model)[None] + np.arange(-2, 3)[:, None, None, None] * 0.125).tolist()  # (5, N, h, 2)
+    mae = {sp: {"mean": [0.25, 0.5], "se": [0.125, None]} for sp in ("prey", "predator")}
+    res = {"config": {"k": k, "h": h, "protocol": "ours"},
+           "series": {"index": [11, 22, 33], "context": context, "target": target, "quantiles": {"values": quantiles},
+                      "forecasts": {"model": model, "persistence": [[c[-1]] * h for c in context]}},
+           "results": {"model": {"per_step": {"mae": mae}}, "persistence": {"per_step": {"mae": mae}}}}
+    figures, real_close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: (figures.append(fig), real_close(fig)))
+    evaluate.plot(res, tmp_path, 2)
+    assert (tmp_path / "forecasts.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "error_vs_horizon.png").is_file()
+    series, errors = figures
+    axes = series.axes
+    assert len(axes) == 4  # 2 series (of 3) x 2 species
+    for i in range(2):
+        for j, species in enumerate(("prey", "predator")):
+            ax = axes[2 * i + j]
+            assert ax.get_title() == f"series {(11, 22)[i]}, {species}"
+            lines = [(line.get_label(), line.get_xydata().tolist()) for line in ax.get_lines()]
+            c = np.array(context[i])[:, j]
+            assert lines[0][1] == [[0, c[0]], [1, c[1]], [2, c[2]]]
+            assert lines[1] == ("truth", [[3, target[i][0][j]], [4, target[i][1][j]]])
+            assert lines[2] == ("model", [[3, model[i][0][j]], [4, model[i][1][j]]])
+            assert lines[3] == ("persistence", [[3, c[2]], [4, c[2]]])
+            bands = [b.get_label() for b in ax.collections]
+            assert bands == ["5-95%", "25-75%"]
+            outer = ax.collections[0].get_paths()[0].vertices[:, 1]  # the 5-95% band: from q5 up to q95
+            assert outer.min() == pytest.approx(min(model[i][0][j], model[i][1][j]) - 0.25)
+            assert outer.max() == pytest.approx(max(model[i][0][j], model[i][1][j]) + 0.25)
+            inner = ax.collections[1].get_paths()[0].vertices[:, 1]
+            assert inner.max() == pytest.approx(max(model[i][0][j], model[i][1][j]) + 0.125)
+    assert axes[0].get_legend() is not None and all(ax.get_legend() is None for ax in axes[1:])
+    prey, predator = errors.axes
+    for ax, species in ((prey, "prey"), (predator, "predator")):
+        assert (ax.get_title(), ax.get_xlabel(), ax.get_ylabel()) == (species, "forecast step", "MAE (original units)")
+        assert [(line.get_label(), line.get_xydata().tolist()) for line in ax.get_lines()] == [
+            ("model", [[1, 0.25], [2, 0.5]]), ("persistence", [[1, 0.25], [2, 0.5]])]
+        band = ax.collections[0].get_paths()[0].vertices[:, 1]
+        assert band.min() == pytest.approx(0.125) and band.max() == pytest.approx(0.375)  # mean -/+ se; no se at step 2
+    assert prey.get_legend() is not None and predator.get_legend() is None
