@@ -349,9 +349,6 @@ def test_the_budget_records_the_whole_run_as_planned(ckpt, tmp_path):
     assert rows[1]["flops"] == pytest.approx(2 * 2 * fwd(4, 47) + fwd(4, 47) + fwd(4, 39), rel=1e-12)
 
 
-@pytest.mark.xfail(strict=True, reason="real bug: flops.plan_run plans steps // eval_every validations, but train.py also "
-                   "validates at its last step, so a run whose --steps is no multiple of --eval-every is planned one "
-                   "validation short (fix in flops.plan_run: -(-steps // eval_every), i.e. ceil)")
 def test_the_plan_counts_the_validation_at_the_last_step(ckpt, tmp_path):
     rows, setup = planned(ckpt, tmp_path, 12)
     fwd = lambda B, T: flops.forward_with_loss(setup, B, T).coursework
@@ -518,3 +515,68 @@ def test_announce_says_what_will_run_and_warns_of_a_real_model_on_a_cpu(monkeypa
     assert capsys.readouterr().err == ""
     train.announce(args, argparse.Namespace(n_layers=12), params, w(1), w(1), FakeBudget(), 0)
     assert capsys.readouterr().err.startswith("warning: training on CPU: at least 25 s per step")
+
+
+class Calls:
+    """Records each call of log.validation (what validate reports)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def validation(self, *a):
+        self.calls.append(a)
+
+
+def test_validate_keeps_the_best_adapter_counts_bad_validations_and_says_when_to_stop():
+    from qwen_min.checkpoint import LoopState
+
+    model = torch.nn.Linear(2, 1)
+    model.bias.requires_grad_(False)
+    budget = argparse.Namespace(eval=10.0)
+    loop, log = LoopState(step=4, spent=100.0), Calls()
+    args = argparse.Namespace(patience=2, model="m")
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    assert train.validate(loop, model, lambda: 2.0, budget, log, args) == (2.0, False)  # the first: an improvement on inf
+    assert (loop.best_val, loop.bad_evals, loop.spent) == (2.0, 0, 110.0) and list(loop.best) == ["weight"]
+    with torch.no_grad():
+        model.weight.fill_(5.0)
+    assert torch.equal(loop.best["weight"], torch.ones(1, 2))  # a copy, not the live tensor
+    assert train.validate(loop, model, lambda: 2.0, budget, log, args) == (2.0, False)  # equal is no improvement
+    assert (loop.best_val, loop.bad_evals) == (2.0, 1) and torch.equal(loop.best["weight"], torch.ones(1, 2))
+    assert train.validate(loop, model, lambda: 3.0, budget, log, args) == (3.0, True)  # the 2nd without: stop
+    assert train.validate(loop, model, lambda: 1.5, budget, log, args) == (1.5, False)
+    assert (loop.best_val, loop.bad_evals, loop.spent) == (1.5, 0, 140.0) and torch.equal(loop.best["weight"], torch.full((1, 2), 5.0))
+    assert log.calls == [(4, 2.0, True, 110.0, 10.0), (4, 2.0, False, 120.0, 10.0), (4, 3.0, False, 130.0, 10.0),
+                         (4, 1.5, True, 140.0, 10.0)]
+    never = argparse.Namespace(patience=0, model="m")
+    loop.bad_evals = 99
+    assert train.validate(loop, model, lambda: 9.0, budget, log, never) == (9.0, False)  # --patience 0: never stop early
+    with pytest.raises(UserError) as e:
+        train.validate(loop, model, lambda: float("nan"), budget, log, args)
+    assert str(e.value) == ("the validation loss became nan at step 4 with finite weights: the updates have grown too large; "
+                            "--resume with a lower --lr continues from the last checkpoint.")
+
+
+def test_finish_plots_exports_when_asked_and_writes_the_summary(tmp_path, monkeypatch, capsys):
+    from qwen_min.checkpoint import LoopState
+
+    done = []
+    monkeypatch.setattr(train, "plot_losses", lambda run, path: done.append(("plot", path)))
+    monkeypatch.setattr(train, "export_merged", lambda run, args: done.append(("export", run)))
+    monkeypatch.setattr(train.run_folder, "provenance", lambda device: {"device": device})
+    clock = iter([105.0])
+    monkeypatch.setattr(train.time, "perf_counter", lambda: next(clock))
+    run = tmp_path / "run"
+    run.mkdir()
+    args = argparse.Namespace(export_merged=True, flops_budget=4e9, device="cpu")
+    summary = train.finish(run, args, LoopState(step=30, best_val=1.23456, spent=1e9), "early stopping", 100.0)
+    assert done == [("plot", run / "loss.png"), ("export", run)]
+    assert summary == {"steps": 30, "stop_reason": "early stopping", "best_val_loss": 1.23456, "flops_spent": 1e9,
+                       "flops_budget": 4e9, "budget_used": 0.25, "run": str(run), "wall_s": 5.0, "provenance": {"device": "cpu"}}
+    assert json.loads((run / "summary.json").read_text()) == summary
+    assert capsys.readouterr().out == (f"done after 30 steps (early stopping): best validation loss 1.2346, 1e+09 FLOPs (25.00% of "
+                                       f"the budget); adapter in {run / 'best'}\n")
+    clock = iter([1.0])
+    train.finish(run, argparse.Namespace(export_merged=False, flops_budget=4e9, device="cpu"), LoopState(), "steps", 0.0)
+    assert done[2:] == [("plot", run / "loss.png")]  # no export unless asked for
