@@ -863,7 +863,7 @@ def plan_run(s: Setup, steps, batch, context, eval_every=0, eval_batches=0, fore
     """
     T = s.convention.tokens_fed(context)
     train = steps * train_step(s, batch, T)
-    n_val = (steps // eval_every) * eval_batches if eval_every else 0
+    n_val = -(-steps // eval_every) * eval_batches if eval_every else 0  # and one at the last step (train.py)
     val = n_val * forward_with_loss(s, batch, T)
     gen = FREE
     if forecasts and forecasts.series:
@@ -1168,7 +1168,7 @@ def main(argv=None):
     try:
         ledger = Ledger(a.ledger, a.flops_budget)
         for kind, cost in run.items():
-            if cost.matmul or cost.ops:
+            if not cost.is_free():
                 ledger.add(a.stage, kind, cost, source="plan", **({} if c.name == "ours" else {"convention": c.name}))
     except ValueError as e:
         p.error(f"--ledger {a.ledger}: {e}".rstrip(".") + ".")

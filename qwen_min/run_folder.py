@@ -197,10 +197,10 @@ def provenance(device="cpu") -> dict:
 
     top = git("rev-parse", "--show-toplevel")  # this checkout, not one that merely contains a copy of it
     commit = git("rev-parse", "HEAD") if top and Path(top).resolve() == repo else None
-    status = git("status", "--porcelain") if commit else ""
-    changed = [line for line in status.splitlines() if not line.startswith("??") or line.endswith(".py")]
+    status = git("status", "--porcelain") if commit else None  # None too when git status fails
+    changed = None if status is None else any(not line.startswith("??") or line.endswith(".py") for line in status.splitlines())
     dev = torch.device(device)
-    return {"commit": commit, "uncommitted_changes": bool(changed) if commit else None,
+    return {"commit": commit, "uncommitted_changes": changed,
             "python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
             "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.machine()})",
             "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
