@@ -860,3 +860,47 @@ def test_the_plots_show_context_truth_forecasts_bands_and_error_by_step(tmp_path
         band = ax.collections[0].get_paths()[0].vertices[:, 1]
         assert band.min() == pytest.approx(0.125) and band.max() == pytest.approx(0.375)  # mean -/+ se; no se at step 2
     assert prey.get_legend() is not None and predator.get_legend() is None
+
+
+def test_the_reports_decode_with_the_generation_config_and_its_eos_tokens(tiny, monkeypatch):
+    from conftest import fake_generation
+
+    model, tok = tiny
+    calls = []
+
+    def fake_generate(model, prompts, max_new, **kw):
+        calls.append((len(prompts), max_new, kw))
+        n = kw["num_samples"]
+        return fake_generation([p for p in prompts for _ in range(n)], [[5, 6, 7][: 1 + i % 3] for i in range(len(prompts) * n)],
+                               tok.pad_id, True)
+    monkeypatch.setattr(evaluate, "generate", fake_generate)
+    gc = evaluate.GenerationConfig(eos_token_id=(2, 0))
+    prompts = [[3, 4], [5, 6, 7]]
+    new, cost, produced = evaluate.generate_as_transformers(model, prompts, 9, gc, tok, n_samples=2, seed=5)
+    assert new.shape == (2, 2, 3) and new[0, 1].tolist() == [5, 6, tok.pad_id] and produced == 1 + 2 + 3 + 1
+    _, max_new, kw = calls[0]
+    assert max_new == 9 and kw["do_sample"] is True and kw["generation_config"] is gc and kw["stop_token_ids"] == [2, 0]
+    assert (kw["num_samples"], kw["seed"], kw["pad_token_id"], kw["details"]) == (2, 5, tok.pad_id, True)
+    assert cost > 0
+    evaluate.generate_as_transformers(model, prompts, 9, evaluate.GenerationConfig(), tok)
+    assert calls[1][2]["do_sample"] is False and calls[1][2]["stop_token_ids"] == list(tok.stop_ids)  # no eos in the config
+
+
+def test_report_b_seeds_each_decode_batch_by_its_first_row(tiny, monkeypatch):
+    from conftest import fake_generation
+
+    model, tok = tiny
+    seeds = []
+
+    def fake_generate(model, prompts, max_new, **kw):
+        seeds.append((len(prompts), kw["seed"], max_new))
+        text = tok.encode("1.0,2.0;" * 3)
+        return fake_generation([p for p in prompts for _ in range(kw["num_samples"])], [text] * (len(prompts) * kw["num_samples"]),
+                               tok.pad_id, True)
+    monkeypatch.setattr(evaluate, "generate", fake_generate)
+    args = SimpleNamespace(h=3, samples=2, sample_seed=10, batch=5)
+    contexts = np.full((5, 4, 2), 2.0)
+    values, repairs, n_tokens, spent = evaluate.forecast_report_b(model, tok, contexts, args, evaluate.GenerationConfig())
+    assert seeds == [(2, 10, 130), (2, 12, 130), (1, 14, 130)]  # 5 // 2 series a batch; (h + 10) x 10 new tokens, as report B
+    assert values.shape == (5, 2, 3, 2) and repairs == {"forecasts_repaired": 0, "forecasts": 10, "by_kind": {}}
+    assert n_tokens == 10 * len(tok.encode("1.0,2.0;" * 3)) and spent > 0
