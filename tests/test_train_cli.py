@@ -580,3 +580,79 @@ def test_finish_plots_exports_when_asked_and_writes_the_summary(tmp_path, monkey
     clock = iter([1.0])
     train.finish(run, argparse.Namespace(export_merged=False, flops_budget=4e9, device="cpu"), LoopState(), "steps", 0.0)
     assert done[2:] == [("plot", run / "loss.png")]  # no export unless asked for
+
+
+class PlanBudget:
+    """What start_or_resume asks of a Budget: the least a run spends, and the plan it records."""
+
+    def __init__(self):
+        self.plans = []
+
+    def first_step(self, args):
+        return 100.0
+
+    def record_plan(self, ledger, name, args):
+        self.plans.append((ledger.budget, name))
+
+
+def test_a_fresh_start_clears_the_folder_and_writes_args_scaler_and_plan(tmp_path):
+    from data import llmtime
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("metrics.jsonl", "state.pt.tmp", "summary.json"):
+        (run / name).write_text("an earlier start's")
+    (run / "best").mkdir()
+    args = argparse.Namespace(flops_budget=99.0, batch=4, context=48, decimals=3, seed=7, resume=False, given=["seed"], config=None,
+                              rank=2)
+    scaler = llmtime.Scaler(np.asarray(12.5), 95.0, 10.0, False)
+    budget = PlanBudget()
+    with pytest.raises(UserError) as e:
+        train.start_or_resume(args, run, False, None, None, scaler, budget)
+    assert str(e.value) == ("--flops-budget 99 is smaller than one training step (100 FLOPs at --batch 4 --context 48, 0.99 of it); "
+                            "raise it to at least 100.")
+    args.flops_budget = 100.0  # exactly one step: allowed
+    loop, ledger = train.start_or_resume(args, run, False, None, None, scaler, budget)
+    assert (loop.step, loop.best_val, loop.bad_evals, loop.spent, loop.best) == (0, math.inf, 0, 0.0, None)
+    assert sorted(p.name for p in run.iterdir()) == ["args.json", "scaler.json", "state.pt.tmp"]  # tidy() takes the .tmp
+    assert json.loads((run / "args.json").read_text()) == {"flops_budget": 100.0, "batch": 4, "context": 48, "decimals": 3,
+                                                           "seed": 7, "rank": 2}
+    assert json.loads((run / "scaler.json").read_text()) == {"level": 12.5, "percentile": 95.0, "target": 10.0, "per_series": False,
+                                                             "decimals": 3, "split_seed": 7}
+    assert budget.plans == [(100.0, "run")] and ledger.path == run / "ledger.jsonl"
+
+
+def test_a_resume_restores_the_checkpoint_drops_later_lines_and_rewrites_the_adapters(tmp_path, capsys):
+    import lora
+    from qwen_min import checkpoint
+
+    model = random_model(tiny_config())
+    lora.inject_lora(model, r=2)
+    lora.mark_only_lora_as_trainable(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    run = tmp_path / "run"
+    run.mkdir()
+    best = {n: p.detach() + 1 for n, p in model.named_parameters() if p.requires_grad}
+    rng = torch.get_rng_state()
+    checkpoint.save(run, model, optimizer, checkpoint.LoopState(step=6, best_val=0.123456, bad_evals=1, spent=5e6, best=best), "b")
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"kind": "train", "step": s}) + "\n" for s in range(1, 9)))
+    (run / "ledger.jsonl").write_text(json.dumps({"step": 0, "stage": "run", "kind": "train", "source": "plan", "flops": 9e9}) + "\n" +
+                                      json.dumps({"step": 7, "stage": "run", "kind": "train", "source": "spent", "flops": 1.0}) + "\n")
+    import shutil
+    shutil.rmtree(run / "best")  # a kill left it behind state.pt
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.fill_(3.0)
+    args = argparse.Namespace(flops_budget=1e10, model="b", resume=True, given=[], config=None, steps=9)
+    try:
+        loop, ledger = train.start_or_resume(args, run, True, model, optimizer, None, None)
+    finally:
+        torch.set_rng_state(rng)
+    assert (loop.step, loop.best_val, loop.bad_evals, loop.spent) == (6, 0.123456, 1, 5e6)
+    assert capsys.readouterr().out == f"resuming {run} at step 6 (best validation loss 0.1235)\n"
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+    assert ledger.total("plan") == 9e9 and ledger.total("spent") == 0  # the spending up to the checkpoint
+    assert (run / "best" / "adapter_model.safetensors").is_file() and not (run / "scaler.json").exists()
+    assert json.loads((run / "args.json").read_text()) == {"flops_budget": 1e10, "model": "b", "steps": 9}
+    assert all(p.ne(3.0).all() for p in model.parameters() if p.requires_grad)  # the checkpoint's tensors are back
