@@ -392,6 +392,18 @@ def test_compare_puts_each_metric_side_by_side_with_its_change(tmp_path):
     assert lines[-1].startswith("| step 50 predator MAE | 2 | 0.5 | +75.0% | 3 | -50.0% |")
 
 
+def test_compare_reads_each_step_at_its_own_index_and_a_missing_first_value_as_no_change(tmp_path):
+    a, b = result("base", 1.0, 0.5, h=5, ce=None), result("tuned", 1.0, 0.5, h=5, ce=1.5)
+    for r, scale in ((a, 1.0), (b, 0.5)):  # step s's MAE: s / 10, times 1 or 0.5
+        r["results"]["model"]["per_step"]["mae"] = {sp: {"mean": [scale * s / 10 for s in range(1, 6)], "se": [0.0] * 5}
+                                                    for sp in ("prey", "predator")}
+    lines = evaluate.compare([write(tmp_path, "a.json", a), write(tmp_path, "b.json", b)]).splitlines()
+    assert "| cross-entropy | - | 1.5 | - |" in lines
+    assert [line for line in lines if line.startswith("| step ")] == [
+        "| step 1 prey MAE | 0.1 | 0.05 | +50.0% |", "| step 1 predator MAE | 0.1 | 0.05 | +50.0% |",
+        "| step 5 prey MAE | 0.5 | 0.25 | +50.0% |", "| step 5 predator MAE | 0.5 | 0.25 | +50.0% |"]
+
+
 def test_compare_of_a_zero_first_value_shows_no_change_and_warns_on_unlike_protocols(tmp_path):
     a = write(tmp_path, "a.json", result("base", 0.0, 0.0, h=3))
     b = write(tmp_path, "b.json", result("other", 1.0, 0.5, h=7, seed=1))
@@ -401,9 +413,9 @@ def test_compare_of_a_zero_first_value_shows_no_change_and_warns_on_unlike_proto
         f"| step {s} {sp} MAE" for s in (1, 3) for sp in ("prey", "predator")]  # up to the shorter horizon
     assert text.endswith("\nwarning: the files differ in protocol, k, h, data, split, test series or scaling; the numbers are not "
                          "like for like.")
-    for key, value in [("protocol", "report-b"), ("k", 49), ("scaling", "per-series"), ("data", "x.h5"), ("n_series", 5),
-                       ("decimals", 3)]:
-        c = write(tmp_path, "c.json", result("c", 1.0, 0.5, h=3) | {"config": result("c", 1.0, 0.5, h=3)["config"] | {key: value}})
+    for key, value in [("protocol", "report-b"), ("k", 49), ("h", 4), ("scaling", "per-series"), ("data", "x.h5"), ("seed", 1),
+                       ("n_series", 5), ("decimals", 3)]:
+        c = write(tmp_path, "c.json", result("c", 1.0, 0.5, h=4) | {"config": result("c", 1.0, 0.5, h=3)["config"] | {key: value}})
         assert "not like for like" in evaluate.compare([write(tmp_path, "d.json", result("d", 1.0, 0.5, h=3)), c]), key
     other_series = result("e", 1.0, 0.5, h=3) | {"series": {"index": [2, 1]}}
     assert "not like for like" in evaluate.compare([write(tmp_path, "d.json", result("d", 1.0, 0.5, h=3)),
