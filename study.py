@@ -443,13 +443,13 @@ def trial_rows(study) -> list:
 
 
 def axis_table(rows, axes) -> dict:
-    """Per axis: each value's best validation loss over the trials that ran it, and the winner's margin
-    over the runner-up value (how much the choice of this axis mattered)."""
+    """Per axis: each value's best validation loss over the trials that ended (complete or pruned) with
+    it, and the winner's margin over the runner-up value (how much the choice of this axis mattered)."""
     out = {}
     for axis in axes:
         best = {}
         for r in rows:
-            if r["best_val_loss"] is not None and axis in r["setting"]:
+            if r["state"] in ("complete", "pruned") and r["best_val_loss"] is not None and axis in r["setting"]:
                 v = r["setting"][axis]
                 best[v] = min(best.get(v, math.inf), r["best_val_loss"])
         ranked = sorted(best.items(), key=lambda kv: kv[1])
