@@ -173,6 +173,20 @@ def test_report_a_attention_has_the_mirrors_parts():
     assert list(sdpa.parts) == ["scores", "mask", "softmax", "weighted_sum"] and sdpa["mask"] == Cost()
 
 
+def test_backward_defaults_are_a_layer_above_the_first_and_the_fused_kernel():
+    """Called without them, the backward functions count a layer whose input needs a gradient (every layer
+    but the first) and the fused attention kernel (what training runs); TINY, 1 x 2 tokens (n 2, D 4)."""
+    assert prims(flops.linear_backward(2, 3, 4)) == {"mul": 24, "add": 18}  # dx = dy W (2x4)(4x3), no LoRA
+    assert prims(flops.attention_backward(Setup(TINY, kernel="math"), 1, 2)["inputs"]) == {"add": 16}  # 2 n D
+    assert prims(flops.mlp_backward(Setup(TINY), 2)["inputs"]) == {"add": 8}  # n D
+    block = flops.decoder_block_backward(Setup(TINY), 1, 2)
+    assert prims(block["residual_attn"]) == {"add": 8} and prims(block["residual_mlp"]) == {"add": 8}
+    # 1 head of 2 x 2, head_dim 2: the scores recomputed: q k^T (2x2)(2x2) 8 mul, 4 add; scale 4; mask 4;
+    # softmax of 2 rows of 2: 2 cmp, 4 + 2 add, 4 exp, 4 div
+    sdpa = flops.scaled_dot_product_attention_backward(1, 1, 2, 2, 2)
+    assert prims(sdpa["recompute"]) == {"mul": 12, "add": 14, "cmp": 2, "exp": 4, "div": 4}
+
+
 def prims(cost):
     return {k: v for k, v in cost.ops.items() if v}
 
