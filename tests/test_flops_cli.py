@@ -56,6 +56,7 @@ def test_text_output_on_tiny_by_hand(tiny_model, capsys):
     table = raw.splitlines()[2:2 + out.index(next(line for line in out if line.startswith("total "))) - 1]
     assert len({len(line) for line in table}) == 1 and table[0].startswith("module ") and table[0].endswith(" coursework")
     assert table[-1].startswith("total ") and table[-1].endswith(" 1162") and table[1].startswith("embed_tokens ")
+    assert out.count("") == 3 and "None" not in out  # one blank line between the four sections
     assert out[:3] == ["Convention: ours", "One forward pass: batch 1 x 2 tokens, head 10 rows + bias, LoRA none",
                        "module matmul view add mul div cmp exp log sqrt coursework"]
     assert "layers.*.input_layernorm 0 8 24 4 0 0 0 2 56" in out  # 2 rows of 4
@@ -174,6 +175,7 @@ def test_report_a_json_table_3_columns_are_weighted_as_the_report_prints_them(ca
     row = table3["Single Attention Block"]  # 2.93e9 add, 2.94e9 mul, 7.34e6 div, 3.67e7 exp (x 10), 10 sqrt (x 10)
     assert list(row) == ["add", "mul", "div", "exp", "sqrt", "total"]
     assert [float(f"{row[k]:.3g}") for k in row] == [2.93e9, 2.94e9, 7.34e6, 3.67e7, 10, 5.91e9]
+    assert table3["Single MLP Block"]["sqrt"] == 0  # no root in the MLP: a column it lacks is 0
 
 
 REPORT_B_TEXT = """\
