@@ -317,8 +317,8 @@ def test_a_plan_ledger_skips_kinds_that_cost_nothing(tiny_model, tmp_path, capsy
 HELP = [
     "usage: flops.py [-h]",
     "[--json] Exact FLOPs of qwen-min: one forward pass, a LoRA training step, a run. options:",
-    "--model MODEL a local checkpoint folder or its config.json: the shape to count (default: Qwen2.5-0.5B's)",
-    "--config FILE flag values from a TOML, YAML or JSON file; flags given here override the file's",
+    "--model MODEL a local checkpoint folder or its config.json: the shape to count (default: Qwen2.5-0.5B's) --config",
+    "--config FILE flag values from a TOML, YAML or JSON file; flags given here override the file's --convention",
     "--convention {ours,report-a,report-b} ours: every operation as it runs (matmul view equal to FlopCounterMode); "
     "report-a, report-b: the same mirror counted as each published report counted it, with its tables "
     "(docs/flops.md) (default: ours)",
@@ -332,18 +332,18 @@ HELP = [
     "--vocab {full,numeric} loss over the full vocabulary or the 13 LLMTIME tokens (head of 13 rows) (default: full)",
     "--attention {math,fused} attention backward: fused (flash / memory-efficient, what training runs; default) or "
     "math; our convention only --eval-every",
-    "--eval-every EVAL_EVERY validate every N steps, as train.py's --eval-every (0: never; train.py's default is 100)",
-    "--eval-batches EVAL_BATCHES batches per validation, as train.py's --eval-batches (train.py's default is 10)",
+    "--eval-every EVAL_EVERY validate every N steps, as train.py's --eval-every (0: never; train.py's default is 100) --eval-batches",
+    "--eval-batches EVAL_BATCHES batches per validation, as train.py's --eval-batches (train.py's default is 10) --forecast-series",
     "--forecast-series FORECAST_SERIES series forecast in the final evaluation (evaluate.py) (default: 0)",
     "--forecast-batch FORECAST_BATCH series generated at once, as evaluate.py's --batch (default: 1)",
     "--k K forecast prompt: context time steps, as evaluate.py's --k (default: 50)",
     "--h H forecast: time steps generated, as evaluate.py's --h (default: 50)",
     "--tokens-per-step TOKENS_PER_STEP LLMTIME tokens per time step (10 at 2 decimals) (default: 10)",
     "--gen-head-rows GEN_HEAD_ROWS head rows while decoding (vocab: all) (default: 13)",
-    "--no-kv-cache generation recomputes the context every token",
+    "--no-kv-cache generation recomputes the context every token --flops-budget",
     "--flops-budget FLOPS_BUDGET the FLOP budget the plan is checked against, as train.py's (default: 1e+17)",
     "--stage STAGE stage name in the ledger (default: run)",
-    "--ledger LEDGER append the plan to this JSON-lines ledger",
+    "--ledger LEDGER append the plan to this JSON-lines ledger --json",
     "--json print the numbers as JSON",
 ]
 
@@ -353,8 +353,9 @@ def test_help_says_what_each_flag_does(capsys):
         flops.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert exit.value.code == 0
-    for line in HELP:
+    for line in HELP:  # each with its neighbours, so a changed word at either end shows
         assert line in text, line
+    assert text.endswith("--json print the numbers as JSON")
     assert "--lora-targets" not in text and "--budget" not in text  # old spellings are hidden
 
 
