@@ -1141,11 +1141,8 @@ def main(argv=None):
 
     p = build_parser()
     a = parse_with_config(p, argv)
-    try:
-        path = Path(a.model) / "config.json" if a.model and Path(a.model).is_dir() else a.model
-        cfg = Qwen2Config.from_json(path) if a.model else Qwen2Config()
-    except (ValueError, OSError) as e:
-        p.error(f"--model {a.model}: {e}")
+    path = Path(a.model) / "config.json" if a.model and Path(a.model).is_dir() else a.model
+    cfg = Qwen2Config.from_json(path) if a.model else Qwen2Config()  # a bad file: a UserError naming it
     problems = check_flags(a, cfg)
     if problems:
         p.error(problems[0] + ".")
