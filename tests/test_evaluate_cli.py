@@ -916,3 +916,41 @@ def test_report_b_seeds_each_decode_batch_by_its_first_row(tiny, monkeypatch):
     assert seeds == [(2, 10, 130), (2, 12, 130), (1, 14, 130)]  # 5 // 2 series a batch; (h + 10) x 10 new tokens, as report B
     assert values.shape == (5, 2, 3, 2) and repairs == {"forecasts_repaired": 0, "forecasts": 10, "by_kind": {}}
     assert n_tokens == 10 * len(tok.encode("1.0,2.0;" * 3)) and spent > 0
+
+
+def write_flat(path, n, steps, top):
+    """n series of `steps` steps, all 0 but step 6's prey, which is `top`: the largest truth value of ours at --k 5."""
+    from data import lotka_volterra
+
+    traj = np.zeros((n, steps, 2))
+    traj[:, 6, 0] = top
+    lotka_volterra.save(path, traj, np.linspace(0.0, 1.0, steps))
+    return traj
+
+
+@pytest.mark.parametrize("top, gap, matches", [
+    (1.0, 1.5e-6, False),  # the tolerance is 1e-6 times the largest truth value, or 1e-6 below 1
+    (1.0, 1e-6, True),
+    (8.0, 8 * 1e-6, True),  # exactly at the tolerance: matches
+    (8.0, 9 * 1e-6, False),
+])
+def test_score_calls_the_files_truth_the_protocols_within_a_millionth_of_its_largest_value(here, top, gap, matches):
+    traj = write_flat(here / "lv.h5", 20, 12, top)
+    base = ["--data", "lv.h5", "--k", "5", "--h", "4", "--no-baselines", "--plots", "0"]
+    test = evaluate.load_series(evaluate.parse_args(base + ["--out", "probe"]))[3]
+    truth = traj[test, 5:9]
+    given = truth.copy()
+    given[0, 0, 1] += gap  # a predator value of 0 in the protocol's truth
+    res = evaluate.main(base + ["--score", str(score_file(here / "f.npz", truth, given)), "--out", "a"])
+    assert res["truth_check"]["truth_matches_protocol"] is matches and res["truth_check"]["truth_max_abs_difference"] == gap
+
+
+def test_score_refuses_series_outside_the_data_and_scores_the_baselines_too(here):
+    traj = write_lv(here / "lv.h5", 20, 12)
+    base = ["--data", "lv.h5", "--k", "5", "--h", "4", "--plots", "0", "--lv-iterations", "2"]
+    with pytest.raises(UserError, match=r"`series` must name distinct rows in 0\.\.19 of the data file"):
+        evaluate.main(base + ["--score", str(score_file(here / "f.npz", traj[:2, 5:9], series=np.array([3, 20]))), "--out", "a"])
+    res = evaluate.main(base + ["--score", str(score_file(here / "g.npz", traj[[3, 4], 5:9], series=np.array([3, 4]))), "--out", "b"])
+    np.testing.assert_array_equal(res["series"]["forecasts"]["persistence"], np.repeat(traj[[3, 4], 4:5], 4, axis=1))
+    assert res["results"]["persistence"]["overall"]["mae"] == pytest.approx(np.abs(traj[[3, 4], 5:9] - traj[[3, 4], 4:5]).mean())
+    assert set(res["results"]) == {"model", "persistence", "lotka_volterra"}

@@ -364,10 +364,22 @@ def test_physical_memory_is_infinite_where_the_os_does_not_say(monkeypatch):
     assert train.physical_memory() == math.inf
 
 
-def test_cpu_matmul_rate_is_flops_over_the_time_measured(monkeypatch):
-    clock = iter([10.0, 12.0])
+def test_cpu_matmul_rate_times_eight_square_matmuls_of_1024_after_a_warm_up(monkeypatch):
+    made, products = [], []
+
+    class Matrix:  # stands in for torch's tensors: records its shape and each product
+        def __init__(self, *shape):
+            self.shape = shape
+            made.append(shape)
+
+        def __matmul__(self, other):
+            products.append((self.shape, other.shape))
+
+    clock = iter([10.0, 14.0])
+    monkeypatch.setattr(train.torch, "randn", Matrix)
     monkeypatch.setattr(train.time, "perf_counter", lambda: next(clock))
-    assert train.cpu_matmul_rate(n=8, reps=3) == 2 * 8**3 * 3 / 2.0
+    assert train.cpu_matmul_rate() == 2 * 1024**3 * 8 / 4.0
+    assert made == [(1024, 1024), (1024, 1024)] and products == [((1024, 1024), (1024, 1024))] * 9  # 1 + 8
 
 
 def test_build_data_refuses_too_few_windows_for_a_batch(ckpt):
