@@ -950,7 +950,13 @@ def test_score_refuses_series_outside_the_data_and_scores_the_baselines_too(here
     base = ["--data", "lv.h5", "--k", "5", "--h", "4", "--plots", "0", "--lv-iterations", "2"]
     with pytest.raises(UserError, match=r"`series` must name distinct rows in 0\.\.19 of the data file"):
         evaluate.main(base + ["--score", str(score_file(here / "f.npz", traj[:2, 5:9], series=np.array([3, 20]))), "--out", "a"])
+    import time
+
+    before = time.perf_counter()
     res = evaluate.main(base + ["--score", str(score_file(here / "g.npz", traj[[3, 4], 5:9], series=np.array([3, 4]))), "--out", "b"])
+    took = time.perf_counter() - before
+    assert res["config"]["n_test"] == 2 and res["series"]["index"] == [3, 4]
+    assert 0 <= res["timing"]["baselines_s"] <= res["timing"]["total_s"] <= took  # durations of this call, not clock readings
     np.testing.assert_array_equal(res["series"]["forecasts"]["persistence"], np.repeat(traj[[3, 4], 4:5], 4, axis=1))
     assert res["results"]["persistence"]["overall"]["mae"] == pytest.approx(np.abs(traj[[3, 4], 5:9] - traj[[3, 4], 4:5]).mean())
     assert set(res["results"]) == {"model", "persistence", "lotka_volterra"}

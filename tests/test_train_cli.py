@@ -668,3 +668,30 @@ def test_a_resume_restores_the_checkpoint_drops_later_lines_and_rewrites_the_ada
     assert (run / "best" / "adapter_model.safetensors").is_file() and not (run / "scaler.json").exists()
     assert json.loads((run / "args.json").read_text()) == {"flops_budget": 1e10, "model": "b", "steps": 9}
     assert all(p.ne(3.0).all() for p in model.parameters() if p.requires_grad)  # the checkpoint's tensors are back
+
+
+def test_export_merged_folds_the_best_adapter_into_a_float32_checkpoint(tmp_path, capsys):
+    """The base may be stored in bfloat16 (the real Qwen2.5 is): the merge runs in float32 on the CPU and is written so."""
+    import lora
+    from safetensors.torch import load_file
+
+    from qwen_min.weights import hf_name
+
+    ckpt16 = write_checkpoint(random_model(tiny_config(), dtype=torch.bfloat16), tmp_path / "ckpt16")
+    model = random_model(tiny_config())
+    lora.inject_lora(model, r=2, alpha=4.0)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in lora.lora_layers(model).values():
+            m.lora_A.copy_(torch.randn(m.lora_A.shape, generator=g))
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.1)
+    run = tmp_path / "run"
+    lora.save_adapter(model, run / "best", module_name=hf_name)
+    train.export_merged(run, argparse.Namespace(lm_head_bias=False, model=str(ckpt16)))
+    assert capsys.readouterr().out == f"merged checkpoint written to {run / 'merged'}\n"
+    merged = load_file(str(run / "merged" / "model.safetensors"))
+    assert {t.dtype for t in merged.values()} == {torch.float32}
+    stored = load_file(str(ckpt16 / "model.safetensors"))["model.layers.1.self_attn.q_proj.weight"]
+    q = lora.lora_layers(model)["layers.1.self_attn.q_proj"]
+    want = stored.float() + 2.0 * q.lora_B @ q.lora_A  # alpha / r = 2
+    assert (merged["model.layers.1.self_attn.q_proj.weight"] - want).abs().max().item() <= 1e-6

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import lora
 from conftest import random_model, tiny_config, write_checkpoint
 from data import llmtime
-from qwen_min import checkpoint, run_folder
+from qwen_min import Qwen2, checkpoint, run_folder
 from qwen_min.errors import UserError
 from qwen_min.weights import hf_name
 
@@ -193,7 +193,7 @@ def test_read_args_refuses_a_folder_without_args_json_or_with_one_naming_no_mode
 SCALER = {"level": 12.5, "percentile": 95.0, "target": 10.0, "per_series": False}
 
 
-@pytest.mark.parametrize("changes", [{}, {"percentile": 100.0}, {"percentile": 0.5, "target": 1.0}, {"level": 3}])
+@pytest.mark.parametrize("changes", [{}, {"percentile": 100.0}, {"percentile": 0.5, "target": 1.0}, {"level": 3}, {"level": 0.25}])
 def test_read_scaler_gives_back_the_global_scale(tmp_path, changes):
     d = SCALER | changes
     (tmp_path / "scaler.json").write_text(json.dumps(d | {"decimals": 2, "split_seed": 0}))  # train.py adds these two
@@ -290,6 +290,25 @@ def test_load_model_merges_the_adapter_and_its_head_bias_into_the_base(ckpt, tmp
     assert not base.training and not lora.lora_layers(base) and base.lm_head_bias is None
     with torch.no_grad():
         assert torch.equal(base(IDS), random_model(tiny_config())(IDS))
+
+
+def test_load_model_of_a_bfloat16_checkpoint_in_float32_merges_the_adapter_unrounded(tmp_path):
+    """The real Qwen2.5 checkpoint is stored in bfloat16: loading it as float32 must load the adapter as float32 too
+    (LoRA made in bfloat16 would round A and B before the merge)."""
+    ckpt16 = write_checkpoint(random_model(tiny_config(), dtype=torch.bfloat16), tmp_path / "ckpt16")
+    ab, _ = trained_adapter(tmp_path / "adapter", r=2, alpha=2.0, bias=False)
+    net = run_folder.load_model(ckpt16, tmp_path / "adapter", dtype=torch.float32)
+    model = Qwen2.from_pretrained(ckpt16, dtype=torch.float32)  # the stored base, exactly, in float32 (float32 RoPE tables)
+    with torch.no_grad():
+        for name, (A, B) in ab.items():
+            model.get_submodule(name).weight += B @ A
+        assert (net(IDS) - model(IDS)).abs().max().item() <= 1e-5
+    assert {p.dtype for p in net.parameters()} == {torch.float32}
+
+
+def test_load_model_with_a_head_bias_but_an_adapter_without_one_has_a_zero_bias(ckpt):
+    net = run_folder.load_model(ckpt, None, lm_head_bias=True)
+    assert torch.equal(net.lm_head_bias.detach(), torch.zeros(160))  # counted by the FLOPs of evaluate.py, adding nothing
 
 
 def test_load_model_in_bfloat16_merges_in_float32_then_casts_every_tensor(ckpt, tmp_path):
