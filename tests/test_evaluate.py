@@ -245,8 +245,12 @@ def test_report_a_preset_reads_prompt_plus_output_as_its_code_did(ckpt, tok, tmp
     assert res["repairs"] == {"forecasts_repaired": 1, "forecasts": 4, "by_kind": {"lost_series": 1}}
     gc = evaluate.GenerationConfig.from_pretrained(folder)
     model = evaluate.load_model(args)
-    _, kept, repairs, _, _ = evaluate.forecast_report_a(model, tok, [texts[0], texts[3]], args, gc)  # neither is lost
+    from qwen_min.files import Journal
+
+    journal = Journal(tmp_path / "journal.jsonl", {"s": 1})
+    _, kept, repairs, _, _ = evaluate.forecast_report_a(model, tok, [texts[0], texts[3]], args, gc, journal)  # neither is lost
     assert kept.tolist() == [True, True] and repairs == {"forecasts_repaired": 0, "forecasts": 2, "by_kind": {}}
+    assert list(journal.done) == ["forecast rows 0-1"]  # a killed report-A evaluation resumes from its journal too
     step = res["results"]["model"]["published"]["per_step"]
     assert max(max(step[m][sp]["mean"]) for m in ("mae", "mape") for sp in metrics.SPECIES) == 0  # exact continuation, exact score
     _, kw = calls[0]

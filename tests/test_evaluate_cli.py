@@ -960,3 +960,35 @@ def test_score_refuses_series_outside_the_data_and_scores_the_baselines_too(here
     np.testing.assert_array_equal(res["series"]["forecasts"]["persistence"], np.repeat(traj[[3, 4], 4:5], 4, axis=1))
     assert res["results"]["persistence"]["overall"]["mae"] == pytest.approx(np.abs(traj[[3, 4], 5:9] - traj[[3, 4], 4:5]).mean())
     assert set(res["results"]) == {"model", "persistence", "lotka_volterra"}
+
+
+@pytest.mark.filterwarnings("ignore:No artists with labels")
+def test_the_plots_style_and_a_single_series(tmp_path, monkeypatch):
+    """The look the figures were designed with (black context, dotted truth, two shaded bands, 11 inches wide),
+    and one series (a grid of one row) plots as well as several."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgba
+
+    res = {"config": {"k": 2, "h": 1, "protocol": "report-a"},
+           "series": {"index": [5], "context": [[[1.0, 2.0], [1.5, 2.5]]], "target": [[[2.0, 3.0]]],
+                      "quantiles": {"values": [[[[1.0, 2.0]]]] * 5}, "forecasts": {"model": [[[2.0, 3.0]]], "lv": [[[2.5, 3.5]]]}},
+           "results": {"model": {"per_step": {"mae": {sp: {"mean": [0.5], "se": [None]} for sp in ("prey", "predator")}}}}}
+    figures, real_close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: (figures.append(fig), real_close(fig)))
+    evaluate.plot(res, tmp_path, 4)
+    series, errors = figures
+    assert tuple(series.get_size_inches()) == pytest.approx((11, 2.4)) and len(series.axes) == 2  # one series: one row
+    assert tuple(errors.get_size_inches()) == pytest.approx((11, 3.5))
+    context, truth, model, lv = series.axes[0].get_lines()
+    assert (to_rgba(context.get_color()), context.get_linewidth(), context.get_linestyle()) == (to_rgba("k"), 1, "-")
+    assert (to_rgba(truth.get_color()), truth.get_linewidth(), truth.get_linestyle()) == (to_rgba("k"), 1, ":")
+    assert (to_rgba(model.get_color()), model.get_linewidth(), model.get_linestyle()) == (to_rgba("C0"), 1.3, "-")
+    assert (to_rgba(lv.get_color()), lv.get_linewidth(), lv.get_linestyle()) == (to_rgba("C1"), 0.9, "--")
+    outer, inner = series.axes[0].collections
+    assert outer.get_alpha() == 0.2 and inner.get_alpha() == 0.3
+    assert tuple(outer.get_facecolor()[0][:3]) == tuple(to_rgba("C0")[:3]) == tuple(inner.get_facecolor()[0][:3])
+    band = errors.axes[0].collections[0]
+    assert band.get_alpha() == 0.2 and errors.axes[0].get_ylabel() == "MAE (scaled units)"

@@ -494,6 +494,9 @@ def test_the_loss_plot_shows_each_train_step_and_validation_of_metrics_jsonl(tmp
     assert lines == {"train": [[1, 2.5], [2, 2.0]], "validation": [[0, 3.0], [2, 2.25]]}
     assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) == ("step", "cross-entropy per token", "myrun")
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["train", "validation"]
+    train_line, val_line = ax.get_lines()  # the look it was designed with: thin faint steps, validations as dots
+    assert (train_line.get_linewidth(), train_line.get_alpha(), val_line.get_marker(), val_line.get_linestyle()) == (0.8, 0.7, "o", "-")
+    assert tuple(figures[0].get_size_inches()) == (7, 4)
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and list(run.glob("*.tmp")) == []
     (run / "metrics.jsonl").unlink()
     train.plot_losses(run, run / "empty.png")  # killed before its first step: an empty plot, no error
