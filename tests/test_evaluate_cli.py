@@ -992,3 +992,7 @@ def test_the_plots_style_and_a_single_series(tmp_path, monkeypatch):
     assert tuple(outer.get_facecolor()[0][:3]) == tuple(to_rgba("C0")[:3]) == tuple(inner.get_facecolor()[0][:3])
     band = errors.axes[0].collections[0]
     assert band.get_alpha() == 0.2 and errors.axes[0].get_ylabel() == "MAE (scaled units)"
+    assert series.axes[0].title.get_fontsize() == 9 and [t.get_fontsize() for t in series.axes[0].get_legend().get_texts()] == [7] * 5
+    for name, size in (("forecasts.png", (1210, 264)), ("error_vs_horizon.png", (1210, 385))):  # inches x 110 dpi
+        head = (tmp_path / name).read_bytes()[16:24]  # the PNG header's width and height
+        assert (int.from_bytes(head[:4], "big"), int.from_bytes(head[4:], "big")) == size, name
