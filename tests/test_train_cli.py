@@ -227,6 +227,12 @@ def test_resumed_args_keep_the_saved_run_and_take_only_what_a_resume_may_change(
     args = train.resumed_args(resume_args(run, "--steps", "20", "--patience", "2", "--log", "none"), run)
     assert (args.rank, args.steps, args.lr, args.patience, args.split, args.log) == (4, 20, 0.01, 2, "ours", "none")
     assert args.resume is True and args.out == str(run) and args.given == ["log", "out", "patience", "resume", "steps"]
+    moved = train.resumed_args(resume_args(run, "--steps", "30"), run)  # args.json names the run's old place: the folder moved
+    assert moved.out == str(run) and old["out"] == str(run) and moved.steps == 30
+    (run / "args.json").write_text(json.dumps(old | {"out": "where/it/was"}))
+    assert train.resumed_args(resume_args(run), run).out == str(run)
+    (tmp_path / "more.json").write_text(json.dumps({"steps": 40}))  # flags from a file: the file itself is no flag of the run
+    assert train.resumed_args(resume_args(run, "--config", str(tmp_path / "more.json")), run).steps == 40
     same = train.resumed_args(resume_args(run, "--rank", "4"), run)  # a flag given with the saved value changes nothing
     assert same.rank == 4
     for flag, value in [("--rank", "2"), ("--context", "64"), ("--seed", "1"), ("--batch", "3")]:
