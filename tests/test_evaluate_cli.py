@@ -898,7 +898,7 @@ def test_the_reports_decode_with_the_generation_config_and_its_eos_tokens(tiny, 
     assert calls[1][2]["do_sample"] is False and calls[1][2]["stop_token_ids"] == list(tok.stop_ids)  # no eos in the config
 
 
-def test_report_b_seeds_each_decode_batch_by_its_first_row(tiny, monkeypatch):
+def test_report_b_seeds_each_decode_batch_by_its_first_row(tiny, monkeypatch, tmp_path):
     from conftest import fake_generation
 
     model, tok = tiny
@@ -916,6 +916,19 @@ def test_report_b_seeds_each_decode_batch_by_its_first_row(tiny, monkeypatch):
     assert seeds == [(2, 10, 130), (2, 12, 130), (1, 14, 130)]  # 5 // 2 series a batch; (h + 10) x 10 new tokens, as report B
     assert values.shape == (5, 2, 3, 2) and repairs == {"forecasts_repaired": 0, "forecasts": 10, "by_kind": {}}
     assert n_tokens == 10 * len(tok.encode("1.0,2.0;" * 3)) and spent > 0
+    short = []
+
+    def one_pair(model, prompts, max_new, **kw):  # one step of three: two zero-padded steps per forecast
+        short.append(kw["seed"])
+        n = len(prompts) * kw["num_samples"]
+        return fake_generation([p for p in prompts for _ in range(kw["num_samples"])], [tok.encode("1.0,2.0;")] * n, tok.pad_id, True)
+    monkeypatch.setattr(evaluate, "generate", one_pair)
+    from qwen_min.files import Journal
+
+    journal = Journal(tmp_path / "journal.jsonl", {"s": 1})
+    values, repairs, _, _ = evaluate.forecast_report_b(model, tok, contexts, args, evaluate.GenerationConfig(), journal)
+    assert repairs == {"forecasts_repaired": 10, "forecasts": 10, "by_kind": {"zero_padded_steps": 20}}
+    assert (values[:, :, 1:] == 0).all() and list(journal.done) == ["forecast rows 0-1", "forecast rows 2-3", "forecast rows 4-4"]
 
 
 def write_flat(path, n, steps, top):
