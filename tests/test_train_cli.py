@@ -235,7 +235,7 @@ def test_resumed_args_keep_the_saved_run_and_take_only_what_a_resume_may_change(
     assert train.resumed_args(resume_args(run, "--config", str(tmp_path / "more.json")), run).steps == 40
     same = train.resumed_args(resume_args(run, "--rank", "4"), run)  # a flag given with the saved value changes nothing
     assert same.rank == 4
-    for flag, value in [("--rank", "2"), ("--context", "64"), ("--seed", "1"), ("--batch", "3")]:
+    for flag, value in [("--rank", "2"), ("--context", "64"), ("--seed", "1"), ("--batch", "3"), ("--n-series", "30")]:
         with pytest.raises(UserError) as e:
             train.resumed_args(resume_args(run, flag, value), run)
         assert str(e.value).startswith(f"--resume continues the saved run, so {flag} cannot change; only --steps, --lr, "
