@@ -414,7 +414,7 @@ class Budget:
         self.limit = args.flops_budget
         self.setup = flops.Setup(cfg, flops.lora_targets(args.targets, args.rank), args.lm_head_bias,
                                  len(llmtime.ALPHABET) if args.vocab == "numeric" else None, ATTENTION_KERNEL)
-        self.n_eval_batches = len(eval_shapes)
+        self.n_eval_batches = -(-sum(B for B, _ in eval_shapes) // args.batch)  # of --batch windows, however chunked
         self.eval = sum(flops.forward_with_loss(self.setup, B, tokens_fed(T)).coursework for B, T in eval_shapes)
         self._steps = {}
 

@@ -63,3 +63,12 @@ def test_an_accumulated_step_counts_each_chunk_and_one_optimizer_step(ckpt):
     assert acc["optimizer"] == flops.train_step(s, 4, 47)["optimizer"]  # one AdamW step, not three
     assert acc["forward"] == flops.train_step(s, 1, 47)["forward"] * 2 + flops.train_step(s, 2, 30)["forward"]
     assert flops.train_step_accumulated(s, [(4, 47)]) == flops.train_step(s, 4, 47)  # one chunk: the plain step
+
+
+def test_the_plan_counts_each_validation_once_however_it_is_chunked(ckpt, tmp_path):
+    plans = []
+    for name, extra in (("whole", []), ("acc", ["--micro-batch", "1"])):
+        run(ckpt, tmp_path / name, *extra)
+        plans.append([json.loads(line) for line in open(tmp_path / name / "ledger.jsonl") if '"plan"' in line])
+    assert [e["kind"] for e in plans[1]] == ["train", "eval"]
+    assert plans[1][1]["flops"] == pytest.approx(plans[0][1]["flops"], rel=1e-6)  # the same windows validated
