@@ -228,7 +228,19 @@ def _engine_kwargs(url):
 
 
 def open_study(spec, out, storage):
-    """The Optuna study and the Book, created on first use; a spec that changed since is refused."""
+    """The Optuna study and the Book, created on first use; a spec that changed since is refused,
+    and a database that cannot be read is named in one sentence."""
+    import sqlalchemy as sa
+
+    try:
+        return _open_study(spec, out, storage)
+    except sa.exc.SQLAlchemyError as e:
+        where = storage or out / "study.db"
+        raise UserError(f"the study's database {where} cannot be used ({str(e.orig if hasattr(e, 'orig') else e)[:80]}); "
+                        "restore it, or start the study in a new --out.") from None
+
+
+def _open_study(spec, out, storage):
     optuna = require_optuna()
     url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
     sampler = optuna.samplers.TPESampler(seed=spec["seed"])

@@ -215,3 +215,13 @@ def test_trials_killed_before_their_reservation_are_laid_out_again_or_dropped(ck
     assert rows[0]["setting"] == {"lr": 1e-4} and rows[2]["setting"] == {"lr": 1e-2}  # each slot once
     assert rows[1]["stop_reason"] == "its worker was killed before it took a slot"
     assert book(out)[1] == pytest.approx(rows[0]["spent"] + rows[2]["spent"])
+
+
+def test_a_damaged_study_database_is_named_in_one_sentence(ckpt, tmp_path):
+    out = tmp_path / "s"
+    path = spec_file(tmp_path / "s.toml", ckpt, axes="lr = [1e-2]", steps=2)
+    study.main([str(path), "--out", str(out)])
+    db = out / "study.db"
+    db.write_bytes(db.read_bytes()[:5000])  # cut short, as a full disk or a bad copy leaves it
+    with pytest.raises(UserError, match=r"the study's database .*study\.db cannot be used \(.*\); restore it"):
+        study.main([str(path), "--out", str(out), "--report"])
