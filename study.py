@@ -98,7 +98,7 @@ def read_spec(path, overrides=None) -> dict:
     for label, argv in evaluations(entries, spec["final"].get("evaluate_flags", [])):
         parsed(evaluate.build_parser().parse_args, argv + ["--run", "RUN"],
                f"{path}: the final evaluation '{label}' is not a valid evaluate.py command")
-    for setting in settings(spec) if spec["design"] != "search" else [dict(zip(spec["axes"], c)) for c in itertools.product(*spec["axes"].values())]:
+    for setting in settings(spec if spec["design"] != "search" else spec | {"design": "grid"}):  # a search: every value
         train_args(spec, setting, out="-", source=path)  # refuses a setting train.py would refuse
     return spec
 
@@ -415,7 +415,11 @@ def final(study, book, spec, out):
     trained under what the budget has left, then evaluated under each of [final]'s presets."""
     import evaluate
 
-    best = study.best_trial  # ValueError when no trial has finished
+    try:
+        best = study.best_trial
+    except ValueError:  # Optuna's word for "no trial has completed"
+        raise UserError(f"no trial of the study in {out} has finished, so there is no best setting to train; "
+                        "run the study first.") from None
     fin = dict(spec["final"])
     presets, eval_flags = fin.pop("evaluate", []), fin.pop("evaluate_flags", [])
     setting = best.user_attrs["setting"] | fin

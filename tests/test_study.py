@@ -225,3 +225,9 @@ def test_a_damaged_study_database_is_named_in_one_sentence(ckpt, tmp_path):
     db.write_bytes(db.read_bytes()[:5000])  # cut short, as a full disk or a bad copy leaves it
     with pytest.raises(UserError, match=r"the study's database .*study\.db cannot be used \(.*\); restore it"):
         study.main([str(path), "--out", str(out), "--report"])
+
+
+def test_final_before_any_trial_has_finished_is_refused(ckpt, tmp_path):
+    path = spec_file(tmp_path / "s.toml", ckpt, axes="lr = [1e-2]", steps=2)
+    with pytest.raises(UserError, match="no trial of the study in .* has finished, so there is no best setting"):
+        study.main([str(path), "--out", str(tmp_path / "s"), "--report", "--final"])
