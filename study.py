@@ -305,7 +305,7 @@ def work(study, book, spec, out):
     while True:
         orphan = next((t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)) if orphaned(t)), None)
         if orphan is not None:  # a kill at any point of a trial's life: continue it from there
-            trial = optuna.trial.Trial(study, orphan._trial_id)
+            trial = optuna.trial.Trial(study, orphan._trial_id)  # Optuna has no public call to take up a running trial
             trial.set_user_attr("worker", whose())
             slot = book.slot_of(trial.number)
             if orphan.user_attrs.get("reserved"):
