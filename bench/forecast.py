@@ -3,7 +3,7 @@
     python bench/forecast.py --model DIR --data FILE --n-series 20 --k 50 --h 20 --batch 20
     python bench/forecast.py --model DIR --quick          # 4 series, 20 -> 5 steps: a smoke test
 
-Same checkpoint (float32), same prompts (test split, global scaling 95th percentile -> 10,
+Same checkpoint and dtype (float32 by default; --device cuda --dtype bfloat16 on a GPU), same prompts (test split, global scaling 95th percentile -> 10,
 2 decimals), greedy, same token budget, and the same stopping rule for both: a row stops
 after h step separators (transformers gets it as a StoppingCriteria). Restricted decoding
 (digits and separators only) is given to transformers as a LogitsProcessor that masks every
@@ -46,6 +46,9 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=int, default=4, help="continuations per series in the sampled mode")
     p.add_argument("--repeats", type=int, default=1, help="runs per library and mode; the best time is kept")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (both libraries run there)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="bfloat16 is for GPUs (emulated, slow, on CPU); greedy tokens may then differ where two logits nearly tie")
     args = p.parse_args(argv)
     if args.quick:
         args.n_series, args.k, args.h = 4, 20, 5
@@ -93,12 +96,13 @@ def run_transformers(hf, tok, prompts, args, max_new, mode):
     class OnlyAllowed(transformers.LogitsProcessor):  # restricted decoding: every other token gets -inf
         def __call__(self, input_ids, scores):
             keep = torch.full_like(scores, float("-inf"))
-            keep[:, allowed] = 0
+            keep[:, allowed.to(scores.device)] = 0
             return scores + keep
 
     rows = []
     for start in range(0, len(prompts), args.batch):
         ids, mask = pad_left(prompts[start:start + args.batch], tok.pad_id)
+        ids, mask = ids.to(args.device), mask.to(args.device)
         if mode == "sampled":  # top_k 0 / top_p 1 switch off the checkpoint's generation_config defaults
             decoding = dict(do_sample=True, temperature=0.7, top_k=0, top_p=1.0, num_return_sequences=args.samples)
         else:
@@ -113,7 +117,7 @@ def run_transformers(hf, tok, prompts, args, max_new, mode):
 
 def timed(fn, *a):
     t0 = time.perf_counter()
-    rows = fn(*a)
+    rows = fn(*a)  # lists of token ids: the GPU has finished when they exist
     return time.perf_counter() - t0, rows
 
 
@@ -124,12 +128,13 @@ def main(argv=None):
     tok = Tokenizer.from_pretrained(args.model)
     prompts, max_new = test_prompts(args, tok)
     print(f"{len(prompts)} series, {args.k} -> {args.h} steps, prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens, "
-          f"budget {max_new} new tokens, batch {args.batch}, greedy, float32, {torch.get_num_threads()} threads")
+          f"budget {max_new} new tokens, batch {args.batch}, {args.dtype} on {args.device}, {torch.get_num_threads()} CPU threads")
     times, outputs = {}, {}
     import transformers
 
-    ours = Qwen2.from_pretrained(args.model, dtype=torch.float32)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    dtype = getattr(torch, args.dtype)
+    ours = Qwen2.from_pretrained(args.model, dtype=dtype, device=args.device)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
     run_ours(ours, tok, prompts[:1], args, 2, "free")  # warm-up
     run_transformers(hf, tok, prompts[:1], args, 2, "free")
     for mode in args.modes:

@@ -43,7 +43,7 @@ def sync(device):
 
 
 def batches(tok, args):
-    traj, _ = lotka_volterra.simulate(64, seed=0)
+    traj, _ = lotka_volterra.simulate(max(64, (args.warmup + args.steps) * args.batch), seed=0)  # >= 1 window each
     scaled = llmtime.Scaler.fit(traj).transform(traj)
     w = windows.dataset_windows(scaled, tok, args.context, args.context, 2, tok.pad_id)
     n = args.warmup + args.steps
