@@ -600,16 +600,20 @@ def train_step(s: Setup, B, T) -> Cost:
     return group(forward=fwd, backward=backward(s, B, T), optimizer=adamw(trainable_parameters(s)))
 
 
-def train_step_accumulated(s: Setup, shapes) -> Cost:
+def train_step_accumulated(s: Setup, shapes, replicas: int = 1) -> Cost:
     """One optimizer step over micro-batches of the (B, T) `shapes` (train.py --micro-batch): each one's
     forward and backward, autograd adding each later one's gradients into .grad (part "accumulate":
-    an add per trained number), then one optimizer step. The loss weights per micro-batch are scalars: not counted."""
-    if len(shapes) == 1:
+    an add per trained number), then one optimizer step. The loss weights per micro-batch are scalars: not counted.
+
+    Data parallel (torchrun): `shapes` are every rank's micro-batches. Summing the ranks' gradients
+    (the all-reduce) adds the same numbers accumulation would, so it is counted as accumulation; the
+    optimizer step runs on each of the `replicas` ranks, so it is counted that many times."""
+    if len(shapes) == 1 and replicas == 1:
         return train_step(s, *shapes[0])
     steps = [train_step(s, B, T) for B, T in shapes]
     added = FREE if s.convention.backward_factor else ops(add=(len(shapes) - 1) * trainable_parameters(s))
     return group(forward=sum(c["forward"] for c in steps), backward=sum(c["backward"] for c in steps),
-                 accumulate=added, optimizer=steps[0]["optimizer"])
+                 accumulate=added, optimizer=steps[0]["optimizer"] * replicas)
 
 
 def coursework_estimate(step: Cost) -> Cost:

@@ -40,7 +40,7 @@ from qwen_min.cli import HelpFormatter, parse_with_config, renamed
 from qwen_min.errors import UserError, run_cli
 from qwen_min.files import FolderLock, append_jsonl, atomic_write, atomic_write_json, read_json_object
 from qwen_min.loss import causal_lm_loss, mean_cross_entropy, tokens_fed
-from qwen_min import checkpoint, run_folder
+from qwen_min import checkpoint, distributed, run_folder
 from qwen_min.progress import progress
 from qwen_min.scalars import Scalars, require_tensorboard
 from qwen_min.weights import resolve_checkpoint, save_pretrained
@@ -147,7 +147,7 @@ def flag_problem(args):
 
 def parse_args(argv=None):
     p = build_parser()
-    args = parse_with_config(p, argv, skip=("resume", "given"))
+    args = parse_with_config(p, argv, skip=("resume", "given", "world_size"))
     for action in p._actions:  # parse again with no defaults: which flags did the user give?
         action.default = argparse.SUPPRESS
     args.given = sorted(vars(p.parse_args(argv)))
@@ -168,6 +168,7 @@ def parse_args(argv=None):
         p.error("--device cuda was asked for, but this PyTorch sees no CUDA GPU")
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     args.out = args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
+    args.world_size = 1  # processes training together (torchrun sets it in main); recorded in args.json
     return args
 
 
@@ -225,26 +226,38 @@ def to_batch(w, idx, device):
     return tuple(torch.from_numpy(a).to(device) for a in windows.batch(w, idx))
 
 
+def micro_slices(idx, micro):
+    """Window indices idx in chunks of `micro` rows (the last may be shorter)."""
+    return [idx[i:i + micro] for i in range(0, len(idx), micro)]
+
+
 def micro_batches(w, idx, micro, device):
     """A step's windows idx in chunks of `micro` rows, each cut to its own longest row."""
-    return [to_batch(w, idx[i:i + micro], device) for i in range(0, len(idx), micro)]
+    return [to_batch(w, part, device) for part in micro_slices(idx, micro)]
 
 
-def accumulate(model, chunks, vocab_ids, autocast):
-    """Forward and backward over a global batch given as micro-batches; the batch's mean loss per
-    scored token. Each micro-batch's mean is weighted by its share of the batch's scored tokens, so
-    the gradients add up to those of the whole batch at once (to float rounding)."""
-    if len(chunks) == 1:  # no accumulation: exactly the plain step
+def step_shapes(w, idx, micro, world_size):
+    """(B, T) of every micro-batch that every rank runs in the step of windows idx: its FLOPs in all."""
+    return [windows.batch(w, part)[0].shape for r in range(world_size)
+            for part in micro_slices(distributed.World(r, world_size).shard(idx), micro)]
+
+
+def accumulate(model, chunks, vocab_ids, autocast, scored_in_batch=None):
+    """Forward and backward over micro-batches of a global batch; their part of the batch's mean loss
+    per scored token. Each micro-batch's mean is weighted by its share of the batch's scored tokens
+    (scored_in_batch: all ranks' together; default: these chunks'), so the gradients add up, over
+    the chunks and then over the ranks, to those of the whole batch at once (to float rounding)."""
+    if len(chunks) == 1 and scored_in_batch is None:  # no accumulation: exactly the plain step
         ids, labels = chunks[0]
         with autocast():
             loss = causal_lm_loss(model, ids, labels, vocab_ids)
         loss.backward()
         return loss.item()
     scored = [int((labels[:, 1:] != windows.IGNORE_INDEX).sum()) for _, labels in chunks]
-    total = 0.0
+    total, whole = 0.0, scored_in_batch or sum(scored)
     for (ids, labels), n in zip(chunks, scored):
         with autocast():
-            loss = causal_lm_loss(model, ids, labels, vocab_ids) * (n / sum(scored))
+            loss = causal_lm_loss(model, ids, labels, vocab_ids) * (n / whole)
         loss.backward()
         total += loss.item()
     return total
@@ -268,10 +281,15 @@ def eval_indices(val, args):
     return [np.arange(start, min(n, start + size)) for start in range(0, n, size)]
 
 
-def evaluate(model, val, args, vocab_ids, autocast):
-    """Mean token cross-entropy over the first --eval-batches batches of validation windows."""
-    batches = (to_batch(val, idx, args.device) for idx in eval_indices(val, args))
-    return mean_cross_entropy(model, batches, vocab_ids, autocast)[0]
+def evaluate(model, val, args, vocab_ids, autocast, world=distributed.World()):
+    """Mean token cross-entropy over the first --eval-batches batches of validation windows. Under
+    torchrun each rank scores its slice of the batches and the ranks add up losses and tokens."""
+    batches = (to_batch(val, idx, args.device) for idx in world.shard(eval_indices(val, args)))
+    mean, tokens = mean_cross_entropy(model, batches, vocab_ids, autocast)
+    if world.size == 1:
+        return mean
+    total, tokens = distributed.sum_over_ranks([mean * tokens, tokens], world, args.device)
+    return total / tokens
 
 
 def cpu_matmul_rate(n=1024, reps=8):
@@ -304,14 +322,20 @@ def why_not_finite(model, what, step, args):
 
 # ---------------------------------------------------------------- the run folder
 
-def open_run(args, run):
-    """The flags of the run in `run` (its lock held, its leftovers tidied), and whether it resumes from state.pt."""
-    run_folder.tidy(run)
+def open_run(args, run, world=distributed.World()):
+    """The flags of the run in `run` (its lock held, its leftovers tidied), and whether it resumes from state.pt.
+    Under torchrun rank 0 tidies, then every rank reads, and only then does rank 0 write again."""
+    if world.main:
+        run_folder.tidy(run)
+    distributed.barrier(world)
     if args.resume:  # without state.pt (killed before its first checkpoint) the run starts over from args.json
         from_state = run_folder.check_resumable(run)
-        return resumed_args(args, run), from_state
-    run_folder.check_fresh(run)
-    return args, False
+        opened = resumed_args(args, run), from_state
+    else:
+        run_folder.check_fresh(run)
+        opened = args, False
+    distributed.barrier(world)
+    return opened
 
 
 def saved_flag_problem(saved, parser):
@@ -341,6 +365,7 @@ def resumed_args(args, run):
     saved.setdefault("split", "ours")  # runs made before --split existed
     saved.setdefault("log", "none")  # runs made before --log existed
     saved.setdefault("micro_batch", None)  # runs made before --micro-batch existed
+    saved.setdefault("world_size", 1)  # runs made before torchrun: one process
     if "precision" in saved:  # runs made before --precision fp32|bf16 became --dtype float32|bfloat16
         saved.setdefault("dtype", OLD_DTYPE_NAMES.get(saved.pop("precision")))
     problem = saved_flag_problem(saved, build_parser())
@@ -416,19 +441,21 @@ class Budget:
                                  len(llmtime.ALPHABET) if args.vocab == "numeric" else None, ATTENTION_KERNEL)
         self.n_eval_batches = -(-sum(B for B, _ in eval_shapes) // args.batch)  # of --batch windows, however chunked
         self.eval = sum(flops.forward_with_loss(self.setup, B, tokens_fed(T)).coursework for B, T in eval_shapes)
+        self.replicas = args.world_size  # processes each taking an optimizer step
         self._steps = {}
 
     def step(self, shapes) -> flops.Cost:
-        """One training step on micro-batches of (B, T) windows (one of them without accumulation)."""
+        """One training step on micro-batches of (B, T) windows (one of them without accumulation), all ranks' together."""
         shapes = tuple(shapes)
         if shapes not in self._steps:
-            self._steps[shapes] = flops.train_step_accumulated(self.setup, [(B, tokens_fed(T)) for B, T in shapes])
+            self._steps[shapes] = flops.train_step_accumulated(self.setup, [(B, tokens_fed(T)) for B, T in shapes], self.replicas)
         return self._steps[shapes]
 
     def full_step(self, args) -> flops.Cost:
-        """A step of full windows: --batch of them, in chunks of --micro-batch."""
-        micro = args.micro_batch or args.batch
-        return self.step([(min(micro, args.batch - i), args.context) for i in range(0, args.batch, micro)])
+        """A step of full windows: --batch of them, sliced over the ranks, each slice in chunks of --micro-batch."""
+        full = np.zeros(args.batch)  # stands for the step's windows: only how many each chunk gets matters here
+        return self.step([(len(part), args.context) for r in range(args.world_size)
+                          for part in micro_slices(distributed.World(r, args.world_size).shard(full), args.micro_batch or args.batch)])
 
     def affords(self, spent, step, with_eval) -> bool:
         """Whether a step of `step` FLOPs (and its validation) still fits after `spent`."""
@@ -475,24 +502,42 @@ class Log:
         self.scalars.close()
 
 
-def start_or_resume(args, run, resuming, model, optimizer, scaler, budget):
+class SilentLog:
+    """The log of torchrun's ranks other than 0: they compute what rank 0 logs, and write nothing."""
+
+    def step(self, *numbers):
+        pass
+
+    def validation(self, *numbers):
+        pass
+
+    def close(self):
+        pass
+
+
+def start_or_resume(args, run, resuming, model, optimizer, scaler, budget, world=distributed.World()):
     """The loop's state, restored exactly from the last checkpoint or fresh (and then the folder is the
-    new run's), and the run's FLOP ledger. Writes args.json; a fresh start also scaler.json and the plan."""
+    new run's), and the run's FLOP ledger. Writes args.json; a fresh start also scaler.json and the plan.
+    Under torchrun every rank restores the same state; only rank 0 writes (the others' ledger is kept in memory)."""
     if resuming:
         state = checkpoint.load_state(run, model)
         checkpoint.restore(state, model, optimizer, run)
-        run_folder.drop_lines_after(run, state["step"])
-        checkpoint.write_adapters(model, run, state, args.model)  # a kill may have left them behind or ahead of state.pt
         loop = checkpoint.LoopState.of(state)
-        print(f"resuming {run} at step {loop.step} (best validation loss {loop.best_val:.4f})")
+        if world.main:
+            run_folder.drop_lines_after(run, state["step"])
+            checkpoint.write_adapters(model, run, state, args.model)  # a kill may have left them behind or ahead of state.pt
+            print(f"resuming {run} at step {loop.step} (best validation loss {loop.best_val:.4f})")
     else:
         least = budget.first_step(args)
         if args.flops_budget < least:
             raise UserError(f"--flops-budget {args.flops_budget:.3g} is smaller than one training step ({least:.3g} FLOPs at "
                             f"--batch {args.batch} --context {args.context}, {args.flops_budget / least:.2g} of it); "
                             f"raise it to at least {least:.3g}.")
-        run_folder.clear(run)
+        if world.main:
+            run_folder.clear(run)
         loop = checkpoint.LoopState()
+    if not world.main:
+        return loop, flops.Ledger(None, budget=args.flops_budget)
     # every flag's value, a resume's changes included: `train.py --config RUN/args.json --out NEW` runs it again
     atomic_write_json(run / "args.json", {k: v for k, v in vars(args).items() if k not in ("resume", "given", "config")})
     ledger = flops.Ledger(run / "ledger.jsonl", budget=args.flops_budget)  # on resume: the spending so far
@@ -529,14 +574,17 @@ def validate(loop, model, val_loss, budget, log, args):
     return v, bool(args.patience) and loop.bad_evals >= args.patience
 
 
-def finish(run, args, loop, stop_reason, t_start):
-    """The run's end: loss.png, the merged checkpoint if asked for, summary.json and a last line."""
+def finish(run, args, loop, stop_reason, t_start, world=distributed.World()):
+    """The run's end: loss.png, the merged checkpoint if asked for, summary.json and a last line (rank 0's)."""
+    summary = {"steps": loop.step, "stop_reason": stop_reason, "best_val_loss": loop.best_val, "flops_spent": loop.spent,
+               "flops_budget": args.flops_budget, "budget_used": loop.spent / args.flops_budget, "run": str(run),
+               "wall_s": time.perf_counter() - t_start, "provenance": run_folder.provenance(args.device),
+               "world_size": world.size}
+    if not world.main:
+        return summary
     plot_losses(run, run / "loss.png")
     if args.export_merged:
         export_merged(run, args)
-    summary = {"steps": loop.step, "stop_reason": stop_reason, "best_val_loss": loop.best_val, "flops_spent": loop.spent,
-               "flops_budget": args.flops_budget, "budget_used": loop.spent / args.flops_budget, "run": str(run),
-               "wall_s": time.perf_counter() - t_start, "provenance": run_folder.provenance(args.device)}
     atomic_write_json(run / "summary.json", summary)
     print(f"done after {loop.step} steps ({stop_reason}): best validation loss {loop.best_val:.4f}, "
           f"{loop.spent:.3g} FLOPs ({100 * loop.spent / args.flops_budget:.2f}% of the budget); adapter in {run / 'best'}")
@@ -545,12 +593,17 @@ def finish(run, args, loop, stop_reason, t_start):
 
 # ---------------------------------------------------------------- the loop
 
-def train(args, run, on_validation=None):
+def train(args, run, on_validation=None, world=distributed.World()):
     """The run in `run`, whose lock the caller holds: build, restore or start, loop, report.
     `on_validation(step, val_loss, flops_spent)` is called after each validation's checkpoint;
-    returning True stops the run there (stop reason "pruned": study.py stops trials that fall behind)."""
+    returning True stops the run there (stop reason "pruned": study.py stops trials that fall behind).
+    Under torchrun (`world`) every rank runs this same function on its slice of each batch."""
     t_start = time.perf_counter()  # this invocation's wall time, for summary.json
-    args, resuming = open_run(args, run)
+    args, resuming = open_run(args, run, world)
+    args.world_size = world.size  # a resume may use another: each step's global batch stays the same
+    if args.batch < world.size:
+        raise UserError(f"--batch {args.batch} gives some of the {world.size} processes no window to train on; "
+                        f"use --batch {world.size} or more.")
     torch.manual_seed(args.seed)
     cfg = Qwen2Config.from_json(resolve_checkpoint(args.model) / "config.json")
     tok = Tokenizer.from_pretrained(args.model)
@@ -561,15 +614,17 @@ def train(args, run, on_validation=None):
     autocast = functools.partial(torch.autocast, device_type=torch.device(args.device).type, dtype=torch.bfloat16,
                                  enabled=args.dtype == "bfloat16")
     budget = Budget(args, cfg, [to_batch(val_w, idx, "cpu")[0].shape for idx in eval_indices(val_w, args)])
-    loop, ledger = start_or_resume(args, run, resuming, model, optimizer, scaler, budget)
-    announce(args, cfg, params, train_w, val_w, budget, loop.step)
-    log = Log(run, ledger, args, loop.step, resuming)
+    loop, ledger = start_or_resume(args, run, resuming, model, optimizer, scaler, budget, world)
+    if world.main:
+        announce(args, cfg, params, train_w, val_w, budget, loop.step)
+    log = Log(run, ledger, args, loop.step, resuming) if world.main else SilentLog()
 
     def val_loss():
-        return evaluate(model, val_w, args, vocab_ids, autocast)
+        return evaluate(model, val_w, args, vocab_ids, autocast, world)
 
-    def save():  # a checkpoint: state.pt committed, then adapter/ and best/ written from it
-        checkpoint.save(run, model, optimizer, loop, args.model)
+    def save():  # a checkpoint: state.pt committed, then adapter/ and best/ written from it (by rank 0)
+        if world.main:
+            checkpoint.save(run, model, optimizer, loop, args.model)
         return loop.step
 
     saved = loop.step if resuming else None
@@ -584,9 +639,9 @@ def train(args, run, on_validation=None):
     t_last = time.perf_counter()
     while loop.step < step_limit:
         is_eval = (loop.step + 1) % args.eval_every == 0 or loop.step + 1 == args.steps
-        idx = batch_indices(loop.step, len(train_w.input_ids), args.batch, args.seed)
-        chunks = micro_batches(train_w, idx, args.micro_batch or args.batch, args.device)
-        cost = budget.step(ids.shape for ids, _ in chunks)
+        idx = batch_indices(loop.step, len(train_w.input_ids), args.batch, args.seed)  # the global batch
+        chunks = micro_batches(train_w, world.shard(idx), args.micro_batch or args.batch, args.device)  # this rank's part
+        cost = budget.step(step_shapes(train_w, idx, args.micro_batch or args.batch, world.size))  # all ranks' FLOPs
         if not budget.affords(loop.spent, cost.coursework, is_eval):
             stop_reason = "flops budget"
             break
@@ -594,7 +649,14 @@ def train(args, run, on_validation=None):
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
-        loss = accumulate(model, chunks, vocab_ids, autocast)
+        if world.size == 1:
+            loss = accumulate(model, chunks, vocab_ids, autocast)
+        else:  # dropout draws from (seed, step, rank): a resume needs no rank's RNG state
+            torch.manual_seed(distributed.step_seed(args.seed, loop.step, world))
+            scored = int((train_w.labels[idx, 1:] != windows.IGNORE_INDEX).sum())  # the global batch's
+            loss = accumulate(model, chunks, vocab_ids, autocast, scored)
+            distributed.sum_gradients(params, world)
+            loss = distributed.sum_over_ranks([loss], world, args.device)[0]
         if not math.isfinite(loss):
             raise UserError(why_not_finite(model, f"the loss became {loss}", loop.step, args))
         if args.grad_clip > 0:
@@ -603,7 +665,7 @@ def train(args, run, on_validation=None):
         loop.step += 1
         loop.spent += cost.coursework
         now = time.perf_counter()
-        tokens_per_s = sum(int((labels != windows.IGNORE_INDEX).sum()) for _, labels in chunks) / (now - t_last)
+        tokens_per_s = int((train_w.labels[idx] != windows.IGNORE_INDEX).sum()) / (now - t_last)  # all ranks' tokens
         t_last = now
         log.step(loop.step, loss, lr, tokens_per_s, loop.spent, cost)
         if on_step is not None:
@@ -621,22 +683,30 @@ def train(args, run, on_validation=None):
     log.close()
     if saved != loop.step:
         save()
-    return finish(run, args, loop, stop_reason, t_start)
+    return finish(run, args, loop, stop_reason, t_start, world)
 
 
 # ---------------------------------------------------------------- main
 
 def main(argv=None, on_validation=None):
     args = parse_args(argv)
-    run = Path(args.out)
-    created = run_folder.create(run)
-    with FolderLock(run):
-        try:
-            return train(args, run, on_validation)
-        except BaseException:
-            if created and not (run / "args.json").exists():  # a start that failed before writing anything leaves no folder
-                shutil.rmtree(run, ignore_errors=True)
-            raise
+    world = distributed.join(args.device)  # a world of one, unless torchrun started this process
+    try:
+        args.device = distributed.device_of(args.device, world)
+        args.out = distributed.same_everywhere(args.out, world)  # rank 0's default folder name, not each clock's
+        run = Path(args.out)
+        if not world.main:  # rank 0 holds the folder's lock for all
+            return train(args, run, on_validation, world)
+        created = run_folder.create(run)
+        with FolderLock(run):
+            try:
+                return train(args, run, on_validation, world)
+            except BaseException:
+                if created and not (run / "args.json").exists():  # a start that failed before writing anything leaves no folder
+                    shutil.rmtree(run, ignore_errors=True)
+                raise
+    finally:
+        distributed.leave(world)
 
 
 if __name__ == "__main__":

@@ -594,7 +594,8 @@ def test_finish_plots_exports_when_asked_and_writes_the_summary(tmp_path, monkey
     summary = train.finish(run, args, LoopState(step=30, best_val=1.23456, spent=1e9), "early stopping", 100.0)
     assert done == [("plot", run / "loss.png"), ("export", run)]
     assert summary == {"steps": 30, "stop_reason": "early stopping", "best_val_loss": 1.23456, "flops_spent": 1e9,
-                       "flops_budget": 4e9, "budget_used": 0.25, "run": str(run), "wall_s": 5.0, "provenance": {"device": "cpu"}}
+                       "flops_budget": 4e9, "budget_used": 0.25, "run": str(run), "wall_s": 5.0, "provenance": {"device": "cpu"},
+                       "world_size": 1}
     assert json.loads((run / "summary.json").read_text()) == summary
     assert capsys.readouterr().out == (f"done after 30 steps (early stopping): best validation loss 1.2346, 1e+09 FLOPs (25.00% of "
                                        f"the budget); adapter in {run / 'best'}\n")

@@ -1,0 +1,58 @@
+"""train.py as one torchrun process, for tests/test_distributed.py, with two test hooks:
+
+- it records every write (open for writing, mkdir, rename, replace, remove) that a rank other
+  than 0 makes under --out, and leaves the list in REPORT_DIR/rank<N>.json at exit;
+- with KILL_AT=N, rank 0 kills itself with SIGKILL after step N, as a user or a scheduler might.
+
+Usage: torchrun --nproc-per-node 2 tests/torchrun_worker.py REPORT_DIR [KILL_AT] -- TRAIN_FLAGS...
+"""
+
+import builtins
+import io
+import json
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import train  # noqa: E402
+from qwen_min.errors import run_cli  # noqa: E402
+
+report_dir, rest = Path(sys.argv[1]), sys.argv[2:]
+kill_at = int(rest.pop(0)) if rest[0] != "--" else None
+flags = rest[1:]
+out = Path(flags[flags.index("--out") + 1]).resolve()
+rank = int(os.environ.get("RANK", "0"))
+writes = []
+
+
+def under_out(path):
+    try:
+        return Path(os.fspath(path)).resolve().is_relative_to(out)
+    except TypeError:  # a file descriptor, not a path
+        return False
+
+
+def watched(fn, name, writing=lambda *a, **k: True):
+    def wrapper(path, *args, **kwargs):
+        if under_out(path) and writing(*args, **kwargs):
+            writes.append(f"{name} {path}")
+        return fn(path, *args, **kwargs)
+    return wrapper
+
+
+if rank != 0:
+    builtins.open = io.open = watched(io.open, "open", lambda mode="r", *a, **k: any(c in mode for c in "wax+"))  # pathlib calls io.open
+    for name in ("mkdir", "makedirs", "rename", "replace", "remove", "unlink", "rmdir"):
+        setattr(os, name, watched(getattr(os, name), name))
+    shutil.rmtree = watched(shutil.rmtree, "rmtree")
+if rank == 0 and kill_at is not None:
+    train.on_step = lambda step: step == kill_at and os.kill(os.getpid(), signal.SIGKILL)
+try:
+    run_cli(train.main, flags)
+finally:
+    report_dir.mkdir(parents=True, exist_ok=True)
+    (report_dir / f"rank{rank}.json").write_text(json.dumps({"writes_under_out": writes}))
