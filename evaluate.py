@@ -39,7 +39,7 @@ from qwen_min.cli import HelpFormatter, parse_with_config
 from qwen_min.errors import UserError, run_cli
 from qwen_min.files import FolderLock, Journal, atomic_write_json
 from qwen_min.loss import mean_cross_entropy, mean_of_batch_means, tokens_fed
-from qwen_min import run_folder
+from qwen_min import distributed, run_folder
 from qwen_min.progress import progress, tracked
 from qwen_min.scalars import Scalars, require_tensorboard
 from qwen_min.weights import resolve_checkpoint
@@ -403,24 +403,27 @@ def generation_flops(model, prompts, gen, samples, allowed):
                           active=gen.active).coursework
 
 
-def decode_batches(n, per_batch, decode, journal=None):
+def decode_batches(n, per_batch, decode, journal=None, world=distributed.World()):
     """decode(rows) -> record, for each batch of `per_batch` consecutive rows of n; a batch the journal
     already holds (from a run that was killed) is taken from it, and each new one is added to it.
     Batches are fixed by --batch and sampling is seeded per batch, so a resumed evaluation ends
-    with the same records as an uninterrupted one. Returns the records in order."""
-    records, bar = [], progress(n, "forecast", "series")
-    for start in range(0, n, per_batch):
-        rows = range(start, min(start + per_batch, n))
-        piece = f"forecast rows {start}-{rows[-1]}"
-        record = journal.done.get(piece) if journal else None
-        if record is None:
-            record = decode(rows)
-            if journal:
-                record = journal.add(piece, record)
-        records.append(record)
-        bar.update(len(rows))
+    with the same records as an uninterrupted one, and under torchrun with the same records as one
+    process: the batches still to do are dealt out in rounds, one per rank, and after each round
+    every rank's record reaches rank 0, which journals them. Returns the records in order (rank 0's;
+    the other ranks' list holds only what they decoded)."""
+    pieces = [range(start, min(start + per_batch, n)) for start in range(0, n, per_batch)]
+    name = {rows: f"forecast rows {rows[0]}-{rows[-1]}" for rows in pieces}
+    done = dict(distributed.same_everywhere(journal.done if journal else {}, world))  # piece name -> record
+    todo = [rows for rows in pieces if name[rows] not in done]
+    bar = progress(n, "forecast", "series", initial=n - sum(map(len, todo)), silent=not world.main)
+    for first in range(0, len(todo), world.size):
+        deal = todo[first:first + world.size]  # this round: rank r decodes deal[r]
+        mine = decode(deal[world.rank]) if world.rank < len(deal) else None
+        for rows, record in zip(deal, distributed.everyones(mine, world)):
+            done[name[rows]] = journal.add(name[rows], record) if journal else record
+            bar.update(len(rows))
     bar.close()
-    return records
+    return [done[name[rows]] for rows in pieces if name[rows] in done]
 
 
 def gathered(records):
@@ -432,7 +435,7 @@ def gathered(records):
             sum(r["flops"] for r in records), sum(r["repaired"] for r in records), dict(repairs))
 
 
-def forecast(model, tok, tasks, scaler, args, journal=None):
+def forecast(model, tok, tasks, scaler, args, journal=None, world=distributed.World()):
     """Our protocol: tasks -> samples (N, S, h, 2) in original units, repair counts, generated tokens, FLOPs."""
     sep_id = tok.encode(";")[0]
     allowed = None if args.unrestricted else alphabet_ids(tok)
@@ -453,7 +456,7 @@ def forecast(model, tok, tasks, scaler, args, journal=None):
         return {"values": values.tolist(), "tokens": int(sum(lengths)), "flops": float(cost), "repaired": repaired,
                 "repairs": dict(repairs)}
 
-    records = decode_batches(len(tasks), max(1, args.batch // args.samples), decode, journal)
+    records = decode_batches(len(tasks), max(1, args.batch // args.samples), decode, journal, world)
     values, n_tokens, spent, repaired, repairs = gathered(records)
     return values, {"forecasts_repaired": repaired, "forecasts": len(tasks) * args.samples, "by_kind": repairs}, n_tokens, spent
 
@@ -469,7 +472,7 @@ def generate_as_transformers(model, prompts, max_new, gc, tok, n_samples=1, seed
     return new, generation_flops(model, prompts, gen, n_samples, None), sum(gen.lengths)
 
 
-def forecast_report_a(model, tok, texts, args, gc, journal=None):
+def forecast_report_a(model, tok, texts, args, gc, journal=None, world=distributed.World()):
     """Report A's forecasts: the first half of each series' tokens as the prompt, greedy with the
     generation config, prompt + output read by its decoder. -> values (N, 1, h, 2) scaled units,
     kept (N,) bool (False: its code lost the series), repairs, tokens, FLOPs."""
@@ -491,13 +494,13 @@ def forecast_report_a(model, tok, texts, args, gc, journal=None):
         return {"values": values.tolist(), "kept": kept, "tokens": int(produced), "flops": float(cost), "repaired": lost,
                 "repairs": {"lost_series": lost} if lost else {}}
 
-    records = decode_batches(len(texts), args.batch, decode, journal)
+    records = decode_batches(len(texts), args.batch, decode, journal, world)
     values, n_tokens, spent, lost, repairs = gathered(records)
     kept = np.array([k for r in records for k in r["kept"]], dtype=bool)
     return values, kept, {"forecasts_repaired": lost, "forecasts": len(texts), "by_kind": repairs}, n_tokens, spent
 
 
-def forecast_report_b(model, tok, contexts, args, gc, journal=None):
+def forecast_report_b(model, tok, contexts, args, gc, journal=None, world=distributed.World()):
     """Report B's forecasts: each context scaled on its own, prompt cut at 512 tokens, 300 new tokens
     with the generation config (greedy, or sampling for --samples > 1), regex pairs, zero padding.
     -> values (N, S, h, 2) original units, repairs, tokens, FLOPs."""
@@ -518,7 +521,7 @@ def forecast_report_b(model, tok, contexts, args, gc, journal=None):
         return {"values": values.tolist(), "tokens": int(produced), "flops": float(cost), "repaired": padded,
                 "repairs": {"zero_padded_steps": zero_steps} if zero_steps else {}}
 
-    records = decode_batches(len(contexts), max(1, args.batch // args.samples), decode, journal)
+    records = decode_batches(len(contexts), max(1, args.batch // args.samples), decode, journal, world)
     values, n_tokens, spent, padded, by_kind = gathered(records)
     return values, {"forecasts_repaired": padded, "forecasts": len(contexts) * args.samples, "by_kind": by_kind}, n_tokens, spent
 
@@ -798,7 +801,24 @@ def score_main(args):
 # ---------------------------------------------------------------- main
 
 def main(argv=None):
-    args = parse_args(argv)
+    # Under torchrun the ranks share the decode batches (decode_batches). They exchange only Python
+    # objects (the args, finished batches), so gloo serves on GPUs too; rank 0 alone parses the flags
+    # (which may claim a results folder) and writes.
+    world = distributed.join("cpu")
+    try:
+        args = distributed.same_everywhere(parse_args(argv) if world.main else None, world)
+        if world.size > 1 and (args.compare or args.score):
+            raise UserError("--compare and --score run no model; run them as one process, without torchrun.")
+        if not world.main:
+            args.device = distributed.device_of(args.device, world)
+            return evaluate(args, None, world)
+        return evaluate_in_folder(args, world)
+    finally:
+        distributed.leave(world)
+
+
+def evaluate_in_folder(args, world=distributed.World()):
+    """Rank 0's part of main: --compare, --score, or the evaluation in its locked folder with its journal."""
     if args.compare:
         print(compare(args.compare))
         return None
@@ -809,17 +829,19 @@ def main(argv=None):
         raise UserError(f"cannot create --out {out} ({e.strerror}); choose another folder.") from None
     if args.score:
         return score_main(args)
+    args.device = distributed.device_of(args.device, world)
     # the run's eval/ and ledger.jsonl: never while train.py (or another evaluation) writes there; OUT: one evaluation's
     with FolderLock(args.run) if args.run else contextlib.nullcontext(), FolderLock(out):
         journal = Journal(out / JOURNAL, args.settings)
         if journal.done:
             print(f"resuming the evaluation killed in {out}: {len(journal.done)} finished pieces read from {JOURNAL}", file=sys.stderr)
-        return evaluate(args, journal)
+        return evaluate(args, journal, world)
 
 
-def evaluate(args, journal=None):
+def evaluate(args, journal=None, world=distributed.World()):
     """The model (+ adapter) on the protocol's test series: cross-entropy, forecasts, metrics, results.json.
-    With a journal, pieces it holds are read from it, and each new piece is added to it when done."""
+    With a journal, pieces it holds are read from it, and each new piece is added to it when done.
+    Under torchrun every rank forecasts its share of the series; rank 0 alone scores and writes."""
     t_start = time.perf_counter()
     torch.manual_seed(args.sample_seed)
     cfg = Qwen2Config.from_json(resolve_checkpoint(args.model) / "config.json")
@@ -838,7 +860,7 @@ def evaluate(args, journal=None):
 
     t0 = time.perf_counter()
     ce = journal.done.get("cross-entropy") if journal else None
-    if ce is None and not args.no_ce:
+    if ce is None and not args.no_ce and world.main:  # rank 0's alone: the other ranks wait for the forecasts
         if args.protocol == "report-a":  # every test series, the 150th too, as its test loss did
             scaled, _ = protocols.report_a_scaled(traj)
             ce = cross_entropy_report_a(model, tok, [protocols.report_a_text(scaled[i]) for i in split.test[: args.limit]], args)
@@ -852,11 +874,13 @@ def evaluate(args, journal=None):
     t0 = time.perf_counter()
     kept = None
     if args.protocol == "report-a":
-        samples, kept, repairs, n_tokens, generate_flops = forecast_report_a(model, tok, series.texts, args, gc, journal)
+        samples, kept, repairs, n_tokens, generate_flops = forecast_report_a(model, tok, series.texts, args, gc, journal, world)
     elif args.protocol == "report-b":
-        samples, repairs, n_tokens, generate_flops = forecast_report_b(model, tok, series.context_original, args, gc, journal)
+        samples, repairs, n_tokens, generate_flops = forecast_report_b(model, tok, series.context_original, args, gc, journal, world)
     else:
-        samples, repairs, n_tokens, generate_flops = forecast(model, tok, tasks, prompt_scaler, args, journal)  # (N, S, h, 2)
+        samples, repairs, n_tokens, generate_flops = forecast(model, tok, tasks, prompt_scaler, args, journal, world)  # (N, S, h, 2)
+    if not world.main:
+        return None
     timing["forecast_s"] = time.perf_counter() - t0
     if kept is not None and not kept.any():
         raise UserError(f"report A's decoder rejected the output for all {len(kept)} series, so there is nothing to score.")

@@ -81,6 +81,15 @@ def same_everywhere(value, world: World):
     return box[0]
 
 
+def everyones(value, world: World) -> list:
+    """Each rank's value of a picklable Python object, in rank order, on every rank."""
+    if world.size == 1:
+        return [value]
+    values = [None] * world.size
+    dist.all_gather_object(values, value)
+    return values
+
+
 def sum_over_ranks(values, world: World, device="cpu") -> list:
     """Python numbers (one list per rank) -> their elementwise sums over all ranks, as floats."""
     if world.size == 1:

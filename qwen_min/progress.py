@@ -10,8 +10,11 @@ import sys
 import time
 
 
-def progress(total, desc, unit="it", initial=0, bar=None, every=30.0):
-    """A tqdm bar when `bar` (default: stderr is a terminal), else `Lines` printing every `every` seconds."""
+def progress(total, desc, unit="it", initial=0, bar=None, every=30.0, silent=False):
+    """A tqdm bar when `bar` (default: stderr is a terminal), else `Lines` printing every `every` seconds;
+    `Silent` when silent (a torchrun process other than rank 0: one display is enough)."""
+    if silent:
+        return Silent()
     if bar is None:
         bar = sys.stderr.isatty()
     if bar:
@@ -75,6 +78,22 @@ class Lines:
     def print_line(self):
         self.last, self.printed_n = self.clock(), self.n
         print(self.line(), file=sys.stderr, flush=True)
+
+
+class Silent:
+    """tqdm's interface, showing nothing."""
+
+    def update(self, n=1):
+        pass
+
+    def set_postfix(self, **values):
+        pass
+
+    def write(self, text):
+        pass
+
+    def close(self):
+        pass
 
 
 def tracked(items, desc, unit="it", **kwargs):

@@ -1,5 +1,5 @@
-"""train.py under torchrun: two CPU processes (gloo) train as one process does, resume after a kill,
-and only rank 0 writes. Each run is real: `python -m torch.distributed.run --standalone`, two ranks
+"""train.py and evaluate.py under torchrun: two CPU processes (gloo) train and forecast as one process
+does, resume after a kill, and only rank 0 writes. Each run is real: `python -m torch.distributed.run --standalone`, two ranks
 talking over localhost (about 10 s per run on two cores)."""
 
 import json
@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import evaluate
 import flops
 import train
 from conftest import random_model, tiny_config, write_checkpoint
@@ -31,10 +32,10 @@ def flags(ckpt, out, *extra):
             "--lr", "5e-3", "--schedule", "cosine", "--warmup", "3", "--lm-head-bias", *extra]
 
 
-def torchrun(n, report, train_flags, kill_at=None):
-    """train.py in n processes (tests/torchrun_worker.py records rank 1's writes); -> CompletedProcess."""
+def torchrun(n, report, flags, kill_at=None, script="train"):
+    """train.py (or evaluate.py) in n processes (tests/torchrun_worker.py records rank 1's writes); -> CompletedProcess."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-           str(REPO / "tests" / "torchrun_worker.py"), str(report), *([str(kill_at)] if kill_at else []), "--", *train_flags]
+           str(REPO / "tests" / "torchrun_worker.py"), script, str(report), *([str(kill_at)] if kill_at else []), "--", *flags]
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
@@ -126,3 +127,26 @@ def test_the_optimizer_is_counted_once_per_rank():
     two = flops.train_step_accumulated(s, [(2, 47), (2, 47)], replicas=2)
     assert two.coursework - one.coursework == flops.adamw(flops.trainable_parameters(s)).coursework > 0
     assert two["forward"].coursework == one["forward"].coursework and two["accumulate"].coursework == one["accumulate"].coursework
+
+
+EVAL = ["--n-series", "24", "--k", "8", "--h", "4", "--context", "48", "--lv-iterations", "5", "--plots", "0",
+        "--batch", "1", "--no-baselines", "--device", "cpu"]
+
+
+def test_evaluate_py_shares_the_series_between_two_processes_and_resumes_after_a_kill(ckpt, tmp_path):
+    """3 test series, one per decode batch: dealt to 2 ranks in 2 rounds. Killed after rank 0 journaled
+    the first batch, then rerun, the 2-process evaluation writes the 1-process results.json."""
+    evaluate.main(["--model", str(ckpt), *EVAL, "--out", str(tmp_path / "one")])
+    flags_two = ["--model", str(ckpt), *EVAL, "--out", str(tmp_path / "two")]
+    killed = torchrun(2, tmp_path / "r-killed", flags_two, kill_at=1, script="evaluate")
+    assert killed.returncode != 0 and not (tmp_path / "two" / "results.json").exists()
+    journal = (tmp_path / "two" / "journal.jsonl").read_text().splitlines()
+    assert [json.loads(line).get("piece") for line in journal] == [None, "cross-entropy", "forecast rows 0-0"]
+    again = torchrun(2, tmp_path / "r-again", flags_two, script="evaluate")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming the evaluation killed" in again.stderr
+    a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert len(a["series"]["index"]) == 3 and a["tokens_generated"] > 0
+    for key in ("series", "results", "repairs", "tokens_generated", "flops", "cross_entropy"):
+        assert b[key] == a[key], key
+    assert rank_1_writes(tmp_path / "r-again") == []

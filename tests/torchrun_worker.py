@@ -1,10 +1,11 @@
-"""train.py as one torchrun process, for tests/test_distributed.py, with two test hooks:
+"""train.py or evaluate.py as one torchrun process, for tests/test_distributed.py, with two test hooks:
 
 - it records every write (open for writing, mkdir, rename, replace, remove) that a rank other
   than 0 makes under --out, and leaves the list in REPORT_DIR/rank<N>.json at exit;
-- with KILL_AT=N, rank 0 kills itself with SIGKILL after step N, as a user or a scheduler might.
+- with KILL_AT=N, rank 0 kills itself with SIGKILL, as a user or a scheduler might: train.py
+  after step N, evaluate.py after journaling its N-th forecast batch.
 
-Usage: torchrun --nproc-per-node 2 tests/torchrun_worker.py REPORT_DIR [KILL_AT] -- TRAIN_FLAGS...
+Usage: torchrun --nproc-per-node 2 tests/torchrun_worker.py train|evaluate REPORT_DIR [KILL_AT] -- FLAGS...
 """
 
 import builtins
@@ -18,10 +19,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import evaluate  # noqa: E402
 import train  # noqa: E402
 from qwen_min.errors import run_cli  # noqa: E402
+from qwen_min.files import Journal  # noqa: E402
 
-report_dir, rest = Path(sys.argv[1]), sys.argv[2:]
+script, report_dir, rest = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
 kill_at = int(rest.pop(0)) if rest[0] != "--" else None
 flags = rest[1:]
 out = Path(flags[flags.index("--out") + 1]).resolve()
@@ -44,15 +47,28 @@ def watched(fn, name, writing=lambda *a, **k: True):
     return wrapper
 
 
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 if rank != 0:
     builtins.open = io.open = watched(io.open, "open", lambda mode="r", *a, **k: any(c in mode for c in "wax+"))  # pathlib calls io.open
     for name in ("mkdir", "makedirs", "rename", "replace", "remove", "unlink", "rmdir"):
         setattr(os, name, watched(getattr(os, name), name))
     shutil.rmtree = watched(shutil.rmtree, "rmtree")
-if rank == 0 and kill_at is not None:
-    train.on_step = lambda step: step == kill_at and os.kill(os.getpid(), signal.SIGKILL)
+if rank == 0 and kill_at is not None and script == "train":
+    train.on_step = lambda step: step == kill_at and die()
+if rank == 0 and kill_at is not None and script == "evaluate":
+    journal_add = Journal.add
+
+    def add_then_die(self, piece, record):
+        kept = journal_add(self, piece, record)
+        if piece.startswith("forecast") and sum(name.startswith("forecast") for name in self.done) == kill_at:
+            die()
+        return kept
+    Journal.add = add_then_die
 try:
-    run_cli(train.main, flags)
+    run_cli({"train": train.main, "evaluate": evaluate.main}[script], flags)
 finally:
     report_dir.mkdir(parents=True, exist_ok=True)
     (report_dir / f"rank{rank}.json").write_text(json.dumps({"writes_under_out": writes}))
