@@ -20,6 +20,7 @@ docs/evaluate.md defines every metric and JSON key and lists how the three proto
 
 import argparse
 import contextlib
+import datetime
 import hashlib
 import json
 import sys
@@ -409,8 +410,7 @@ def decode_batches(n, per_batch, decode, journal=None, world=distributed.World()
     Batches are fixed by --batch and sampling is seeded per batch, so a resumed evaluation ends
     with the same records as an uninterrupted one, and under torchrun with the same records as one
     process: the batches still to do are dealt out in rounds, one per rank, and after each round
-    every rank's record reaches rank 0, which journals them. Returns the records in order (rank 0's;
-    the other ranks' list holds only what they decoded)."""
+    every rank receives every record (rank 0 journals them). Returns the records in order."""
     pieces = [range(start, min(start + per_batch, n)) for start in range(0, n, per_batch)]
     name = {rows: f"forecast rows {rows[0]}-{rows[-1]}" for rows in pieces}
     done = dict(distributed.same_everywhere(journal.done if journal else {}, world))  # piece name -> record
@@ -804,13 +804,15 @@ def main(argv=None):
     # Under torchrun the ranks share the decode batches (decode_batches). They exchange only Python
     # objects (the args, finished batches), so gloo serves on GPUs too; rank 0 alone parses the flags
     # (which may claim a results folder) and writes.
-    world = distributed.join("cpu")
+    # The other ranks wait in a collective while rank 0 alone computes the cross-entropy: a long timeout.
+    world = distributed.join(gpus=False, timeout=datetime.timedelta(hours=24))
     try:
         args = distributed.same_everywhere(parse_args(argv) if world.main else None, world)
         if world.size > 1 and (args.compare or args.score):
             raise UserError("--compare and --score run no model; run them as one process, without torchrun.")
+        if distributed.check_gpus(args.device, world):
+            raise UserError(distributed.check_gpus(args.device, world) + ".")
         if not world.main:
-            args.device = distributed.device_of(args.device, world)
             return evaluate(args, None, world)
         return evaluate_in_folder(args, world)
     finally:
@@ -829,7 +831,6 @@ def evaluate_in_folder(args, world=distributed.World()):
         raise UserError(f"cannot create --out {out} ({e.strerror}); choose another folder.") from None
     if args.score:
         return score_main(args)
-    args.device = distributed.device_of(args.device, world)
     # the run's eval/ and ledger.jsonl: never while train.py (or another evaluation) writes there; OUT: one evaluation's
     with FolderLock(args.run) if args.run else contextlib.nullcontext(), FolderLock(out):
         journal = Journal(out / JOURNAL, args.settings)

@@ -601,6 +601,8 @@ def train(args, run, on_validation=None, world=distributed.World()):
     t_start = time.perf_counter()  # this invocation's wall time, for summary.json
     args, resuming = open_run(args, run, world)
     args.world_size = world.size  # a resume may use another: each step's global batch stays the same
+    if distributed.check_gpus(args.device, world):
+        raise UserError(distributed.check_gpus(args.device, world) + ".")
     if args.batch < world.size:
         raise UserError(f"--batch {args.batch} gives some of the {world.size} processes no window to train on; "
                         f"use --batch {world.size} or more.")
@@ -677,7 +679,8 @@ def train(args, run, on_validation=None, world=distributed.World()):
             if stop:
                 stop_reason = "early stopping"
                 break
-            if on_validation is not None and on_validation(loop.step, v, loop.spent):
+            pruned = on_validation is not None and on_validation(loop.step, v, loop.spent) if world.main else None
+            if distributed.same_everywhere(pruned, world):  # rank 0's answer, so that all ranks stop together
                 stop_reason = "pruned"
                 break
     log.close()
@@ -690,9 +693,8 @@ def train(args, run, on_validation=None, world=distributed.World()):
 
 def main(argv=None, on_validation=None):
     args = parse_args(argv)
-    world = distributed.join(args.device)  # a world of one, unless torchrun started this process
+    world = distributed.join()  # a world of one, unless torchrun started this process
     try:
-        args.device = distributed.device_of(args.device, world)
         args.out = distributed.same_everywhere(args.out, world)  # rank 0's default folder name, not each clock's
         run = Path(args.out)
         if not world.main:  # rank 0 holds the folder's lock for all

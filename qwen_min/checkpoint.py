@@ -89,8 +89,8 @@ def restore(state, model, optimizer, run):
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
         raise UserError(f"{run / 'state.pt'} holds an optimizer or RNG state that does not fit this run ({type(e).__name__}); "
                         "delete it and pass --resume to start the run over from its args.json.") from None
-    if state["cuda_rng"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    if state["cuda_rng"] is not None and torch.cuda.is_available():  # as many GPUs as this machine shows
+        torch.cuda.set_rng_state_all(state["cuda_rng"][: torch.cuda.device_count()])
 
 
 def save_adapter(model, folder, base, tensors=None):

@@ -16,6 +16,7 @@ of one, and every function below is then the identity.
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -39,26 +40,31 @@ class World:
         return items[bounds[self.rank]:bounds[self.rank + 1]]
 
 
-def join(device) -> World:
-    """The world torchrun's environment describes, its process group started: NCCL between GPUs,
-    gloo between CPU processes. Without torchrun: a world of one, and nothing is started."""
+def join(gpus=True, timeout=timedelta(minutes=30)) -> World:
+    """The world torchrun's environment describes, its process group started: NCCL between GPUs and
+    gloo between CPU tensors where there are GPUs (gpus=False: gloo alone). Each process makes GPU
+    LOCAL_RANK its current one, so "cuda" means its own GPU. A collective waits `timeout` for the
+    slowest rank before it fails. Without torchrun: a world of one, and nothing is started."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
         return World()
     world = World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
+    if torch.cuda.is_available() and world.local_rank < torch.cuda.device_count():
+        torch.cuda.set_device(world.local_rank)
     if not dist.is_initialized():
-        gpu = torch.device(device).type == "cuda"
-        if gpu:
-            torch.cuda.set_device(world.local_rank)  # NCCL talks from the current GPU
-        dist.init_process_group("nccl" if gpu else "gloo")
+        dist.init_process_group("cpu:gloo,cuda:nccl" if gpus and torch.cuda.is_available() else "gloo", timeout=timeout)
     return world
 
 
-def device_of(device, world: World) -> str:
-    """Each process on a machine takes its own GPU: "cuda" becomes "cuda:LOCAL_RANK"."""
-    if world.size > 1 and device == "cuda":
-        return f"cuda:{world.local_rank}"
-    return device
+def check_gpus(device, world: World):
+    """A GPU run needs a GPU per process on each machine; -> a sentence saying what is wrong, or None."""
+    if world.size == 1 or torch.device(device).type != "cuda":
+        return None
+    if torch.device(device).index is not None:
+        return f"--device {device} would put every process on one GPU; under torchrun pass --device cuda (each process takes GPU LOCAL_RANK)"
+    if world.local_rank >= torch.cuda.device_count():
+        return f"torchrun started more processes on this machine than its {torch.cuda.device_count()} GPU(s); use --nproc-per-node {torch.cuda.device_count()}"
+    return None
 
 
 def leave(world: World):

@@ -2,6 +2,7 @@
 does, resume after a kill, and only rank 0 writes. Each run is real: `python -m torch.distributed.run --standalone`, two ranks
 talking over localhost (about 10 s per run on two cores)."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -150,3 +151,71 @@ def test_evaluate_py_shares_the_series_between_two_processes_and_resumes_after_a
     for key in ("series", "results", "repairs", "tokens_generated", "flops", "cross_entropy"):
         assert b[key] == a[key], key
     assert rank_1_writes(tmp_path / "r-again") == []
+    report = json.loads((tmp_path / "r-again" / "rank1.json").read_text())
+    assert report["decoded"] == [1]  # of the two batches left after the kill, rank 1 decoded one
+
+
+def summed_gradients(rank, store, batch, scored, out):
+    """One of two gloo processes: its half of the batch through train.accumulate, then sum_gradients."""
+    import torch.distributed as dist
+
+    import lora
+    from conftest import random_lora
+    from qwen_min import distributed
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    world = World(rank, 2)
+    torch.manual_seed(0)
+    model = random_model(tiny_config())
+    lora.inject_lora(model, r=4)
+    random_lora(model)  # B != 0, so A gets a gradient too
+    params = [model.get_parameter(n) for n in lora.mark_only_lora_as_trainable(model)]
+    ids, labels = batch
+    mine = world.shard(list(range(len(ids))))
+    chunks = [(ids[i:i + 1], labels[i:i + 1]) for i in mine]  # micro-batches of one window
+    loss = train.accumulate(model, chunks, None, contextlib.nullcontext, scored)
+    distributed.sum_gradients(params, world)
+    total = distributed.sum_over_ranks([loss], world)[0]
+    torch.save({"grads": [p.grad for p in params], "loss": total}, out / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_summed_gradients_of_two_processes_are_the_whole_batchs(tmp_path):
+    """The gradient itself, not only what AdamW makes of it (AdamW ignores a constant factor): two
+    gloo processes, each with two windows of different lengths in micro-batches of one, sum to the
+    gradient of one process on all four windows at once, and their weighted losses to its loss."""
+    import lora
+    from conftest import random_lora
+    from qwen_min.loss import causal_lm_loss
+
+    torch.manual_seed(1)
+    ids = torch.randint(3, 150, (4, 12))
+    labels = ids.clone()
+    labels[0, 9:] = labels[2, 5:] = -100  # padding: the ranks score different numbers of tokens
+    scored = int((labels[:, 1:] != -100).sum())
+    torch.multiprocessing.spawn(summed_gradients, args=(tmp_path / "store", (ids, labels), scored, tmp_path), nprocs=2)
+    torch.manual_seed(0)
+    model = random_model(tiny_config())
+    lora.inject_lora(model, r=4)
+    random_lora(model)
+    params = [model.get_parameter(n) for n in lora.mark_only_lora_as_trainable(model)]
+    loss = causal_lm_loss(model, ids, labels)
+    loss.backward()
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert got["loss"] == pytest.approx(loss.item(), rel=1e-6)
+        for p, g in zip(params, got["grads"]):
+            torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-7)
+    assert max(p.grad.abs().max().item() for p in params) > 1e-3  # gradients that could be wrong
+
+
+def test_a_gpu_run_needs_a_gpu_per_process_and_no_fixed_index(monkeypatch):
+    from qwen_min.distributed import check_gpus
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert check_gpus("cuda", World(1, 2, 1)) is None and check_gpus("cpu", World(3, 4, 3)) is None
+    assert check_gpus("cuda:0", World()) is None  # one process may take any GPU
+    assert check_gpus("cuda:1", World(0, 2, 0)) == ("--device cuda:1 would put every process on one GPU; under torchrun pass "
+                                                    "--device cuda (each process takes GPU LOCAL_RANK)")
+    assert check_gpus("cuda", World(2, 3, 2)) == ("torchrun started more processes on this machine than its 2 GPU(s); "
+                                                  "use --nproc-per-node 2")

@@ -579,14 +579,17 @@ def test_restore_puts_the_cuda_random_state_back_only_where_a_gpu_is_and_it_was_
     model, optimizer, run, state = saved_state(tmp_path)
     put = []
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", put.append)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     rng = torch.get_rng_state()
     try:
-        for gpu, saved in [(False, ["gpu 0 state"]), (True, None), (False, None), (True, ["gpu 0 state"])]:
+        for gpu, saved in [(False, ["gpu 0 state"]), (True, None), (False, None), (True, ["gpu 0 state"]),
+                           (True, ["gpu 0 state", "gpu 1 state"])]:
             monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
             checkpoint.restore(state | {"cuda_rng": saved}, model, optimizer, run)
     finally:
         torch.set_rng_state(rng)
-    assert put == [["gpu 0 state"]]  # the last only: a GPU here and a state saved
+    # a GPU here and a state saved; saved on two GPUs, resumed where one is seen: the first GPU's state
+    assert put == [["gpu 0 state"], ["gpu 0 state"]]
 
 
 def adapter_tensors(folder):

@@ -1,7 +1,8 @@
 """train.py or evaluate.py as one torchrun process, for tests/test_distributed.py, with two test hooks:
 
 - it records every write (open for writing, mkdir, rename, replace, remove) that a rank other
-  than 0 makes under --out, and leaves the list in REPORT_DIR/rank<N>.json at exit;
+  than 0 makes under --out, and the forecast batches each rank decodes (evaluate.py), and leaves
+  both lists in REPORT_DIR/rank<N>.json at exit;
 - with KILL_AT=N, rank 0 kills itself with SIGKILL, as a user or a scheduler might: train.py
   after step N, evaluate.py after journaling its N-th forecast batch.
 
@@ -29,7 +30,7 @@ kill_at = int(rest.pop(0)) if rest[0] != "--" else None
 flags = rest[1:]
 out = Path(flags[flags.index("--out") + 1]).resolve()
 rank = int(os.environ.get("RANK", "0"))
-writes = []
+writes, decoded = [], []  # this rank's writes under --out; the forecast batches it decoded (evaluate.py)
 
 
 def under_out(path):
@@ -56,6 +57,15 @@ if rank != 0:
     for name in ("mkdir", "makedirs", "rename", "replace", "remove", "unlink", "rmdir"):
         setattr(os, name, watched(getattr(os, name), name))
     shutil.rmtree = watched(shutil.rmtree, "rmtree")
+generate_forecasts = evaluate.generate_forecasts
+
+
+def counted(model, prompts, *args, **kwargs):
+    decoded.append(len(prompts))
+    return generate_forecasts(model, prompts, *args, **kwargs)
+
+
+evaluate.generate_forecasts = counted
 if rank == 0 and kill_at is not None and script == "train":
     train.on_step = lambda step: step == kill_at and die()
 if rank == 0 and kill_at is not None and script == "evaluate":
@@ -71,4 +81,4 @@ try:
     run_cli({"train": train.main, "evaluate": evaluate.main}[script], flags)
 finally:
     report_dir.mkdir(parents=True, exist_ok=True)
-    (report_dir / f"rank{rank}.json").write_text(json.dumps({"writes_under_out": writes}))
+    (report_dir / f"rank{rank}.json").write_text(json.dumps({"writes_under_out": writes, "decoded": decoded}))
