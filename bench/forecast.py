@@ -33,6 +33,9 @@ from qwen_min import Qwen2, Tokenizer  # noqa: E402
 from qwen_min.generate import pad_left  # noqa: E402
 
 
+NAMES = {"ours": "qwen-min", "hf": "transformers", "graph": "qwen-min (CUDA graph)"}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Forecast wall time: qwen-min against transformers' generate.")
     p.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct", help="checkpoint folder or hub id")
@@ -47,6 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=1, help="runs per library and mode; the best time is kept")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (both libraries run there)")
+    p.add_argument("--cuda-graph", action="store_true", help="also time qwen-min with every decode step replayed from one CUDA graph")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="bfloat16 is for GPUs (emulated, slow, on CPU); greedy tokens may then differ where two logits nearly tie")
     args = p.parse_args(argv)
@@ -68,14 +72,14 @@ def test_prompts(args, tok):
     return [t.prompt_ids.tolist() for t in tasks], evaluate.token_budget(tasks, args.h)
 
 
-def run_ours(model, tok, prompts, args, max_new, mode):
+def run_ours(model, tok, prompts, args, max_new, mode, decoder="cache"):
     allowed = None if mode == "free" else evaluate.alphabet_ids(tok)
     samples, temperature = (args.samples, 0.7) if mode == "sampled" else (1, 0.0)
     rows = []
     for start in range(0, len(prompts), args.batch):
         new = evaluate.generate_forecasts(model, prompts[start:start + args.batch], args.h, max_new, tok.encode(";")[0],
                                           samples, temperature, seed=0, allowed_token_ids=allowed,
-                                          stop_token_ids=tok.stop_ids, pad_id=tok.pad_id)
+                                          stop_token_ids=tok.stop_ids, pad_id=tok.pad_id, decoder=decoder)
         rows += [[t for t in r if t != tok.pad_id] for r in new.flatten(0, 1).tolist()]
     return rows
 
@@ -137,12 +141,15 @@ def main(argv=None):
     hf = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
     run_ours(ours, tok, prompts[:1], args, 2, "free")  # warm-up
     run_transformers(hf, tok, prompts[:1], args, 2, "free")
+    libs = [("ours", run_ours, ours), ("hf", run_transformers, hf)]
+    if args.cuda_graph:
+        libs.append(("graph", lambda *a: run_ours(*a, decoder="graph"), ours))
     for mode in args.modes:
         for _ in range(args.repeats):
-            for lib, fn, model in (("ours", run_ours, ours), ("hf", run_transformers, hf)):
+            for lib, fn, model in libs:
                 t, outputs[lib, mode] = timed(fn, model, tok, prompts, args, max_new, mode)
                 times[lib, mode] = min(t, times.get((lib, mode), float("inf")))
-                print(f"{'qwen-min' if lib == 'ours' else 'transformers'} {mode}: {t:.1f} s", flush=True)
+                print(f"{NAMES[lib]} {mode}: {t:.1f} s", flush=True)
 
     print("\n| decoding | qwen-min s | transformers s | speed-up | same tokens | new tokens (ours) |\n|---|---|---|---|---|---|")
     for mode in args.modes:
@@ -150,6 +157,10 @@ def main(argv=None):
         same = "-" if mode == "sampled" else f"{sum(a == b for a, b in zip(mine, ref))}/{len(mine)} rows"
         print(f"| {mode} | {times['ours', mode]:.1f} | {times['hf', mode]:.1f} | {times['hf', mode] / times['ours', mode]:.2f}x "
               f"| {same} | {sum(map(len, mine))} |")
+    for mode in args.modes if args.cuda_graph else ():
+        same = "-" if mode == "sampled" else f"{sum(a == b for a, b in zip(outputs['graph', mode], outputs['ours', mode]))}/{len(prompts)} rows"
+        print(f"qwen-min with a CUDA graph, {mode}: {times['graph', mode]:.1f} s, {times['hf', mode] / times['graph', mode]:.2f}x "
+              f"transformers, {times['ours', mode] / times['graph', mode]:.2f}x qwen-min eager; same tokens as eager: {same}")
     if "free" in args.modes and "restricted" in args.modes:
         print(f"\nqwen-min restricted vs transformers free: {times['hf', 'free'] / times['ours', 'restricted']:.2f}x")
     return times

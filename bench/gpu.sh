@@ -24,6 +24,6 @@ part train_step 90 $PY bench/train_step.py --model "$CK" --device cuda --dtype b
 part tests 130 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_model.py::test_cuda_bfloat16_matches_cpu_float32 tests/test_loss.py::test_restricted_vocabulary_on_cuda
 part train 120 $PY train.py --model "$CK" --data "$DATA" --rank 8 --steps 300 --out /tmp/gpu-train --no-progress
 cp /tmp/gpu-train/summary.json "$OUT/train_summary.json" 2>/dev/null
-part forecast 100 $PY bench/forecast.py --model "$CK" --data "$DATA" --device cuda --dtype bfloat16 --modes free,restricted
+part forecast 120 $PY bench/forecast.py --model "$CK" --data "$DATA" --device cuda --dtype bfloat16 --modes free,restricted --cuda-graph
 part decode_step 70 $PY bench/decode_step.py --model "$CK" --device cuda --dtype bfloat16 --batch 20 --past 600
 part decode_step_b1 50 $PY bench/decode_step.py --model "$CK" --device cuda --dtype bfloat16 --batch 1 --past 600

@@ -162,6 +162,37 @@ def decode_one(model, token, mask, cache):
     return model.body(token[:, None], mask, cache)
 
 
+class CacheDecoder:
+    """The default decode steps: the batch shrinks as rows finish (their cache rows are dropped), and
+    each step attends to the slots filled so far. (The alternative, for GPUs, is cuda_graph.StaticDecoder.)"""
+
+    def __init__(self, model, cache, mask):
+        self.model, self.cache, self.mask = model, cache, mask  # mask (r, slots) or None: no padding
+
+    def keep(self, rows):
+        """Only the active rows `rows` (indices into them) go on."""
+        self.cache.select(rows)
+        self.mask = None if self.mask is None else self.mask[rows]
+
+    def step(self, token):
+        """token (r,) -> hidden states (r, 1, D) after it."""
+        if self.mask is not None:
+            self.mask = torch.cat([self.mask, self.mask.new_ones(len(token), 1)], dim=1)
+        return decode_one(self.model, token, self.mask, self.cache)
+
+
+def decoder_for(model, cache, mask, decoder):
+    """decoder "cache" (the default), "graph" (one CUDA graph replayed every step) or "static" (the
+    graph's fixed-shape step run without recording it, on any device)."""
+    if decoder == "cache":
+        return CacheDecoder(model, cache, mask)
+    if decoder in ("graph", "static"):
+        from .cuda_graph import StaticDecoder
+
+        return StaticDecoder(model, cache, mask, record=decoder == "graph")
+    raise ValueError(f"decoder must be 'cache', 'graph' or 'static', got {decoder!r}.")
+
+
 def choose(model, h, s, allowed=None, seen=None, generator=None):
     """The next token of each row from its hidden state h (r, 1, D): the head's logits (only the
     allowed columns, if given), the repetition penalty, then greedy or sampled as s says. Marks
@@ -178,7 +209,8 @@ def choose(model, h, s, allowed=None, seen=None, generator=None):
 @torch.inference_mode()
 def generate(model, input_ids, max_new_tokens=64, attention_mask=None, temperature=None, top_k=None, top_p=None,
              seed=None, allowed_token_ids=None, stop_token_ids=None, stop_after=None, num_samples=1, pad_token_id=None,
-             repetition_penalty=None, do_sample=None, generation_config=None, use_generation_config=True, details=False):
+             repetition_penalty=None, do_sample=None, generation_config=None, use_generation_config=True, details=False,
+             decoder="cache"):
     """Continues each prompt by up to max_new_tokens tokens: a prefill, then one decode step per token.
 
     input_ids: (B, T) tensor (left-padded, with attention_mask (B, T)) or a list of token-id lists.
@@ -193,6 +225,8 @@ def generate(model, input_ids, max_new_tokens=64, attention_mask=None, temperatu
     num_samples: continuations per prompt, all from one prefill of it (its cache rows are copied).
     Finished rows leave the batch (the rest decode faster) and are filled with pad_token_id;
     generation ends when every row has finished.
+    decoder: "cache" (default), or "graph" on a GPU: every decode step replays one recorded CUDA
+        graph (qwen_min/cuda_graph.py; same tokens but where rounding breaks a near-tie).
     Returns (B * num_samples, T + n_new) token ids, each prompt's samples in consecutive rows:
     the prompts followed by the new tokens, like transformers; with details=True, a Generation
     that also says how many tokens each row produced and how many rows were active at each step.
@@ -229,23 +263,21 @@ def generate(model, input_ids, max_new_tokens=64, attention_mask=None, temperatu
     lengths = torch.zeros(R, dtype=torch.long, device=device)
     active = torch.arange(R, device=device)  # the rows still generating
     stop, per_step = StopRules(s.eos_token_id, stop_after, R, device), []
+    steps = decoder_for(model, cache, mask, decoder)
     for n in range(1, max_new_tokens + 1):
         token = choose(model, h, s, allowed, seen, generator)  # (r,)
         new[active, n - 1] = token
         lengths[active] = n
         per_step.append(len(active))
         done = stop.done(token)
-        if done.any():  # finished rows leave the batch and the cache
+        if done.any():  # finished rows leave the batch (and, with the default decoder, the cache)
             keep = (~done).nonzero().squeeze(1)
             active, token = active[keep], token[keep]
-            mask = None if mask is None else mask[keep]
             seen = None if seen is None else seen[keep]
             stop.keep(keep)
-            cache.select(keep)
+            steps.keep(keep)
         if len(active) == 0 or n == max_new_tokens:
             break
-        if mask is not None:
-            mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
-        h = decode_one(model, token, mask, cache)  # (r, 1, D)
+        h = steps.step(token)  # (r, 1, D)
     tokens = torch.cat([input_ids, new[:, :len(per_step)]], dim=1)
     return Generation(tokens, lengths.tolist(), per_step) if details else tokens

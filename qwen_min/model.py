@@ -177,6 +177,12 @@ class Qwen2(nn.Module):
         B, T = input_ids.shape
         past = 0 if cache is None else cache.append(T)  # the cache's slots for these T tokens start at past
         positions, mask = positions_and_mask(B, T, past, attention_mask, input_ids.device)
+        return self.blocks(input_ids, positions, mask, cache)
+
+    def blocks(self, input_ids, positions, mask, cache=None):
+        """The decoder stack at given RoPE positions (B, T) and attention mask (B, 1, T, S) (None: causal):
+        embedding, every block, final norm -> (B, T, D). A CUDA graph's decode step calls it with
+        buffers of fixed shape (qwen_min/cuda_graph.py)."""
         x = self.embed_tokens(input_ids)  # (B, T, D)
         cos, sin = self.rope(positions, x.dtype)  # (B, 1, T, hd) each
         for i, layer in enumerate(self.layers):

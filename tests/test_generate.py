@@ -515,3 +515,33 @@ def test_bfloat16_model_gets_a_bfloat16_cache_and_generates_as_full_recomputatio
     assert decisive.float().mean() > 0.75  # the check below bites at most steps
     assert torch.equal(chosen[decisive], logits.argmax(-1)[decisive])
     assert (logits.gather(-1, chosen[..., None])[..., 0] >= top2[..., 0] - TOL).all()
+
+
+@pytest.mark.parametrize("settings", [
+    dict(stop_token_ids=[], pad_token_id=0),  # every row to the end
+    dict(stop_after=True, stop_token_ids=[150], pad_token_id=0, repetition_penalty=1.3),  # rows finish at different steps
+    dict(allowed_token_ids=list(range(3, 20)), stop_after=True, stop_token_ids=[], pad_token_id=0, num_samples=2,
+         temperature=0.8, seed=3),  # restricted, sampled, two samples per prompt from one prefill
+], ids=["full-length", "stopping-penalised", "restricted-sampled"])
+def test_the_cuda_graphs_static_step_decodes_the_tokens_of_the_default_decoder(settings):
+    """decoder="static" runs the step a CUDA graph records (fixed shapes: every row kept to the end,
+    attention over all cache slots with unwritten ones masked, writes at a slot tensor) without
+    recording it: on the same model it gives the default decoder's tokens, row lengths and active counts."""
+    model = random_model(tiny_config(eos_token_id=999))
+    ids, mask = pad_left(ROWS, pad_id=0)
+    if "stop_after" in settings:  # stop at the 2nd time row 0 writes its most frequent token: rows end at different steps
+        free = generate(model, ids, 25, attention_mask=mask, **(settings | {"stop_after": None}))
+        settings = settings | {"stop_after": (free[0, ids.shape[1]:].mode().values.item(), 2)}
+    cached = generate(model, ids, 25, attention_mask=mask, details=True, **settings)
+    static = generate(model, ids, 25, attention_mask=mask, details=True, decoder="static", **settings)
+    assert torch.equal(static.tokens, cached.tokens)
+    assert static.lengths == cached.lengths and static.active == cached.active
+    assert len(set(cached.lengths)) > 1 or "stop_after" not in settings  # rows did finish at different steps
+
+
+def test_a_cuda_graph_needs_a_gpu_and_decoders_are_named():
+    model = random_model(tiny_config())
+    with pytest.raises(ValueError, match="CUDA graph needs the model on a CUDA device"):
+        generate(model, [[5, 6, 7]], 4, decoder="graph", stop_token_ids=[])
+    with pytest.raises(ValueError, match="decoder must be 'cache', 'graph' or 'static', got 'fast'"):
+        generate(model, [[5, 6, 7]], 4, decoder="fast", stop_token_ids=[])
