@@ -56,7 +56,8 @@ class StaticDecoder:
         real = torch.full((R, 1), self.length, device=device) if mask is None else mask.long().sum(1, keepdim=True)
         self.position = real.long()  # (R, 1): RoPE position of the newest token = real tokens before it
         self.active = torch.arange(R, device=device)  # rows still generating
-        self.run = self.record() if record else self.forward
+        # nothing to record when the cache has no free slot (max_new_tokens=0: no step will come)
+        self.run = self.record() if record and self.length < S else self.forward
 
     def forward(self):
         """One step for every row -> hidden states (R, 1, D); reads and writes only the fixed buffers."""
@@ -68,15 +69,16 @@ class StaticDecoder:
         if self.token.device.type != "cuda":
             raise ValueError("A CUDA graph needs the model on a CUDA device; decode with the default decoder instead.")
         self.cache.slot.fill_(self.length)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self.forward()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = self.forward()
+        with torch.cuda.device(self.token.device):  # streams and capture on the model's GPU, whichever is current
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self.forward()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = self.forward()
         return lambda: (graph.replay(), out)[1]
 
     def keep(self, rows):

@@ -545,3 +545,10 @@ def test_a_cuda_graph_needs_a_gpu_and_decoders_are_named():
         generate(model, [[5, 6, 7]], 4, decoder="graph", stop_token_ids=[])
     with pytest.raises(ValueError, match="decoder must be 'cache', 'graph' or 'static', got 'fast'"):
         generate(model, [[5, 6, 7]], 4, decoder="fast", stop_token_ids=[])
+
+
+def test_no_new_tokens_asked_of_the_static_decoder_returns_the_prompts():
+    model = random_model(tiny_config())
+    ids, mask = pad_left(ROWS, pad_id=0)
+    for decoder in ("cache", "static"):
+        assert torch.equal(generate(model, ids, 0, attention_mask=mask, decoder=decoder, stop_token_ids=[]), ids)
