@@ -236,10 +236,14 @@ def micro_batches(w, idx, micro, device):
     return [to_batch(w, part, device) for part in micro_slices(idx, micro)]
 
 
+def every_ranks_micro_slices(idx, micro, world_size):
+    """The micro-batches of every rank, in rank order: each rank's slice of idx in chunks of `micro`."""
+    return [part for r in range(world_size) for part in micro_slices(distributed.World(r, world_size).shard(idx), micro)]
+
+
 def step_shapes(w, idx, micro, world_size):
     """(B, T) of every micro-batch that every rank runs in the step of windows idx: its FLOPs in all."""
-    return [windows.batch(w, part)[0].shape for r in range(world_size)
-            for part in micro_slices(distributed.World(r, world_size).shard(idx), micro)]
+    return [windows.batch(w, part)[0].shape for part in every_ranks_micro_slices(idx, micro, world_size)]
 
 
 def accumulate(model, chunks, vocab_ids, autocast, scored_in_batch=None):
@@ -453,9 +457,8 @@ class Budget:
 
     def full_step(self, args) -> flops.Cost:
         """A step of full windows: --batch of them, sliced over the ranks, each slice in chunks of --micro-batch."""
-        full = np.zeros(args.batch)  # stands for the step's windows: only how many each chunk gets matters here
-        return self.step([(len(part), args.context) for r in range(args.world_size)
-                          for part in micro_slices(distributed.World(r, args.world_size).shard(full), args.micro_batch or args.batch)])
+        parts = every_ranks_micro_slices(np.arange(args.batch), args.micro_batch or args.batch, args.world_size)
+        return self.step([(len(part), args.context) for part in parts])
 
     def affords(self, spent, step, with_eval) -> bool:
         """Whether a step of `step` FLOPs (and its validation) still fits after `spent`."""
@@ -601,8 +604,9 @@ def train(args, run, on_validation=None, world=distributed.World()):
     t_start = time.perf_counter()  # this invocation's wall time, for summary.json
     args, resuming = open_run(args, run, world)
     args.world_size = world.size  # a resume may use another: each step's global batch stays the same
-    if distributed.check_gpus(args.device, world):
-        raise UserError(distributed.check_gpus(args.device, world) + ".")
+    gpu_problem = distributed.check_gpus(args.device, world)
+    if gpu_problem:
+        raise UserError(gpu_problem + ".")
     if args.batch < world.size:
         raise UserError(f"--batch {args.batch} gives some of the {world.size} processes no window to train on; "
                         f"use --batch {world.size} or more.")
