@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qwen_min import Qwen2  # noqa: E402
 from qwen_min.config import Qwen2Config  # noqa: E402
+from qwen_min.errors import run_cli  # noqa: E402
 from qwen_min.weights import resolve_checkpoint, save_pretrained  # noqa: E402
 
 
@@ -49,4 +50,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
