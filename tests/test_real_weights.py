@@ -1,5 +1,6 @@
 """Parity with transformers on the real Qwen2.5 0.5B weights (QWEN_MIN_CHECKPOINT; skipped without)."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,14 +11,22 @@ from qwen_min.errors import UserError
 from qwen_min.generate import pad_left
 
 LLMTIME = "2.73,2.99;2.13,2.24;1.96,1.62;2.06,1.17;2.37,0.86;"
+# QWEN_MIN_TEST_DEVICE=cuda runs the parity tests below with both models on a GPU (default: cpu).
+DEVICE = os.environ.get("QWEN_MIN_TEST_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="module")
 def models(checkpoint):
     transformers = pytest.importorskip("transformers")
-    ours = Qwen2.from_pretrained(checkpoint, dtype=torch.float32)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, attn_implementation="sdpa").eval()
-    return ours, ref, Tokenizer.from_pretrained(checkpoint)
+    ours = Qwen2.from_pretrained(checkpoint, dtype=torch.float32).to(DEVICE)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, attn_implementation="sdpa")
+    return ours, ref.to(DEVICE).eval(), Tokenizer.from_pretrained(checkpoint)
+
+
+def padded(rows, pad_id):
+    """pad_left's (ids, mask), on DEVICE."""
+    ids, mask = pad_left(rows, pad_id)
+    return ids.to(DEVICE), mask.to(DEVICE)
 
 
 def prompts(tok):
@@ -28,7 +37,7 @@ def prompts(tok):
 
 def test_float32_logits_match_transformers_eager_and_sdpa(models):
     ours, ref, tok = models
-    ids = torch.tensor([tok.encode(prompts(tok)[0])])
+    ids = torch.tensor([tok.encode(prompts(tok)[0])], device=DEVICE)
     with torch.no_grad():
         logits = ours(ids)
         sdpa = ref(ids).logits
@@ -45,7 +54,7 @@ def test_float32_logits_match_transformers_eager_and_sdpa(models):
 def test_kv_cache_matches_full_forward(models):
     ours, _, tok = models
     rows = [tok.encode(p) for p in prompts(tok)]
-    ids, mask = pad_left(rows, tok.pad_id)
+    ids, mask = padded(rows, tok.pad_id)
     T = ids.shape[1]
     with torch.no_grad():
         full = ours(ids, attention_mask=mask)
@@ -63,7 +72,7 @@ def test_greedy_generation_equals_transformers(models, batched):
     rows = [tok.encode(p) for p in prompts(tok)]
     if not batched:
         rows = rows[:1]
-    ids, mask = pad_left(rows, tok.pad_id)
+    ids, mask = padded(rows, tok.pad_id)
     mine = generate(ours, ids, max_new_tokens=64, attention_mask=mask, stop_token_ids=tok.stop_ids, pad_token_id=tok.pad_id)
     theirs = ref.generate(ids, attention_mask=mask, max_new_tokens=64, do_sample=False, repetition_penalty=1.0,
                           temperature=None, top_p=None, top_k=None, eos_token_id=tok.stop_ids, pad_token_id=tok.pad_id)
@@ -87,7 +96,7 @@ def test_greedy_with_the_checkpoints_generation_config_equals_transformers(model
     """As the reports decoded: transformers' generate with the checkpoint's generation_config.json
     (repetition penalty 1.1) and do_sample=False, batched over LLMTIME prompts of different lengths."""
     ours, ref, tok = models
-    ids, mask = pad_left([tok.encode(p) for p in llmtime_prompts()], tok.pad_id)
+    ids, mask = padded([tok.encode(p) for p in llmtime_prompts()], tok.pad_id)
     gc = GenerationConfig.from_pretrained(checkpoint)
     mine = generate(ours, ids, max_new_tokens=48, attention_mask=mask, generation_config=gc, do_sample=False)
     theirs = ref.generate(ids, attention_mask=mask, max_new_tokens=48, do_sample=False)  # ref carries the same file
@@ -103,7 +112,7 @@ def test_sampling_with_the_checkpoints_generation_config_equals_transformers(mod
     Holds while no row has finished (finished rows leave our batch, not transformers'), so the
     prompts are bare numbers, which the model continues without an end token."""
     ours, ref, tok = models
-    ids, mask = pad_left([tok.encode(p) for p in llmtime_prompts()], tok.pad_id)
+    ids, mask = padded([tok.encode(p) for p in llmtime_prompts()], tok.pad_id)
     gc = GenerationConfig.from_pretrained(checkpoint)
     mine = generate(ours, ids, max_new_tokens=24, attention_mask=mask, generation_config=gc, seed=1234)
     torch.manual_seed(1234)
