@@ -17,9 +17,7 @@ each step. Both libraries get the same checkpoint, dtype, batch and cache length
 """
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,35 +25,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import flops  # noqa: E402
+from roofline import bandwidth, seconds_per_call  # noqa: E402  (bench/roofline.py)
 from qwen_min import Qwen2  # noqa: E402
 from qwen_min.kv_cache import KVCache  # noqa: E402
-
-
-def sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def seconds_per_call(fn, device, reps):
-    """Median of 5 timings of `reps` calls of fn, after 3 warm-up calls."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(5):
-        sync(device)
-        t = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        sync(device)
-        times.append((time.perf_counter() - t) / reps)
-    return statistics.median(times)
-
-
-def bandwidth(device, n_bytes=1 << 30):
-    """Bytes read plus written per second by one large device copy."""
-    a = torch.empty(n_bytes, dtype=torch.uint8, device=device)
-    b = torch.empty_like(a)
-    return 2 * n_bytes / seconds_per_call(lambda: b.copy_(a), device, 5)
 
 
 def ours_step(model, B, past, device):

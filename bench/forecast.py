@@ -8,7 +8,10 @@ Same checkpoint and dtype (float32 by default; --device cuda --dtype bfloat16 on
 after h step separators (transformers gets it as a StoppingCriteria). Restricted decoding
 (digits and separators only) is given to transformers as a LogitsProcessor that masks every
 other token, so restricted runs are compared like for like too. Prints each time, the
-ratios, and whether both produced the same tokens (greedy modes).
+ratios, and whether both produced the same tokens (greedy modes). Beside them, the limit
+(bench/roofline.py): this machine's measured copy bandwidth and matmul peak, the floor of each
+mode's forecast (prefill at the matmul peak, each decode step at max(bytes / bandwidth, FLOPs /
+peak), from the tokens qwen-min produced), and the share of that floor each library reaches.
 
 Modes: free (any token), restricted (digits and separators), sampled (restricted, --samples
 continuations per series at temperature 0.7: ours prefills each prompt once and copies its
@@ -27,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import evaluate  # noqa: E402
+import roofline  # noqa: E402  (bench/roofline.py)
 from data import llmtime, lotka_volterra, splits  # noqa: E402
 from data.forecast import forecast_tasks  # noqa: E402
 from qwen_min import Qwen2, Tokenizer  # noqa: E402
@@ -119,6 +123,19 @@ def run_transformers(hf, tok, prompts, args, max_new, mode):
     return rows
 
 
+def floor_seconds(model, tok, prompts, rows, args, mode, bw, peak):
+    """The roofline floor of a mode's whole forecast, batch by batch: (prefill s, decode s)."""
+    head_rows = None if mode == "free" else len(evaluate.alphabet_ids(tok))
+    samples = args.samples if mode == "sampled" else 1
+    prefill = decode = 0.0
+    for start in range(0, len(prompts), args.batch):
+        batch = prompts[start:start + args.batch]
+        new = [len(r) for r in rows[start * samples:(start + len(batch)) * samples]]
+        p, d = roofline.forecast_floor(model, max(map(len, batch)), new, head_rows, bw, peak, samples)
+        prefill, decode = prefill + p, decode + d
+    return prefill, decode
+
+
 def timed(fn, *a):
     t0 = time.perf_counter()
     rows = fn(*a)  # lists of token ids: the GPU has finished when they exist
@@ -161,6 +178,13 @@ def main(argv=None):
         same = "-" if mode == "sampled" else f"{sum(a == b for a, b in zip(outputs['graph', mode], outputs['ours', mode]))}/{len(prompts)} rows"
         print(f"qwen-min with a CUDA graph, {mode}: {times['graph', mode]:.1f} s, {times['hf', mode] / times['graph', mode]:.2f}x "
               f"transformers, {times['ours', mode] / times['graph', mode]:.2f}x qwen-min eager; same tokens as eager: {same}")
+    bw, peak = roofline.bandwidth(args.device), roofline.matmul_peak(args.device, dtype)
+    print(f"\nThe limit: this machine copies {bw / 1e9:.1f} GB/s and multiplies {args.dtype} matrices at {peak / 1e9:.0f} "
+          f"GFLOP/s (bench/roofline.py; both measured now)")
+    print("| decoding | floor s (prefill + decode) | qwen-min share of the floor | transformers share |\n|---|---|---|---|")
+    for mode in args.modes:
+        p, d = floor_seconds(ours, tok, prompts, outputs["ours", mode], args, mode, bw, peak)
+        print(f"| {mode} | {p + d:.1f} ({p:.1f} + {d:.1f}) | {(p + d) / times['ours', mode]:.0%} | {(p + d) / times['hf', mode]:.0%} |")
     if "free" in args.modes and "restricted" in args.modes:
         print(f"\nqwen-min restricted vs transformers free: {times['hf', 'free'] / times['ours', 'restricted']:.2f}x")
     return times

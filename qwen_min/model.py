@@ -84,10 +84,16 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:  # store the K new keys/values, get back all S so far
             k, v = cache.update(k, v)  # (B, K, S, hd)
-        # softmax(q k^T / sqrt(hd) + mask) v, the softmax accumulated in float32. enable_gqa: query
-        # head h reads kv head h // (H / K) in place; copying the K heads out to H (transformers'
-        # repeat_kv) would move 7x the cache through memory at every decoding step.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)  # (B, H, T, hd)
+        # softmax(q k^T / sqrt(hd) + mask) v, the softmax accumulated in float32. Query head h reads
+        # kv head h // (H / K) in place; copying the K heads out to H (transformers' repeat_kv) would
+        # move 7x the cache through memory at every decoding step.
+        if T == 1:  # a decode step: the H / K query heads sharing a kv head become H / K queries of
+            # that head, so each (row, kv head) pair is one small attention (the CPU kernel is faster
+            # this way than with enable_gqa); the mask (B, 1, 1, S) is the same for all of them
+            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv_heads, -1, self.head_dim), k, v, attn_mask=mask)
+            y = y.reshape(B, self.n_heads, 1, self.head_dim)  # (B, H, 1, hd)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)  # (B, H, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H * hd)
         return self.o_proj(y)
 
