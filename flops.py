@@ -208,7 +208,7 @@ def attention(s: Setup, B: int, T: int, S: int = None) -> Cost:
         parts["kv_as_mha"] = 2 * c.linear(n, D, (Kc - K) * hd, True)
     return group(**parts,
                  rotary=c.rotary(n, H, hd) + c.rotary(n, Kc, hd),  # q and k
-                 # (cache.update is a copy, and enable_gqa reads each kv head in place: both free)
+                 # (cache.update is a copy, and a kv head is read in place by its query heads: both free)
                  sdpa=c.scaled_dot_product_attention(B, H, T, S, hd),
                  o_proj=projection(s, "o_proj", n, H * hd, D))
 

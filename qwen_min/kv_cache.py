@@ -1,7 +1,7 @@
 """A static key/value cache: preallocated once, filled left to right during generation.
 
 Only the n_kv_heads key/value heads are stored (2 for Qwen2.5-0.5B), 7x less than one per query
-head: attention reads each kv head in place for the query heads that share it (enable_gqa).
+head: attention reads each kv head in place for the query heads that share it (model.Attention).
 
 The cache owns its position. A forward pass of T new tokens first calls `append(T)`, which
 reserves the next T slots and returns `past`, the number of slots filled before them; each
