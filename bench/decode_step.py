@@ -25,7 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import flops  # noqa: E402
-from roofline import bandwidth, seconds_per_call  # noqa: E402  (bench/roofline.py)
+from roofline import bandwidth, body_weight_bytes, head_bytes, seconds_per_call  # noqa: E402  (bench/roofline.py)
+from roofline import cache_bytes as cache_bytes_of  # noqa: E402
 from qwen_min import Qwen2  # noqa: E402
 from qwen_min.kv_cache import KVCache  # noqa: E402
 
@@ -85,8 +86,8 @@ def main(argv=None):
     hf = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
     B, past, dev = args.batch, args.past, args.device
     cfg = ours.config
-    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
-    cache_bytes = 2 * cfg.n_layers * B * cfg.n_kv_heads * (past + 1) * cfg.head_dim * ours.embed_tokens.weight.element_size()
+    weight_bytes = body_weight_bytes(ours) + head_bytes(ours, None)  # the step computes every vocabulary row
+    cache_bytes = cache_bytes_of(cfg, B, past + 1, ours.embed_tokens.weight.element_size())
     setup = flops.Setup(cfg)
     step_flops = flops.body(setup, B, 1, past + 1).matmul + flops.head(setup, B).matmul
     floor = (weight_bytes + cache_bytes) / bandwidth(dev)

@@ -124,7 +124,9 @@ def run_transformers(hf, tok, prompts, args, max_new, mode):
 
 
 def floor_seconds(model, tok, prompts, rows, args, mode, bw, peak):
-    """The roofline floor of a mode's whole forecast, batch by batch: (prefill s, decode s)."""
+    """The roofline floor of a mode's whole forecast, batch by batch: (prefill s, decode s). Rows are
+    the new tokens without padding, so a row that ended on an end-of-text token that is also the pad
+    id counts one token short (its floor one step low, in free decoding only)."""
     head_rows = None if mode == "free" else len(evaluate.alphabet_ids(tok))
     samples = args.samples if mode == "sampled" else 1
     prefill = decode = 0.0

@@ -48,8 +48,10 @@ def bandwidth(device, n_bytes=1 << 30):
     return 2 * n_bytes / seconds_per_call(lambda: b.copy_(a), device, 5)
 
 
-def matmul_peak(device, dtype=torch.float32, n=2048):
-    """FLOP/s of one large square matmul (n x n @ n x n: 2 n^3 FLOPs)."""
+def matmul_peak(device, dtype=torch.float32, n=None):
+    """FLOP/s of one large square matmul (n x n @ n x n: 2 n^3 FLOPs; n 2048 on a CPU, 8192 on a
+    GPU, where a smaller one is dominated by the cost of launching it)."""
+    n = n or (8192 if torch.device(device).type == "cuda" else 2048)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     return 2 * n ** 3 / seconds_per_call(lambda: a @ b, device, 3)
@@ -57,9 +59,11 @@ def matmul_peak(device, dtype=torch.float32, n=2048):
 
 def body_weight_bytes(model):
     """Bytes of every weight the body reads per step: all parameters but the embedding table (a
-    decode step looks up one row per token; the tied head is counted by head_bytes)."""
-    emb = model.embed_tokens.weight
-    return sum(p.numel() * p.element_size() for p in model.parameters()) - emb.numel() * emb.element_size()
+    decode step looks up one row per token) and the head (head_bytes counts the rows it computes)."""
+    size = lambda w: w.numel() * w.element_size()
+    head = 0 if model.lm_head is None else size(model.lm_head.weight)  # an untied head
+    bias = 0 if model.lm_head_bias is None else size(model.lm_head_bias)
+    return sum(size(p) for p in model.parameters()) - size(model.embed_tokens.weight) - head - bias
 
 
 def head_bytes(model, head_rows):

@@ -87,9 +87,10 @@ class Attention(nn.Module):
         # softmax(q k^T / sqrt(hd) + mask) v, the softmax accumulated in float32. Query head h reads
         # kv head h // (H / K) in place; copying the K heads out to H (transformers' repeat_kv) would
         # move 7x the cache through memory at every decoding step.
-        if T == 1:  # a decode step: the H / K query heads sharing a kv head become H / K queries of
-            # that head, so each (row, kv head) pair is one small attention (the CPU kernel is faster
-            # this way than with enable_gqa); the mask (B, 1, 1, S) is the same for all of them
+        if T == 1 and x.device.type == "cpu":  # a decode step on a CPU: the H / K query heads sharing a
+            # kv head become H / K queries of that head, so each (row, kv head) pair is one small
+            # attention, which the CPU kernel runs about 2x faster than enable_gqa (bench/attention.py;
+            # GPUs keep enable_gqa until compared there); the mask (B, 1, 1, S) is the same for all
             y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv_heads, -1, self.head_dim), k, v, attn_mask=mask)
             y = y.reshape(B, self.n_heads, 1, self.head_dim)  # (B, H, 1, hd)
         else:

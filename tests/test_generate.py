@@ -169,13 +169,12 @@ def hf_generate(hf, folder, ids, mask, max_new_tokens, **kwargs):
 
 
 def penalises_padding():
-    """Whether the installed transformers' repetition penalty counts left padding as seen tokens: 5.24
-    hands the padding lengths to the processor (prompt_ignore_length), older versions (5.17) do not."""
-    import inspect
+    """Whether the installed transformers' repetition penalty counts left padding as seen tokens:
+    5.24 (pinned) hands the padding lengths to the processor; 5.17 did not (checked in its source)."""
+    import transformers
+    from packaging.version import Version
 
-    from transformers.generation.utils import GenerationMixin
-
-    return "prompt_ignore_length=" not in inspect.getsource(GenerationMixin._get_logits_processor)
+    return Version(transformers.__version__) < Version("5.24")
 
 
 def test_qwen_generation_config_file_is_read_with_transformers_defaults(tmp_path):

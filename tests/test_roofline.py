@@ -53,3 +53,32 @@ def test_samples_share_one_prefill():
     shared, decode = roofline.forecast_floor(model, 5, [2, 2, 2, 2], None, bw=1.0, peak=1e30, samples=2)
     assert shared == one  # two prompts prefilled once each, then four rows decode
     assert decode == BODY + 4 * 160 * 64 + cache(4, 6)
+
+
+def test_an_untied_head_is_counted_once_as_head_rows():
+    model = random_model(tiny_config(tie_embeddings=False))
+    assert roofline.body_weight_bytes(model) == BODY  # neither the embedding table nor the separate head
+    assert roofline.head_bytes(model, None) == 4 * 160 * 64
+
+
+def test_each_phase_takes_the_larger_of_its_two_bounds():
+    """With both bounds finite, the prefill (10 tokens) is bound by FLOPs and the decode step (1 row)
+    by bytes: a sum of the two bounds, or the wrong one, gives other numbers."""
+    model = random_model(tiny_config())
+    flop_only, _ = roofline.forecast_floor(model, 5, [1, 1], 13, bw=1e30, peak=1.0)
+    _, bytes_only = roofline.forecast_floor(model, 5, [2, 1], 13, bw=1.0, peak=1e30)
+    bw, peak = 1.0, flop_only / (BODY + HEAD13 + cache(2, 5)) / 2  # the prefill's FLOPs take twice its bytes' time
+    prefill, decode = roofline.forecast_floor(model, 5, [2, 1], 13, bw=bw, peak=peak)
+    assert prefill == pytest.approx(flop_only / peak)
+    assert decode == pytest.approx(bytes_only)  # one row: 1/10 of the prefill's FLOPs, far under its bytes
+
+
+def test_compute_bound_decode_counts_each_step_with_its_rows_and_keys():
+    """Rows of 3 and 2 new tokens: step 1 feeds 2 rows attending to 6 keys, step 2 one row to 7."""
+    model = random_model(tiny_config())
+    per_token_layer = 2 * (64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 112)
+
+    def step(rows, keys):  # projections, then scores and weighted sum for 4 heads of 16, then 13 head rows
+        return rows * (2 * (per_token_layer + 2 * (2 * 16 * keys) * 4) + 2 * 64 * 13)
+    _, decode = roofline.forecast_floor(model, 5, [3, 2], 13, bw=1e30, peak=1.0)
+    assert decode == pytest.approx(step(2, 6) + step(1, 7))
