@@ -34,6 +34,8 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--reps", type=int, default=24, help="calls per timing (24: one per layer)")
     args = p.parse_args(argv)
+    if min(args.batch, args.past, args.heads, args.kv_heads, args.head_dim, args.reps) < 1 or args.heads % args.kv_heads:
+        p.error("sizes must be positive, and --heads a multiple of --kv-heads")
     B, H, K, hd, S, dev = args.batch, args.heads, args.kv_heads, args.head_dim, args.past + 1, args.device
     q = torch.randn(B, H, 1, hd, device=dev)
     k_cache = torch.randn(B, K, 2 * S, hd, device=dev)  # slots beyond S stay unused, as in a real cache
