@@ -822,9 +822,7 @@ def main(argv=None):
         args = distributed.same_everywhere(parse_args(argv) if world.main else None, world)
         if world.size > 1 and (args.compare or args.score):
             raise UserError("--compare and --score run no model; run them as one process, without torchrun.")
-        gpu_problem = distributed.check_gpus(args.device, world)
-        if gpu_problem:
-            raise UserError(gpu_problem + ".")
+        distributed.require_gpus(args.device, world)
         if not world.main:
             return evaluate(args, None, world)
         return evaluate_in_folder(args, world)

@@ -604,9 +604,7 @@ def train(args, run, on_validation=None, world=distributed.World()):
     t_start = time.perf_counter()  # this invocation's wall time, for summary.json
     args, resuming = open_run(args, run, world)
     args.world_size = world.size  # a resume may use another: each step's global batch stays the same
-    gpu_problem = distributed.check_gpus(args.device, world)
-    if gpu_problem:
-        raise UserError(gpu_problem + ".")
+    distributed.require_gpus(args.device, world)
     if args.batch < world.size:
         raise UserError(f"--batch {args.batch} gives some of the {world.size} processes no window to train on; "
                         f"use --batch {world.size} or more.")

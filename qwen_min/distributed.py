@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .errors import UserError
+
 
 @dataclass(frozen=True)
 class World:
@@ -65,6 +67,13 @@ def check_gpus(device, world: World):
     if world.local_rank >= torch.cuda.device_count():
         return f"torchrun started more processes on this machine than its {torch.cuda.device_count()} GPU(s); use --nproc-per-node {torch.cuda.device_count()}"
     return None
+
+
+def require_gpus(device, world: World):
+    """check_gpus as the one sentence a user sees: raises UserError when the run cannot go on."""
+    problem = check_gpus(device, world)
+    if problem:
+        raise UserError(problem + ".")
 
 
 def leave(world: World):
