@@ -624,7 +624,7 @@ def coursework_estimate(step: Cost) -> Cost:
 # ---------------------------------------------------------------- generation (qwen_min/generate.py)
 
 
-def generate(s: Setup, B, prompt_tokens, new_tokens, samples=1, active=None, kv_cache=True) -> Cost:
+def generate(s: Setup, B, prompt_tokens, new_tokens, samples=1, active=None, kv_cache=True, fed=None) -> Cost:
     """Producing new_tokens tokens after prompt_tokens, B prompts at once.
 
     With the KV cache (qwen_min.generate): prefill the prompt, the head on its last position
@@ -634,9 +634,19 @@ def generate(s: Setup, B, prompt_tokens, new_tokens, samples=1, active=None, kv_
     samples: continuations per prompt, all from one prefill (the prefill runs B rows, the rest
     B * samples). active: how many rows produce each new token (default all, every time); a row
     that has finished leaves the batch. Sampling (argmax, top-k, ...) is not counted.
+    fed: with guesses checked (qwen_min/speculative.py), active[i] counts the rows of forward pass i
+    and fed[i] the columns each of them fed (fed[0] = 1: the prefill's last position); every column
+    is counted, holes and wrong guesses included: the arithmetic was done.
     """
     P, N = prompt_tokens, new_tokens
     active = list(active) if active is not None else [B * samples] * N
+    if fed is not None:  # pass i: active[i] rows of fed[i] columns, attending to every slot so far
+        decode, S = FREE, P
+        for rows, w in zip(active[1:], fed[1:]):
+            S += w
+            decode += body(s, rows, w, S)
+        return group(prefill=body(s, B, P, P), decode=decode,
+                     lm_head=sum((head(s, rows * w) for rows, w in zip(active, fed)), FREE))
     heads = sum((k * head(s, r) for r, k in Counter(active).items()), FREE)
     if not kv_cache:
         return group(forward=_steps(active, 0, lambda r, i: body(s, r, P + i, P + i)), lm_head=heads)

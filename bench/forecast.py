@@ -37,7 +37,7 @@ from qwen_min import Qwen2, Tokenizer  # noqa: E402
 from qwen_min.generate import pad_left  # noqa: E402
 
 
-NAMES = {"ours": "qwen-min", "hf": "transformers", "graph": "qwen-min (CUDA graph)"}
+NAMES = {"ours": "qwen-min", "hf": "transformers", "graph": "qwen-min (CUDA graph)", "plain": "qwen-min (no guesses)"}
 
 
 def parse_args(argv=None):
@@ -55,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (both libraries run there)")
     p.add_argument("--cuda-graph", action="store_true", help="also time qwen-min with every decode step replayed from one CUDA graph")
+    p.add_argument("--plain", action="store_true", help="also time qwen-min's greedy modes without checking guesses "
+                   "(one token per forward pass, as before speculative verification)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="bfloat16 is for GPUs (emulated, slow, on CPU); greedy tokens may then differ where two logits nearly tie")
     args = p.parse_args(argv)
@@ -76,14 +78,15 @@ def test_prompts(args, tok):
     return [t.prompt_ids.tolist() for t in tasks], evaluate.token_budget(tasks, args.h)
 
 
-def run_ours(model, tok, prompts, args, max_new, mode, decoder="cache"):
+def run_ours(model, tok, prompts, args, max_new, mode, decoder="cache", guesses=True):
     allowed = None if mode == "free" else evaluate.alphabet_ids(tok)
+    draft = evaluate.draft_of(argparse.Namespace(no_draft=not guesses), tok)  # greedy modes check LLMTIME guesses
     samples, temperature = (args.samples, 0.7) if mode == "sampled" else (1, 0.0)
     rows = []
     for start in range(0, len(prompts), args.batch):
         new = evaluate.generate_forecasts(model, prompts[start:start + args.batch], args.h, max_new, tok.encode(";")[0],
                                           samples, temperature, seed=0, allowed_token_ids=allowed,
-                                          stop_token_ids=tok.stop_ids, pad_id=tok.pad_id, decoder=decoder)
+                                          stop_token_ids=tok.stop_ids, pad_id=tok.pad_id, decoder=decoder, draft=draft)
         rows += [[t for t in r if t != tok.pad_id] for r in new.flatten(0, 1).tolist()]
     return rows
 
@@ -163,6 +166,8 @@ def main(argv=None):
     libs = [("ours", run_ours, ours), ("hf", run_transformers, hf)]
     if args.cuda_graph:
         libs.append(("graph", lambda *a: run_ours(*a, decoder="graph"), ours))
+    if args.plain:
+        libs.append(("plain", lambda *a: run_ours(*a, guesses=False), ours))
     for mode in args.modes:
         for _ in range(args.repeats):
             for lib, fn, model in libs:
@@ -180,6 +185,10 @@ def main(argv=None):
         same = "-" if mode == "sampled" else f"{sum(a == b for a, b in zip(outputs['graph', mode], outputs['ours', mode]))}/{len(prompts)} rows"
         print(f"qwen-min with a CUDA graph, {mode}: {times['graph', mode]:.1f} s, {times['hf', mode] / times['graph', mode]:.2f}x "
               f"transformers, {times['ours', mode] / times['graph', mode]:.2f}x qwen-min eager; same tokens as eager: {same}")
+    for mode in args.modes if args.plain else ():
+        same = "-" if mode == "sampled" else f"{sum(a == b for a, b in zip(outputs['plain', mode], outputs['ours', mode]))}/{len(prompts)} rows"
+        print(f"qwen-min without guesses, {mode}: {times['plain', mode]:.1f} s, {times['hf', mode] / times['plain', mode]:.2f}x "
+              f"transformers; with them {times['plain', mode] / times['ours', mode]:.2f}x faster; same tokens: {same}")
     bw, peak = roofline.bandwidth(args.device), roofline.matmul_peak(args.device, dtype)
     print(f"\nThe limit: this machine copies {bw / 1e9:.1f} GB/s and multiplies {args.dtype} matrices at {peak / 1e9:.0f} "
           f"GFLOP/s (bench/roofline.py; both measured now)")

@@ -145,10 +145,13 @@ class StopRules:
 class Generation:
     """What one generate call did. tokens (R, T + n): the prompts, then the new tokens, padding
     after a row's end; lengths (R,): the new tokens each row produced, its stop token included;
-    active: how many rows produced a token at each of the n steps (finished rows leave the batch)."""
+    active: how many rows produced a token at each of the n steps (finished rows leave the batch).
+    With guesses checked (speculative.py), active counts the rows of each forward pass instead,
+    and fed the columns each of its rows fed (1 for the prefill: its last position makes logits)."""
     tokens: torch.Tensor
     lengths: list
     active: list
+    fed: list = None
 
 
 def prefill(model, input_ids, mask, cache):

@@ -19,6 +19,32 @@ import torch.nn.functional as F
 from .config import Qwen2Config
 
 
+FEW_ROWS = 256  # at most this many rows (tokens in the batch) take linear's CPU path below
+BLOCKS = 4  # blocks of output features that path computes side by side
+
+
+def linear(x, weight, bias=None):
+    """F.linear: x (..., in), weight (out, in) -> (..., out). With few rows on a CPU (a decode step
+    has one row per sequence) the output features are cut into BLOCKS blocks and computed as one
+    batched product, each block a matrix product of its own that a core can take whole: F.linear
+    on 20 rows left this 2-core CPU's second core mostly idle (bench/linear.py: about 1.5x faster
+    products at 20 rows, 3x at 4). The same dot products, so results agree to float rounding."""
+    rows, out = x.shape[:-1].numel(), weight.shape[0]
+    if x.device.type != "cpu" or rows > FEW_ROWS or out % BLOCKS or not weight.is_contiguous():
+        return F.linear(x, weight, bias)
+    w = weight.view(BLOCKS, out // BLOCKS, weight.shape[1])  # (n, out / n, in): a view, no copy
+    y = torch.bmm(x.reshape(1, rows, -1).expand(BLOCKS, -1, -1), w.transpose(1, 2))  # (n, rows, out / n)
+    y = y.transpose(0, 1).reshape(*x.shape[:-1], out)
+    return y if bias is None else y + bias
+
+
+class Linear(nn.Linear):
+    """nn.Linear computed by `linear` (same parameters, names and initialisation)."""
+
+    def forward(self, x):
+        return linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * weight, normalised in float32, scaled in x's dtype."""
 
@@ -69,10 +95,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: Qwen2Config):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=True)
-        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=True)
-        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=True)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.q_proj = Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=True)
+        self.k_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=True)
+        self.v_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=True)
+        self.o_proj = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
     def forward(self, x, cos, sin, mask=None, cache=None):
         """x (B, T, D); mask (B, 1, T, S) bool, True = may attend, None = causal; cache: this layer's
@@ -87,10 +113,11 @@ class Attention(nn.Module):
         # softmax(q k^T / sqrt(hd) + mask) v, the softmax accumulated in float32. Query head h reads
         # kv head h // (H / K) in place; copying the K heads out to H (transformers' repeat_kv) would
         # move 7x the cache through memory at every decoding step.
-        if T == 1 and x.device.type == "cpu":  # a decode step on a CPU: the H / K query heads sharing a
-            # kv head become H / K queries of that head, so each (row, kv head) pair is one small
-            # attention, which the CPU kernel runs about 2x faster than enable_gqa (bench/attention.py;
-            # GPUs keep enable_gqa until compared there); the mask (B, 1, 1, S) is the same for all
+        if T == 1 and (x.device.type == "cpu" or x.dtype == torch.float32):  # a decode step: the H / K
+            # query heads sharing a kv head become H / K queries of that head, so each (row, kv head)
+            # pair is one small attention; the mask (B, 1, 1, S) is the same for all of them. It runs
+            # about 2x faster than enable_gqa on a CPU, 1.4-5x on a GPU in float32; GPU kernels for
+            # bfloat16 read grouped heads natively, as fast or faster (bench/attention.py, docs/evaluate.md)
             y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv_heads, -1, self.head_dim), k, v, attn_mask=mask)
             y = y.reshape(B, self.n_heads, 1, self.head_dim)  # (B, H, 1, hd)
         else:
@@ -104,9 +131,9 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: Qwen2Config):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
-        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
-        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+        self.gate_proj = Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.up_proj = Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.down_proj = Linear(cfg.hidden_dim, cfg.dim, bias=False)
 
     def forward(self, x):  # (B, T, D) -> (B, T, D)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # inner: (B, T, F)
@@ -143,7 +170,7 @@ class Qwen2(nn.Module):
         self.layers = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         # A tied head reuses embed_tokens.weight, so it has no module of its own.
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_embeddings else Linear(cfg.dim, cfg.vocab_size, bias=False)
         # The coursework trains a bias on the (otherwise bias-free) output layer; zero = no change.
         self.lm_head_bias = nn.Parameter(torch.zeros(cfg.vocab_size)) if lm_head_bias else None
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
@@ -201,7 +228,7 @@ class Qwen2(nn.Module):
         w, b = self.lm_head_weight, self.lm_head_bias
         if token_ids is not None:  # e.g. the digits and separators a forecast may contain
             w, b = w[token_ids], None if b is None else b[token_ids]
-        return F.linear(h, w, None if b is None else b.to(h.dtype))  # a float32 trained bias on a bf16 model
+        return linear(h, w, None if b is None else b.to(h.dtype))  # a float32 trained bias on a bf16 model
 
 
 def positions_and_mask(B, T, past, attention_mask, device):

@@ -1,5 +1,5 @@
 """qwen_min.model's parts and qwen_min.kv_cache one by one: RMSNorm and the RoPE tables by hand
-(numpy, float64), the head's restricted columns and bias, loading options, and the cache's slots.
+(numpy, float64), `linear` against F.linear, the head's restricted columns and bias, loading options, and the cache's slots.
 
 Devices: the `device=` arguments are checked on PyTorch's "meta" device (shapes only, no data),
 so a tensor made on the default device instead of the one asked for fails here without a GPU.
@@ -10,10 +10,12 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import random_model, tiny_config, write_checkpoint
 from qwen_min import KVCache, Qwen2
-from qwen_min.model import RMSNorm, RotaryEmbedding, positions_and_mask
+from qwen_min import model as qwen_model
+from qwen_min.model import RMSNorm, RotaryEmbedding, linear, positions_and_mask
 
 
 def test_rmsnorm_by_hand_with_its_default_eps():
@@ -235,3 +237,34 @@ def test_bfloat16_activations_get_bfloat16_rotary_tables(tmp_path):
     with torch.no_grad():
         assert model(torch.tensor([[3, 4, 5]])).dtype == torch.bfloat16
     assert seen == [[torch.bfloat16] * 3]  # x, cos, sin
+
+
+@pytest.mark.parametrize("rows, out, bias", [(1, 12, True), (20, 64, False), (5, 13, True), (300, 8, True)],
+                         ids=["one-row", "blocked", "out-not-a-multiple", "many-rows"])
+def test_linear_is_f_linear_in_every_case_forward_and_backward(rows, out, bias):
+    """qwen-min's linear (blocks of output features as one batched product for few CPU rows, else
+    F.linear): the same values and gradients as F.linear, on (2, rows, in) inputs, bias or not."""
+    torch.manual_seed(0)
+    x = torch.randn(2, rows, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(out, 16, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(out, dtype=torch.float64, requires_grad=True) if bias else None
+    y = linear(x, w, b)
+    ref = F.linear(x, w, b)
+    assert y.shape == (2, rows, out) and torch.allclose(y, ref, rtol=0, atol=1e-12)
+    grads = torch.autograd.grad((y * ref.detach()).sum(), [x, w] + ([b] if bias else []))
+    grads_ref = torch.autograd.grad((ref * ref.detach()).sum(), [x, w] + ([b] if bias else []))
+    assert all(torch.allclose(g, r, rtol=0, atol=1e-10) for g, r in zip(grads, grads_ref))
+
+
+def test_linear_takes_the_blocked_path_for_few_rows_only(monkeypatch):
+    calls = []
+    real_bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a: calls.append(a[0].shape) or real_bmm(*a))
+    w = torch.randn(64, 16)
+    linear(torch.randn(3, 16), w)
+    assert calls == [(qwen_model.BLOCKS, 3, 16)]  # one batched product of BLOCKS blocks
+    linear(torch.randn(qwen_model.FEW_ROWS + 1, 16), w)
+    linear(torch.randn(3, 16), torch.randn(16, 64).t())  # a transposed (non-contiguous) weight: F.linear
+    assert len(calls) == 1
+    layer = qwen_model.Linear(16, 64)
+    assert isinstance(layer, torch.nn.Linear) and torch.allclose(layer(torch.ones(2, 16)), F.linear(torch.ones(2, 16), layer.weight, layer.bias))

@@ -1,0 +1,158 @@
+"""Speculative verification (qwen_min/speculative.py) and the LLMTIME guess it checks (data/draft.py).
+
+The claim: whatever the guesses, the output is plain greedy decoding's, token for token. The tiny
+models run in float64, so the two computations (one column per step, or several) cannot round a
+near-tie apart and equality is exact. Guesses from an oracle that knows greedy's output must all
+be taken, so the number of forward passes is known in advance.
+"""
+
+import random
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import flops
+from conftest import random_model, tiny_config
+from data.draft import LLMTimeDraft, guess
+from qwen_min import generate
+from qwen_min.speculative import generate_drafted
+
+ROWS = [[5, 6, 7, 8, 9, 10, 11, 12], [20, 21, 22], [30, 31, 32, 33, 34]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(tiny_config(), dtype=torch.float64)
+
+
+def plain(model, rows=ROWS, **kw):
+    return generate(model, rows, use_generation_config=False, **kw)
+
+
+def oracle(reference, prompts, sure):
+    """A guess that knows the reference output: the true next tokens, `sure` of them sure."""
+    truth = {tuple(p): r for p, r in zip(prompts, reference)}
+
+    def draft(tokens):
+        for p, r in truth.items():
+            if tuple(tokens[:len(p)]) == p:
+                done = len(tokens) - len(p)
+                return r[done:done + 6], sure
+        raise AssertionError("unknown prompt")
+    return draft
+
+
+def wild(seed, vocab):
+    """Random guesses of random length, often sure: nearly always wrong."""
+    rng = random.Random(seed)
+    return lambda tokens: ([rng.randrange(vocab) for _ in range(rng.randrange(6))], rng.randrange(5))
+
+
+@pytest.mark.parametrize("kw", [
+    dict(stop_token_ids=[]),
+    dict(stop_token_ids=[], allowed_token_ids=[3, 17, 42, 99, 120]),
+    dict(stop_token_ids=[17], allowed_token_ids=[3, 17, 42, 99, 120]),
+    dict(stop_token_ids=[], repetition_penalty=1.3),
+    dict(stop_token_ids=[], allowed_token_ids=[3, 17, 42, 99, 120], repetition_penalty=0.8),
+], ids=["free", "allowed", "allowed-stop", "penalty", "allowed-penalty"])
+@pytest.mark.parametrize("guesser", ["wild", "oracle", "none"])
+def test_any_guess_gives_plain_greedys_tokens(model, kw, guesser):
+    ref = plain(model, max_new_tokens=14, **kw)
+    T = ref.shape[1] - 14
+    new = [r[T:] for r in ref.tolist()]
+    draft = {"wild": wild(0, 160), "oracle": oracle(new, ROWS, 3), "none": lambda t: ([], 0)}[guesser]
+    out = generate_drafted(model, ROWS, 14, draft, pad_token_id=0, **kw)
+    assert out.tolist() == ref[:, :out.shape[1]].tolist() and (ref[:, out.shape[1]:] == 0).all()
+
+
+@pytest.mark.parametrize("allowed", [None, [3, 17, 42, 99, 120]])
+def test_the_penalty_counts_earlier_columns_guesses(model, allowed):
+    """With a penalty, each column's choice must see the guesses before it as the row's tokens: the
+    oracle's guesses are all taken, so a pass that forgot them would repeat a token greedy avoids."""
+    kw = dict(stop_token_ids=[], allowed_token_ids=allowed)
+    ref = plain(model, max_new_tokens=14, repetition_penalty=3.0, **kw)
+    assert not torch.equal(ref, plain(model, max_new_tokens=14, **kw))  # the penalty changes the output
+    new = [r[-14:] for r in ref.tolist()]
+    gen = generate_drafted(model, ROWS, 14, oracle(new, ROWS, 4), repetition_penalty=3.0, details=True, **kw)
+    assert torch.equal(gen.tokens, ref) and max(gen.fed) == 5
+
+
+def test_right_guesses_save_passes_and_wrong_ones_cost_none(model):
+    ref = plain(model, max_new_tokens=13, stop_token_ids=[])
+    new = [r[-13:] for r in ref.tolist()]
+    gen = generate_drafted(model, ROWS, 13, oracle(new, ROWS, 3), stop_token_ids=[], max_width=4, details=True)
+    assert gen.fed == [1, 4, 4, 4] and gen.active == [3, 3, 3, 3]  # 1 + 3 x 4 tokens: every guess taken
+    assert gen.lengths == [13, 13, 13] and torch.equal(gen.tokens, ref)
+    gen = generate_drafted(model, ROWS, 13, lambda t: ([], 0), stop_token_ids=[], details=True)
+    assert gen.fed == [1] * 13 and torch.equal(gen.tokens, ref)  # no guess: plain greedy, one column a pass
+
+
+def test_rows_leave_at_their_own_stop_inside_a_pass(model):
+    """stop_after ends rows at their 2nd `target`, which falls in the middle of a pass's columns."""
+    free = plain(model, max_new_tokens=12, stop_token_ids=[])[:, -12:]
+    target = free[0, 0].item()
+    ref = plain(model, max_new_tokens=12, stop_token_ids=[], stop_after=(target, 2), pad_token_id=0, details=True)
+    gen = generate_drafted(model, ROWS, 12, oracle(free.tolist(), ROWS, 4), stop_token_ids=[],
+                           stop_after=(target, 2), pad_token_id=0, details=True)
+    assert len(set(ref.lengths)) > 1 and gen.lengths == ref.lengths and torch.equal(gen.tokens, ref.tokens)
+    assert gen.active[0] == 3 and gen.active[-1] < 3  # finished rows left the batch
+
+
+def test_spare_slots_run_out_then_one_column_a_pass(model):
+    """Guesses always wrong and always 'sure': the max_new_tokens spare slots are spent on them, after
+    which every pass is one column, and the tokens are still greedy's."""
+    ref = plain(model, max_new_tokens=20, stop_token_ids=[])
+    gen = generate_drafted(model, ROWS, 20, lambda t: ([0] * 9, 9), stop_token_ids=[], max_width=10, details=True)
+    assert torch.equal(gen.tokens, ref)
+    assert gen.fed[1] == 10 and gen.fed[-1] == 1 and sum(gen.fed[1:]) <= 2 * 20  # within the cache's slots
+
+
+def test_a_budget_of_one_token_needs_no_pass(model):
+    gen = generate_drafted(model, ROWS, 1, wild(1, 160), stop_token_ids=[], details=True)
+    assert torch.equal(gen.tokens, plain(model, max_new_tokens=1, stop_token_ids=[])) and gen.fed == [1]
+
+
+def test_flops_of_checked_guesses_equal_the_flop_counter():
+    """flops.generate with fed counts what runs: holes, wrong guesses, rows leaving, all included."""
+    cfg = tiny_config()
+    model32 = random_model(cfg)
+    allowed = list(range(20, 33))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        gen = generate_drafted(model32, ROWS, 9, wild(2, 40), allowed_token_ids=allowed, stop_token_ids=[],
+                               stop_after=(25, 2), details=True)
+    assert len(set(gen.fed[1:])) > 1  # passes of several widths
+    setup = flops.Setup(cfg, head_rows=13)
+    assert fc.get_total_flops() == flops.generate(setup, 3, 8, 0, active=gen.active, fed=gen.fed).matmul
+    ones = [3, 3, 2, 2, 1]  # one column a pass is plain decoding's count
+    assert flops.generate(setup, 3, 8, 5, active=ones, fed=[1] * 5) == flops.generate(setup, 3, 8, 5, active=ones)
+
+
+# ---------------------------------------------------------------- the LLMTIME guess
+
+@pytest.mark.parametrize("text, expected", [
+    ("0.1;2.73,1.99;2.81,", ("1.99;2.8", 2)),  # the previous predator's integer part and '.', then its decimals (unsure)
+    ("0.1;2.73,1.99;2.81,1.9", ("9;2.81,1", 0)),  # a decimal first: nothing sure
+    ("0.1;2.73,1.99;2.81,1.94", (";2.81,1.", 3)),  # complete: ';', then the prey's previous integer part and '.'
+    ("0.1;2.73,1.99;", ("2.73,1.9", 2)),
+    ("0.1;12.73,1.99;1", ("2.73,1.9", 2)),  # an integer part of two digits, digit by digit
+    ("0.1;9.73,1.99;1", (".73,1.99", 1)),  # 9 -> 1: the integer part changed; '.' is the best guess
+    ("0.1;2.7,1.9;2.8,1.9", (";2.8,1.9", 3)),  # one decimal: values end after one
+    ("2.73,1.99", ("", 0)),  # no whole step yet
+    ("0.1;2.73,1.99,5;2", ("", 0)),  # a step of three values: no pattern to follow
+])
+def test_guess_follows_the_format_and_the_previous_step(text, expected):
+    assert guess(text) == expected
+
+
+def test_one_decimal_values_are_sure_except_their_decimal():
+    assert guess("0.1;2.7,1.9;2.8,") == ("1.9;2.8,", 2)
+
+
+def test_the_draft_reads_token_ids_up_to_the_first_other_token():
+    id_of = {c: 100 + i for i, c in enumerate("0123456789.,;")}
+    draft = LLMTimeDraft(id_of, n=4)
+    ids = [7, 8] + [id_of[c] for c in "1.5,0.5;2.73,1.99;2.81,1.94"]
+    assert draft(ids) == ([id_of[c] for c in ";2.8"], 3)
+    assert draft([7] + [id_of[c] for c in "2.73,1.99;2.81,"]) == ([], 0)  # the prompt's first step is cut by token 7
