@@ -44,7 +44,6 @@ from qwen_min.loss import mean_cross_entropy, mean_of_batch_means, tokens_fed
 from qwen_min import distributed, run_folder
 from qwen_min.progress import progress, tracked
 from qwen_min.scalars import Scalars, require_tensorboard
-from qwen_min.speculative import generate_drafted
 from qwen_min.weights import resolve_checkpoint
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -381,14 +380,10 @@ def generate_forecasts(model, prompts, h, max_new_tokens, sep_id, n_samples=1, t
     Returns new tokens (B, n_samples, n) int64, finished rows filled with pad_id; with details=True,
     also the Generation (tokens produced per row, rows active per step).
     """
-    if draft is not None and temperature == 0 and n_samples == 1 and decoder == "cache":
-        gen = generate_drafted(model, prompts, max_new_tokens, draft, allowed_token_ids=allowed_token_ids,
-                               stop_token_ids=stop_token_ids, stop_after=(sep_id, h), pad_token_id=pad_id, details=True)
-    else:
-        gen = generate(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                       allowed_token_ids=allowed_token_ids, stop_token_ids=stop_token_ids, stop_after=(sep_id, h),
-                       num_samples=n_samples, pad_token_id=pad_id, use_generation_config=False, repetition_penalty=1.0,
-                       details=True, decoder=decoder)
+    gen = generate(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                   allowed_token_ids=allowed_token_ids, stop_token_ids=stop_token_ids, stop_after=(sep_id, h),
+                   num_samples=n_samples, pad_token_id=pad_id, use_generation_config=False, repetition_penalty=1.0,
+                   details=True, decoder=decoder, draft=draft)
     new = gen.tokens[:, max(len(p) for p in prompts):].reshape(len(prompts), n_samples, -1).cpu()  # (B, S, n)
     return (new, gen) if details else new
 
@@ -494,13 +489,13 @@ def forecast(model, tok, tasks, scaler, args, journal=None, world=distributed.Wo
     return values, {"forecasts_repaired": repaired, "forecasts": len(tasks) * args.samples, "by_kind": repairs}, n_tokens, spent
 
 
-def generate_as_transformers(model, prompts, max_new, gc, tok, n_samples=1, seed=None, decoder="cache"):
+def generate_as_transformers(model, prompts, max_new, gc, tok, n_samples=1, seed=None, decoder="cache", draft=None):
     """The reports' decoding: transformers' generate with the checkpoint's generation config (greedy
-    unless sampling), over the full vocabulary, stopping only at its eos tokens or max_new.
-    Returns new tokens (B, S, n) and the FLOPs spent."""
+    unless sampling), over the full vocabulary, stopping only at its eos tokens or max_new; greedy
+    decoding checks draft's guesses when given. Returns new tokens (B, S, n) and the FLOPs spent."""
     stop_ids = list(gc.eos_token_id or tok.stop_ids)
     gen = generate(model, prompts, max_new, do_sample=n_samples > 1, generation_config=gc, stop_token_ids=stop_ids,
-                   num_samples=n_samples, seed=seed, pad_token_id=tok.pad_id, details=True, decoder=decoder)
+                   num_samples=n_samples, seed=seed, pad_token_id=tok.pad_id, details=True, decoder=decoder, draft=draft)
     new = gen.tokens[:, max(len(p) for p in prompts):].reshape(len(prompts), n_samples, -1).cpu()
     return new, generation_flops(model, prompts, gen, n_samples, None), sum(gen.lengths)
 
@@ -514,10 +509,11 @@ def forecast_report_a(model, tok, texts, args, gc, journal=None, world=distribut
     budgets = [protocols.report_a_max_new_tokens(len(x)) for x in ids]
     n_truth = [len(protocols.report_a_decode(t)) for t in texts]
     check_positions(model, max(map(len, prompts)), max(budgets))
+    draft = draft_of(args, tok)
 
     def decode(rows):
         new, cost, produced = generate_as_transformers(model, [prompts[i] for i in rows], max(budgets[i] for i in rows), gc, tok,
-                                                       decoder=decoder_of(args))
+                                                       decoder=decoder_of(args), draft=draft)
         values, kept = np.zeros((len(rows), 1, args.h, 2)), [False] * len(rows)
         for j, i in enumerate(rows):
             full = tok.decode(prompts[i] + new[j, 0, : budgets[i]].tolist())  # its own budget: rows are independent
@@ -542,10 +538,11 @@ def forecast_report_b(model, tok, contexts, args, gc, journal=None, world=distri
     prompts = [tok.encode(text)[: protocols.B_MAX_PROMPT_TOKENS] for text, _ in scaled]
     max_new = protocols.report_b_max_new_tokens(args.h)
     check_positions(model, max(map(len, prompts)), max_new)
+    draft = draft_of(args, tok)
 
     def decode(rows):
         new, cost, produced = generate_as_transformers(model, [prompts[i] for i in rows], max_new, gc, tok,
-                                                       args.samples, args.sample_seed + rows[0], decoder_of(args))
+                                                       args.samples, args.sample_seed + rows[0], decoder_of(args), draft)
         values, padded, zero_steps = np.zeros((len(rows), args.samples, args.h, 2)), 0, 0
         for j, i in enumerate(rows):
             for s in range(args.samples):

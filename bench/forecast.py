@@ -12,6 +12,9 @@ ratios, and whether both produced the same tokens (greedy modes). Beside them, t
 (bench/roofline.py): this machine's measured copy bandwidth and matmul peak, the floor of each
 mode's forecast (prefill at the matmul peak, each decode step at max(bytes / bandwidth, FLOPs /
 peak), from the tokens qwen-min produced), and the share of that floor each library reaches.
+The floor is one-token-a-step decoding's: qwen-min's greedy modes check a guess of the next
+tokens in each pass (qwen_min/speculative.py; --plain also times them without), which can go
+below it where a step is bound by streaming the weights.
 
 Modes: free (any token), restricted (digits and separators), sampled (restricted, --samples
 continuations per series at temperature 0.7: ours prefills each prompt once and copies its

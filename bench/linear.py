@@ -1,7 +1,7 @@
 """Benchmark: one linear layer of Qwen2.5-0.5B at decode-step sizes, qwen-min's `linear` against
 F.linear (what nn.Linear, and so transformers, runs).
 
-    python bench/linear.py                      # 1, 4, 20, 80, 320 rows; every projection's shape
+    python bench/linear.py                      # 1, 4, 20, 80, 320 rows; every weight's shape
 
 With few rows (a decode step feeds one token per sequence) a CPU matrix product is short of work
 to share out, and F.linear on this 2-core machine kept one core mostly idle. qwen_min/model.py's
@@ -33,7 +33,7 @@ def shapes(cfg):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", default="1,4,20,80,320", help="comma list of row counts (tokens in the batch)")
-    p.add_argument("--reps", type=int, default=20, help="calls per timing")
+    p.add_argument("--reps", type=int, default=20, help="calls per timing (fewer for the largest products)")
     args = p.parse_args(argv)
     try:
         rows = [int(r) for r in args.rows.split(",")]
@@ -49,8 +49,9 @@ def main(argv=None):
             for n in rows:
                 x = torch.randn(n, inp)
                 flops = 2 * n * inp * out
-                ref = seconds_per_call(lambda: F.linear(x, w), "cpu", args.reps)
-                ours = seconds_per_call(lambda: linear(x, w), "cpu", args.reps)
+                reps = max(3, min(args.reps, int(4e9 / flops)))  # about 4 GFLOP a timing at most
+                ref = seconds_per_call(lambda: F.linear(x, w), "cpu", reps)
+                ours = seconds_per_call(lambda: linear(x, w), "cpu", reps)
                 print(f"| {name} ({out} x {inp}) | {n} | {flops / ref / 1e9:.0f} | {flops / ours / 1e9:.0f} | {ref / ours:.2f}x |",
                       flush=True)
 

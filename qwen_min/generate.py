@@ -213,7 +213,7 @@ def choose(model, h, s, allowed=None, seen=None, generator=None):
 def generate(model, input_ids, max_new_tokens=64, attention_mask=None, temperature=None, top_k=None, top_p=None,
              seed=None, allowed_token_ids=None, stop_token_ids=None, stop_after=None, num_samples=1, pad_token_id=None,
              repetition_penalty=None, do_sample=None, generation_config=None, use_generation_config=True, details=False,
-             decoder="cache"):
+             decoder="cache", draft=None):
     """Continues each prompt by up to max_new_tokens tokens: a prefill, then one decode step per token.
 
     input_ids: (B, T) tensor (left-padded, with attention_mask (B, T)) or a list of token-id lists.
@@ -230,6 +230,9 @@ def generate(model, input_ids, max_new_tokens=64, attention_mask=None, temperatu
     generation ends when every row has finished.
     decoder: "cache" (default), or "graph" on a GPU: every decode step replays one recorded CUDA
         graph (qwen_min/cuda_graph.py; same tokens but where rounding breaks a near-tie).
+    draft: a guess of the next tokens, draft(tokens so far) -> (guess ids, sure), which greedy
+        decoding (one sample, the default decoder) checks as it goes: the same tokens in fewer
+        forward passes (qwen_min/speculative.py; data/draft.py guesses LLMTIME text).
     Returns (B * num_samples, T + n_new) token ids, each prompt's samples in consecutive rows:
     the prompts followed by the new tokens, like transformers; with details=True, a Generation
     that also says how many tokens each row produced and how many rows were active at each step.
@@ -241,6 +244,11 @@ def generate(model, input_ids, max_new_tokens=64, attention_mask=None, temperatu
         input_ids, attention_mask = pad_left(input_ids, s.pad_token_id)
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}.")
+    if draft is not None and not s.do_sample and num_samples == 1 and decoder == "cache":
+        from .speculative import generate_drafted  # it builds on this module
+
+        return generate_drafted(model, input_ids, max_new_tokens, draft, attention_mask, allowed_token_ids, s.eos_token_id,
+                                stop_after, s.pad_token_id, s.repetition_penalty, details=details)
     B, T = input_ids.shape
     if T + max_new_tokens > cfg.max_seq_len:
         raise ValueError(f"{T} prompt tokens plus max_new_tokens={max_new_tokens} exceed the model's {cfg.max_seq_len} positions; generate fewer tokens or shorten the prompt.")

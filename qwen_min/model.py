@@ -21,16 +21,18 @@ from .config import Qwen2Config
 
 FEW_ROWS = 256  # at most this many rows (tokens in the batch) take linear's CPU path below
 BLOCKS = 4  # blocks of output features that path computes side by side
+MIN_BLOCK = 128  # output features a block needs at least (k_proj's 128 ran slower cut in four)
 
 
 def linear(x, weight, bias=None):
     """F.linear: x (..., in), weight (out, in) -> (..., out). With few rows on a CPU (a decode step
     has one row per sequence) the output features are cut into BLOCKS blocks and computed as one
     batched product, each block a matrix product of its own that a core can take whole: F.linear
-    on 20 rows left this 2-core CPU's second core mostly idle (bench/linear.py: about 1.5x faster
-    products at 20 rows, 3x at 4). The same dot products, so results agree to float rounding."""
+    on 20 rows left this 2-core CPU's second core mostly idle (bench/linear.py: 1.25-1.75x faster
+    products at 20 rows, 1.5-2.5x at 4 rows and 1.0-1.3x at 80 for the weights of Qwen2.5-0.5B).
+    The same dot products, so results agree to float rounding."""
     rows, out = x.shape[:-1].numel(), weight.shape[0]
-    if x.device.type != "cpu" or rows > FEW_ROWS or out % BLOCKS or not weight.is_contiguous():
+    if x.device.type != "cpu" or rows > FEW_ROWS or out % BLOCKS or out < BLOCKS * MIN_BLOCK or not weight.is_contiguous():
         return F.linear(x, weight, bias)
     w = weight.view(BLOCKS, out // BLOCKS, weight.shape[1])  # (n, out / n, in): a view, no copy
     y = torch.bmm(x.reshape(1, rows, -1).expand(BLOCKS, -1, -1), w.transpose(1, 2))  # (n, rows, out / n)

@@ -2,30 +2,33 @@
 verification; Leviathan et al. 2023, with a free guess in place of a draft model).
 
 A decode step of plain greedy decoding feeds one token per row and reads every weight of the
-model to get one next token. Here each step feeds the row's newest token *and* a guess of the few
+model to get one next token. Here each pass feeds the row's newest token *and* a guess of the few
 tokens after it, say [t, d1, d2, d3]. The forward pass gives the logits after each of them, so
 greedy's choice after t, after d1, ... are all known at once: g0, g1, g2, g3. The guess d1 is
 right if d1 == g0; then d2 is checked against g1, and so on. With a tokens of the guess right, the
-step yields a + 1 tokens, g0 .. ga, exactly those plain greedy decoding would have produced (each
+pass yields a + 1 tokens, g0 .. ga, exactly those plain greedy decoding would have produced (each
 g is computed from the same tokens before it; float rounding aside), and a wrong guess costs only
 the arithmetic of its columns. The rest of the guess is discarded.
 
-What makes it pay on a CPU: a step's time is mostly spent streaming the weights (or in matrix
-products too skinny to reach the machine's peak), so four columns per row cost far less than
-four steps. A guess must be cheap: `draft(tokens)` sees a row's tokens so far (prompt and
-output) and returns (guess, sure): token ids it expects next, and how many of them (from the
-start) are likely enough to be worth a column of their own. data/draft.py guesses LLMTIME text.
+When it pays: a pass of W columns costs less than W one-column steps wherever a step is bound by
+streaming the weights or by matrix products too skinny to reach the machine's peak (small
+batches; a GPU's launch-bound eager steps). Where arithmetic binds, every column costs its share,
+and a wrong guess is arithmetic spent for nothing (docs/evaluate.md, "The limit", has the
+figures). A guess must be cheap: `draft(tokens)` sees a row's tokens so far (prompt and output)
+and returns (guess, sure): token ids it expects next, and how many of them (from the start) are
+likely enough to be worth a column of their own. data/draft.py guesses LLMTIME text.
 
-The batch. Rows go at their own pace, but each step feeds every row the same number of columns:
+The batch. Rows go at their own pace, but each pass feeds every row the same number of columns:
 W = 1 + the median row's `sure`. A row with a shorter sure guess fills its columns from the rest
-of its guess (or leaves holes); a row with a longer one is cut. Every column costs arithmetic
-whether its guess is good or not, and rows drift out of step (a value that gains a digit shifts
-its row by a token), so W = 1 + the largest `sure` would spend most columns on poor guesses:
-on this CPU at batch 20 that was no faster than plain decoding. Holes and wrong guesses stay in the KV cache as slots the
-attention mask turns off (0), like left padding: RoPE positions count only the slots that are
-on (model.positions_and_mask), so the next token of every row gets the position it would have
-had. The cache gets max_new_tokens slots beyond what plain decoding needs for these; when they
-run out, steps narrow to one column, which is plain greedy decoding.
+of its guess (or leaves holes); a row with a longer one is cut. Rows drift out of step (a value
+that gains a digit shifts its row by a token), so W = 1 + the largest `sure` would spend most
+columns on poor guesses: on this CPU at batch 20 that was no faster than plain decoding.
+
+The cache. Holes and wrong guesses stay in the KV cache as slots the attention mask turns off
+(0), like left padding: RoPE positions count only the slots that are on
+(model.positions_and_mask), so the next token of every row gets the position it would have had.
+The cache gets max_new_tokens slots beyond what plain decoding needs for them; when they run
+out, passes narrow to one column, which is plain greedy decoding.
 """
 
 import torch
@@ -167,19 +170,21 @@ def check(model, rows, token, draft, allowed, column_of, penalty, widest):
 
 def emit(g, right, rows, new, lengths, column_of, max_new_tokens):
     """Appends each row's verified tokens g[i, 0..right[i]] (r, W) in order, until its stop rule or
-    its budget ends it (later ones are dropped). Returns (r,) bool: the rows that have finished."""
-    finished = torch.zeros(len(rows.ids), dtype=torch.bool, device=g.device)
+    its budget ends it (later ones are dropped). Returns (r,) bool: the rows that have finished.
+    Masks instead of indexing by them, so the device is waited for once, for the histories."""
+    r, ids = len(rows.ids), rows.ids
+    finished = torch.zeros(r, dtype=torch.bool, device=g.device)
+    before = lengths[ids]  # (r,) tokens each row had
     for j in range(g.shape[1]):
         going = (j <= right) & ~finished  # (r,) rows producing their j-th token of this pass
-        if not going.any():
-            break
-        ids = rows.ids[going]
-        new[ids, lengths[ids]] = g[going, j]
-        lengths[ids] += 1
+        at = lengths[ids].clamp(max=max_new_tokens - 1)  # (r,) where that token goes
+        new[ids, at] = torch.where(going, g[:, j], new[ids, at])
+        lengths[ids] += going.long()
         if rows.seen is not None:
-            rows.seen[going.nonzero().squeeze(1), column_of[g[going, j]]] = True
+            cols = column_of[g[:, j]]
+            rows.seen[torch.arange(r, device=g.device), cols] |= going
         finished |= going & rows.stop.done(torch.where(going, g[:, j], NO_GUESS))  # NO_GUESS meets no stop rule
-        finished |= lengths[rows.ids] >= max_new_tokens
-        for i in going.nonzero().squeeze(1).tolist():
-            rows.histories[i].append(int(g[i, j]))
+        finished |= lengths[ids] >= max_new_tokens
+    for history, row, n in zip(rows.histories, g.tolist(), (lengths[ids] - before).tolist()):
+        history += row[:n]
     return finished

@@ -180,6 +180,16 @@ def test_generation_flops_count_only_rows_still_generating(ckpt, tmp_path):
     assert 0 < few["flops"]["generate"] < more["flops"]["generate"] and few["flops"]["cross_entropy"] == 0
 
 
+def test_greedy_forecasts_check_guesses_and_equal_plain_decoding(ckpt, tmp_path):
+    """evaluate.py checks LLMTIME guesses in every greedy pass (qwen_min/speculative.py): the same
+    forecasts as --no-draft; the FLOPs differ, since the guessed columns were computed too."""
+    flags = ["--model", str(ckpt), *FAST, "--no-ce", "--no-baselines"]
+    drafted = evaluate.main(flags + ["--out", str(tmp_path / "a")])
+    plain = evaluate.main(flags + ["--no-draft", "--out", str(tmp_path / "b")])
+    assert drafted["results"] == plain["results"] and drafted["tokens_generated"] == plain["tokens_generated"]
+    assert drafted["flops"]["generate"] != plain["flops"]["generate"]
+
+
 @pytest.mark.parametrize("flags", [["--scale-target", "0"], ["--percentile", "150"], ["--seed", "-1"], ["--context", "1"],
                                    ["--plots", "-1"]])
 def test_nonsense_flags_get_one_clear_error(flags, capsys):

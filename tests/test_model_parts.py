@@ -239,8 +239,9 @@ def test_bfloat16_activations_get_bfloat16_rotary_tables(tmp_path):
     assert seen == [[torch.bfloat16] * 3]  # x, cos, sin
 
 
-@pytest.mark.parametrize("rows, out, bias", [(1, 12, True), (20, 64, False), (5, 13, True), (300, 8, True)],
-                         ids=["one-row", "blocked", "out-not-a-multiple", "many-rows"])
+@pytest.mark.parametrize("rows, out, bias", [(1, 512, True), (20, 512, False), (5, 516, False), (5, 513, True), (5, 64, True),
+                                             (300, 512, True)],
+                         ids=["one-row", "blocked", "blocked-no-bias", "out-not-a-multiple", "out-too-small", "many-rows"])
 def test_linear_is_f_linear_in_every_case_forward_and_backward(rows, out, bias):
     """qwen-min's linear (blocks of output features as one batched product for few CPU rows, else
     F.linear): the same values and gradients as F.linear, on (2, rows, in) inputs, bias or not."""
@@ -260,11 +261,12 @@ def test_linear_takes_the_blocked_path_for_few_rows_only(monkeypatch):
     calls = []
     real_bmm = torch.bmm
     monkeypatch.setattr(torch, "bmm", lambda *a: calls.append(a[0].shape) or real_bmm(*a))
-    w = torch.randn(64, 16)
+    w = torch.randn(512, 16)
     linear(torch.randn(3, 16), w)
     assert calls == [(qwen_model.BLOCKS, 3, 16)]  # one batched product of BLOCKS blocks
-    linear(torch.randn(qwen_model.FEW_ROWS + 1, 16), w)
-    linear(torch.randn(3, 16), torch.randn(16, 64).t())  # a transposed (non-contiguous) weight: F.linear
+    linear(torch.randn(qwen_model.FEW_ROWS + 1, 16), w)  # many rows: F.linear
+    linear(torch.randn(3, 16), torch.randn(16, 512).t())  # a transposed (non-contiguous) weight: F.linear
+    linear(torch.randn(3, 16), torch.randn(508, 16))  # blocks of 127 output features: F.linear
     assert len(calls) == 1
     layer = qwen_model.Linear(16, 64)
     assert isinstance(layer, torch.nn.Linear) and torch.allclose(layer(torch.ones(2, 16)), F.linear(torch.ones(2, 16), layer.weight, layer.bias))
