@@ -106,8 +106,9 @@ def build_parser():
     g.add_argument("--sample-seed", type=int, default=0, help="seed of the sampled forecasts")
     g.add_argument("--unrestricted", action="store_true", help="let the model emit any token (default: digits and separators)")
     g.add_argument("--batch", type=int, default=20, help="sequences decoded at once (series x samples)")
-    g.add_argument("--no-draft", action="store_true", help="greedy forecasts without checking a guess of the next "
-                   "tokens in each forward pass (speculative verification: the same tokens, in fewer passes)")
+    g.add_argument("--no-draft", action="store_true", help="on a CPU, greedy forecasts without checking a guess of the "
+                   "next tokens in each forward pass (speculative verification: the same tokens, in fewer passes; "
+                   "GPUs never check guesses)")
     g.add_argument("--cuda-graph", action="store_true", help="on a GPU, replay every decode step from one recorded CUDA graph "
                    "(about 5x faster steps; the same tokens but where rounding breaks a near-tie)")
     g = p.add_argument_group("output")
@@ -402,9 +403,10 @@ def alphabet_ids(tok):
 
 
 def draft_of(args, tok):
-    """The guess of the next LLMTIME characters that greedy decoding checks (data/draft.py), or None
-    with --no-draft or a tokenizer without one token per character."""
-    if args.no_draft:
+    """The guess of the next LLMTIME characters that greedy decoding checks (data/draft.py), or None:
+    with --no-draft, on a GPU (on an H100 a pass with guesses cost more than the steps it saved:
+    docs/evaluate.md, "The limit"), or for a tokenizer without one token per character."""
+    if args.no_draft or args.device != "cpu":
         return None
     try:
         return LLMTimeDraft(dict(zip(llmtime.ALPHABET, tok.character_ids(llmtime.ALPHABET))))

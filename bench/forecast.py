@@ -83,7 +83,7 @@ def test_prompts(args, tok):
 
 def run_ours(model, tok, prompts, args, max_new, mode, decoder="cache", guesses=True):
     allowed = None if mode == "free" else evaluate.alphabet_ids(tok)
-    draft = evaluate.draft_of(argparse.Namespace(no_draft=not guesses), tok)  # greedy modes check LLMTIME guesses
+    draft = evaluate.draft_of(argparse.Namespace(no_draft=not guesses, device=args.device), tok)  # greedy, on a CPU
     samples, temperature = (args.samples, 0.7) if mode == "sampled" else (1, 0.0)
     rows = []
     for start in range(0, len(prompts), args.batch):

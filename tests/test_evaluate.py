@@ -2,6 +2,7 @@
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -188,6 +189,9 @@ def test_greedy_forecasts_check_guesses_and_equal_plain_decoding(ckpt, tmp_path)
     plain = evaluate.main(flags + ["--no-draft", "--out", str(tmp_path / "b")])
     assert drafted["results"] == plain["results"] and drafted["tokens_generated"] == plain["tokens_generated"]
     assert drafted["flops"]["generate"] != plain["flops"]["generate"]
+    tok = Tokenizer.from_pretrained(ckpt)
+    assert evaluate.draft_of(SimpleNamespace(no_draft=False, device="cpu"), tok) is not None
+    assert evaluate.draft_of(SimpleNamespace(no_draft=False, device="cuda"), tok) is None  # slower on an H100
 
 
 @pytest.mark.parametrize("flags", [["--scale-target", "0"], ["--percentile", "150"], ["--seed", "-1"], ["--context", "1"],

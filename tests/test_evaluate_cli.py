@@ -910,7 +910,7 @@ def test_report_b_seeds_each_decode_batch_by_its_first_row(tiny, monkeypatch, tm
         return fake_generation([p for p in prompts for _ in range(kw["num_samples"])], [text] * (len(prompts) * kw["num_samples"]),
                                tok.pad_id, True)
     monkeypatch.setattr(evaluate, "generate", fake_generate)
-    args = SimpleNamespace(h=3, samples=2, sample_seed=10, batch=5)
+    args = SimpleNamespace(h=3, samples=2, sample_seed=10, batch=5, no_draft=False, device="cpu")
     contexts = np.full((5, 4, 2), 2.0)
     values, repairs, n_tokens, spent = evaluate.forecast_report_b(model, tok, contexts, args, evaluate.GenerationConfig())
     assert seeds == [(2, 10, 130), (2, 12, 130), (1, 14, 130)]  # 5 // 2 series a batch; (h + 10) x 10 new tokens, as report B
