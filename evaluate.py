@@ -398,7 +398,7 @@ def alphabet_ids(tok):
     """The token ids of the 13 LLMTIME characters (one by one: BPE would merge e.g. '.,')."""
     try:
         return tok.character_ids(llmtime.ALPHABET)
-    except ValueError:
+    except UserError:
         raise UserError("this tokenizer does not give one token per digit and separator; pass --unrestricted.") from None
 
 
@@ -410,7 +410,7 @@ def draft_of(args, tok):
         return None
     try:
         return LLMTimeDraft(dict(zip(llmtime.ALPHABET, tok.character_ids(llmtime.ALPHABET))))
-    except ValueError:
+    except UserError:
         return None
 
 

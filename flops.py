@@ -636,9 +636,13 @@ def generate(s: Setup, B, prompt_tokens, new_tokens, samples=1, active=None, kv_
     that has finished leaves the batch. Sampling (argmax, top-k, ...) is not counted.
     fed: with guesses checked (qwen_min/speculative.py), active[i] counts the rows of forward pass i
     and fed[i] the columns each of them fed (fed[0] = 1: the prefill's last position); every column
-    is counted, holes and wrong guesses included: the arithmetic was done.
+    is counted, holes and wrong guesses included: the arithmetic was done. new_tokens and samples
+    are then not used (one sample per prompt; the passes say everything).
     """
     P, N = prompt_tokens, new_tokens
+    if fed is not None and (active is None or len(fed) != len(active)):
+        raise ValueError(f"fed needs active, one entry per forward pass each; got {len(fed)} passes and "
+                         f"{None if active is None else len(active)}.")
     active = list(active) if active is not None else [B * samples] * N
     if fed is not None:  # pass i: active[i] rows of fed[i] columns, attending to every slot so far
         decode, S = FREE, P

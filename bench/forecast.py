@@ -65,6 +65,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.n_series, args.k, args.h = 4, 20, 5
+    if args.plain and args.device != "cpu":
+        p.error("--plain compares checking guesses with not checking them, which only CPUs do; drop it on a GPU")
     modes = args.modes.split(",")
     if not modes or not set(modes) <= {"free", "restricted", "sampled"}:
         p.error("--modes takes free, restricted and/or sampled")

@@ -247,8 +247,9 @@ def generate(model, input_ids, max_new_tokens=64, attention_mask=None, temperatu
     if draft is not None and not s.do_sample and num_samples == 1 and decoder == "cache":
         from .speculative import generate_drafted  # it builds on this module
 
-        return generate_drafted(model, input_ids, max_new_tokens, draft, attention_mask, allowed_token_ids, s.eos_token_id,
-                                stop_after, s.pad_token_id, s.repetition_penalty, details=details)
+        return generate_drafted(model, input_ids, max_new_tokens, draft, attention_mask=attention_mask,
+                                allowed_token_ids=allowed_token_ids, stop_token_ids=s.eos_token_id, stop_after=stop_after,
+                                pad_token_id=s.pad_token_id, repetition_penalty=s.repetition_penalty, details=details)
     B, T = input_ids.shape
     if T + max_new_tokens > cfg.max_seq_len:
         raise ValueError(f"{T} prompt tokens plus max_new_tokens={max_new_tokens} exceed the model's {cfg.max_seq_len} positions; generate fewer tokens or shorten the prompt.")

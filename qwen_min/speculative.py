@@ -56,11 +56,13 @@ class Rows:
         self.cache.select(rows)
 
 
-def as_columns(guesses, width):
-    """Each row's guess (a list of ids) cut to width - 1 columns -> (r, width - 1) ids, NO_GUESS where none."""
+def as_columns(guesses, width, rooms):
+    """Each row's guess (a list of ids) cut to width - 1 columns, and to rooms[i] - 1 (the tokens row i
+    may still produce, less the one this pass yields anyway) -> (r, width - 1) ids, NO_GUESS where
+    none. A hole takes no position, so no row's columns reach past its budget's last position."""
     out = torch.full((len(guesses), width - 1), NO_GUESS, dtype=torch.long)
-    for i, guess in enumerate(guesses):
-        guess = guess[:width - 1]
+    for i, (guess, room) in enumerate(zip(guesses, rooms)):
+        guess = guess[:min(width, room) - 1]
         out[i, :len(guess)] = torch.as_tensor(guess, dtype=torch.long)
     return out
 
@@ -107,6 +109,10 @@ def generate_drafted(model, input_ids, max_new_tokens, draft, attention_mask=Non
     if isinstance(input_ids, (list, tuple)):
         input_ids, attention_mask = pad_left(input_ids, s.pad_token_id)
     B, T = input_ids.shape
+    if max_new_tokens < 1:  # nothing to generate: the prompts, as generate returns them
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
+        return Generation(input_ids, [0] * B, [], []) if details else input_ids
     if T + max_new_tokens > model.config.max_seq_len:
         raise ValueError(f"{T} prompt tokens plus max_new_tokens={max_new_tokens} exceed the model's {model.config.max_seq_len} positions; generate fewer tokens or shorten the prompt.")
     device = model.embed_tokens.weight.device
@@ -139,9 +145,10 @@ def generate_drafted(model, input_ids, max_new_tokens, draft, attention_mask=Non
             token = token[keep]
         if len(rows.ids) == 0:
             break
-        room = int((max_new_tokens - lengths[rows.ids]).max())  # the most tokens a row may still produce
-        g, right, W = check(model, rows, token, draft, allowed, column_of, s.repetition_penalty,
-                            min(max_width, room, 1 + cache.max_seq_len - cache.length - room))
+        rooms = (max_new_tokens - lengths[rows.ids]).tolist()  # the tokens each row may still produce
+        spare = cache.max_seq_len - cache.length - max(rooms)  # cache slots beyond one per pass still to come
+        g, right, W = verify(model, rows, token, draft, rooms, allowed, column_of, s.repetition_penalty,
+                             widest=min(max_width, max(rooms), 1 + spare))
         passes.append((len(rows.ids), W))
     tokens = torch.cat([input_ids, new[:, :int(lengths.max())]], dim=1)
     if not details:
@@ -149,14 +156,15 @@ def generate_drafted(model, input_ids, max_new_tokens, draft, attention_mask=Non
     return Generation(tokens, lengths.tolist(), [r for r, _ in passes], [w for _, w in passes])
 
 
-def check(model, rows, token, draft, allowed, column_of, penalty, widest):
+def verify(model, rows, token, draft, rooms, allowed, column_of, penalty, widest):
     """One forward pass: each row's newest token (r,) and its guess of the next ones, W columns in
-    all (W <= widest; widest keeps one cache slot for every pass that may still come).
+    all (W <= widest, which keeps one cache slot for every pass that may still come); rooms: the
+    tokens each row may still produce.
     -> (g (r, W): greedy's choice after each column, right (r,): how many guesses it agrees with, W)."""
     drafts = [draft(h) for h in rows.histories]  # (guess, sure) per row
     sures = sorted(sure for _, sure in drafts)
     W = max(1, min(1 + sures[len(sures) // 2], widest))  # the median row's sure guesses get columns
-    guess = as_columns([d for d, _ in drafts], W).to(token.device)  # (r, W - 1)
+    guess = as_columns([d for d, _ in drafts], W, rooms).to(token.device)  # (r, W - 1)
     fed = torch.cat([token[:, None], guess.clamp(min=0)], 1)  # (r, W): holes feed any token, masked
     on = torch.cat([torch.ones_like(token[:, None]), (guess != NO_GUESS).long()], 1)  # (r, W)
     rows.mask = torch.cat([rows.mask, on], 1)

@@ -323,12 +323,13 @@ def test_the_token_budget_and_the_positions_it_needs():
 
 
 def test_a_tokenizer_without_one_token_per_character_is_refused():
-    class Merging:
+    class Merging:  # raises as qwen_min.Tokenizer.character_ids does
         def character_ids(self, chars):
-            raise ValueError("merged")
+            raise UserError("This tokenizer does not give the character(s) '.,' one token each.")
     with pytest.raises(UserError) as e:
         evaluate.alphabet_ids(Merging())
     assert str(e.value) == "this tokenizer does not give one token per digit and separator; pass --unrestricted."
+    assert evaluate.draft_of(SimpleNamespace(no_draft=False, device="cpu"), Merging()) is None  # decode without guesses
 
     class One:
         def character_ids(self, chars):

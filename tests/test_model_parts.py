@@ -270,3 +270,17 @@ def test_linear_takes_the_blocked_path_for_few_rows_only(monkeypatch):
     assert len(calls) == 1
     layer = qwen_model.Linear(16, 64)
     assert isinstance(layer, torch.nn.Linear) and torch.allclose(layer(torch.ones(2, 16)), F.linear(torch.ones(2, 16), layer.weight, layer.bias))
+
+
+def test_a_model_with_wide_layers_takes_the_blocked_path_and_agrees(monkeypatch):
+    """Tiny configs keep every layer under 512 outputs, so their models never cut products in
+    blocks; here gate_proj, up_proj and the head have 512 and do. Same logits as F.linear throughout."""
+    m = random_model(tiny_config(hidden_dim=512, vocab_size=512), dtype=torch.float64)
+    ids = torch.randint(0, 512, (2, 5))
+    calls = []
+    real_bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a: calls.append(a[1].shape) or real_bmm(*a))
+    blocked = m(ids)
+    assert len(calls) == 2 * 2 + 1  # gate and up in each of the 2 layers, and the head
+    monkeypatch.setattr(qwen_model, "FEW_ROWS", 0)  # every product through F.linear
+    assert torch.allclose(blocked, m(ids), rtol=0, atol=1e-12) and len(calls) == 5

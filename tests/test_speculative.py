@@ -44,6 +44,18 @@ def oracle(reference, prompts, sure):
     return draft
 
 
+def partly(reference, prompts, seed):
+    """Guesses right for a random number of tokens (0 to 4), then wrong: every pass keeps a different
+    leading run of its columns and turns off the rest."""
+    right, rng = oracle(reference, prompts, 5), random.Random(seed)
+
+    def draft(tokens):
+        guess, _ = right(tokens)
+        k = rng.randrange(5)
+        return guess[:k] + [(t + 1) % 160 for t in guess[k:]], 5
+    return draft
+
+
 def wild(seed, vocab):
     """Random guesses of random length, often sure: nearly always wrong."""
     rng = random.Random(seed)
@@ -57,14 +69,34 @@ def wild(seed, vocab):
     dict(stop_token_ids=[], repetition_penalty=1.3),
     dict(stop_token_ids=[], allowed_token_ids=[3, 17, 42, 99, 120], repetition_penalty=0.8),
 ], ids=["free", "allowed", "allowed-stop", "penalty", "allowed-penalty"])
-@pytest.mark.parametrize("guesser", ["wild", "oracle", "none"])
+@pytest.mark.parametrize("guesser", ["wild", "oracle", "partly", "none"])
 def test_any_guess_gives_plain_greedys_tokens(model, kw, guesser):
     ref = plain(model, max_new_tokens=14, **kw)
     T = ref.shape[1] - 14
     new = [r[T:] for r in ref.tolist()]
-    draft = {"wild": wild(0, 160), "oracle": oracle(new, ROWS, 3), "none": lambda t: ([], 0)}[guesser]
+    draft = {"wild": wild(0, 160), "oracle": oracle(new, ROWS, 3), "partly": partly(new, ROWS, 0),
+             "none": lambda t: ([], 0)}[guesser]
     out = generate_drafted(model, ROWS, 14, draft, pad_token_id=0, **kw)
     assert out.tolist() == ref[:, :out.shape[1]].tolist() and (ref[:, out.shape[1]:] == 0).all()
+
+
+def test_rows_near_their_budget_get_no_columns_past_it():
+    """Rows 0 and 1 guess right and race ahead, row 2 guesses wrong and keeps the passes wide: the
+    fast rows' guesses are cut to their own budget, so no position passes the model's last one
+    (max_seq_len = prompt + max_new_tokens, as the length check allows)."""
+    m = random_model(tiny_config(max_seq_len=8 + 14), dtype=torch.float64)
+    ref = plain(m, max_new_tokens=14, stop_token_ids=[])
+    right = oracle([r[-14:] for r in ref.tolist()], ROWS, 4)
+    def draft(tokens):  # row 2 starts with 30; the others guess on past the end of their budget
+        return ([0] * 6, 4) if tokens[0] == 30 else (right(tokens)[0] + [5] * 6, 4)
+    gen = generate_drafted(m, ROWS, 14, draft, stop_token_ids=[], details=True)
+    assert torch.equal(gen.tokens, ref) and gen.lengths == [14, 14, 14] and max(gen.fed) == 5
+
+
+def test_no_new_tokens_gives_the_prompts(model):
+    assert torch.equal(generate_drafted(model, ROWS, 0, wild(0, 160)), plain(model, max_new_tokens=0))
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
+        generate_drafted(model, ROWS, -1, wild(0, 160))
 
 
 @pytest.mark.parametrize("allowed", [None, [3, 17, 42, 99, 120]])
@@ -104,9 +136,11 @@ def test_spare_slots_run_out_then_one_column_a_pass(model):
     """Guesses always wrong and always 'sure': the max_new_tokens spare slots are spent on them, after
     which every pass is one column, and the tokens are still greedy's."""
     ref = plain(model, max_new_tokens=20, stop_token_ids=[])
-    gen = generate_drafted(model, ROWS, 20, lambda t: ([0] * 9, 9), stop_token_ids=[], max_width=10, details=True)
+    never = next(t for t in range(160) if t not in ref[:, 8:].flatten().tolist())  # a token greedy never picks
+    gen = generate_drafted(model, ROWS, 20, lambda t: ([never] * 9, 9), stop_token_ids=[], max_width=10, details=True)
     assert torch.equal(gen.tokens, ref)
-    assert gen.fed[1] == 10 and gen.fed[-1] == 1 and sum(gen.fed[1:]) <= 2 * 20  # within the cache's slots
+    # 8 + 2 x 20 slots: prompt 8, two passes of 10, then 4 (all the spare left), then one column a pass
+    assert gen.fed == [1, 10, 10, 4] + [1] * 16
 
 
 def test_a_budget_of_one_token_needs_no_pass(model):
