@@ -9,7 +9,7 @@ from what came before:
 - a new value's integer part is usually the same species' previous one (populations change little
   in one step), and its '.' follows;
 - its decimals are anyone's guess: we copy the previous value's, which is right less often.
-The first two kinds are the `sure` part of the guess; steps check them in columns of their own.
+The first two kinds are the `sure` part of the guess; forward passes check them in columns of their own.
 """
 
 TAIL = 64  # characters of history the guess looks at (two steps of even four-digit values fit)

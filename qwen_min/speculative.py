@@ -12,9 +12,10 @@ the arithmetic of its columns. The rest of the guess is discarded.
 
 When it pays: a pass of W columns costs less than W one-column steps wherever a step is bound by
 streaming the weights or by matrix products too skinny to reach the machine's peak (small
-batches; a GPU's launch-bound eager steps). Where arithmetic binds, every column costs its share,
-and a wrong guess is arithmetic spent for nothing (docs/evaluate.md, "The limit", has the
-figures). A guess must be cheap: `draft(tokens)` sees a row's tokens so far (prompt and output)
+batches on a CPU). Where arithmetic binds, every column costs its share, and a wrong guess is
+arithmetic spent for nothing; on a GPU, whose eager steps are bound by launching kernels, a pass
+launched more than the steps it saved, so evaluate.py checks guesses on CPUs only
+(docs/evaluate.md, "The limit", has the figures). A guess must be cheap: `draft(tokens)` sees a row's tokens so far (prompt and output)
 and returns (guess, sure): token ids it expects next, and how many of them (from the start) are
 likely enough to be worth a column of their own. data/draft.py guesses LLMTIME text.
 
