@@ -44,6 +44,7 @@ AREAS = {
               "tests/test_data_lotka_volterra.py", "tests/test_data_forecast.py",
               "tests/test_data_baselines.py"]),
     "protocols": (["data/protocols.py"], ["tests/test_protocols.py"]),
+    "speculative": (["qwen_min/speculative.py", "data/draft.py"], ["tests/test_speculative.py"]),
     "flops": (["flops.py"], ["tests/test_flops.py", "tests/test_flops_algebra.py", "tests/test_flops_cli.py"]),
     "train": (["train.py", "qwen_min/run_folder.py", "qwen_min/checkpoint.py"],  # not test_kill_resume.py: 3 min a mutant
               ["tests/test_train.py", "tests/test_train_run_folder.py", "tests/test_train_cli.py"]),
