@@ -80,7 +80,7 @@ def seen_by_column(seen, guess, column_of):
     return out
 
 
-def greedy(model, h, allowed=None, seen=None, penalty=1.0):
+def greedy(model, h, allowed, seen, penalty):
     """Hidden states h (r, W, D) -> greedy's next token after each of the W positions (r, W): the
     argmax of the head's float32 logits (only the allowed columns, if given), repeated tokens
     penalised (seen (r, W, V') or None), as generate.choose decides one token."""

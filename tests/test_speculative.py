@@ -17,7 +17,7 @@ import flops
 from conftest import random_model, tiny_config
 from data.draft import LLMTimeDraft, guess
 from qwen_min import generate
-from qwen_min.speculative import generate_drafted
+from qwen_min.speculative import NO_GUESS, generate_drafted, seen_by_column
 
 ROWS = [[5, 6, 7, 8, 9, 10, 11, 12], [20, 21, 22], [30, 31, 32, 33, 34]]
 
@@ -39,6 +39,7 @@ def oracle(reference, prompts, sure):
         for p, r in truth.items():
             if tuple(tokens[:len(p)]) == p:
                 done = len(tokens) - len(p)
+                assert tokens[len(p):] == r[:done], "the history a guess sees is not the output so far"
                 return r[done:done + 6], sure
         raise AssertionError("unknown prompt")
     return draft
@@ -72,12 +73,25 @@ def wild(seed, vocab):
 @pytest.mark.parametrize("guesser", ["wild", "oracle", "partly", "none"])
 def test_any_guess_gives_plain_greedys_tokens(model, kw, guesser):
     ref = plain(model, max_new_tokens=14, **kw)
-    T = ref.shape[1] - 14
+    T = max(map(len, ROWS))  # rows that stop early leave the output shorter than T + 14
     new = [r[T:] for r in ref.tolist()]
     draft = {"wild": wild(0, 160), "oracle": oracle(new, ROWS, 3), "partly": partly(new, ROWS, 0),
              "none": lambda t: ([], 0)}[guesser]
     out = generate_drafted(model, ROWS, 14, draft, pad_token_id=0, **kw)
     assert out.tolist() == ref[:, :out.shape[1]].tolist() and (ref[:, out.shape[1]:] == 0).all()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA: pins the device= of the masks and indices built per pass"))])
+def test_checked_guesses_give_plain_greedys_tokens_on_each_device(device):
+    """The tensors built each pass (columns, masks, row indices) must live on the model's device;
+    on a CPU every tensor does anyway, so only the CUDA run can catch one left behind."""
+    m = random_model(tiny_config(), dtype=torch.float64).to(device)
+    kw = dict(stop_token_ids=[], allowed_token_ids=[3, 17, 42, 99, 120], repetition_penalty=1.3)
+    ref = plain(m, max_new_tokens=14, **kw)
+    draft = partly([r[-14:] for r in ref.tolist()], ROWS, 1)
+    gen = generate_drafted(m, ROWS, 14, draft, details=True, **kw)
+    assert gen.tokens.device.type == device and torch.equal(gen.tokens, ref) and max(gen.fed) > 1
 
 
 def test_rows_near_their_budget_get_no_columns_past_it():
@@ -143,6 +157,28 @@ def test_spare_slots_run_out_then_one_column_a_pass(model):
     assert gen.fed == [1, 10, 10, 4] + [1] * 16
 
 
+def test_a_pass_is_as_wide_as_the_median_rows_sure_guess(model):
+    """Four rows sure of 0, 1, 2 and 3 guessed tokens: each pass feeds 1 + 2 columns (the median of
+    the sorted sures [0, 1, 2, 3] is the third), not 1 + the smallest, the largest or the mean."""
+    rows = ROWS + [[40, 41]]
+    sure_of = {5: 3, 20: 0, 30: 1, 40: 2}  # by each row's first prompt token
+    gen = generate_drafted(model, rows, 10, lambda t: ([1] * 5, sure_of[t[0]]), stop_token_ids=[], details=True)
+    assert gen.fed[:4] == [1, 3, 3, 3]  # the prefill, then passes of 3 until the rows' budgets run short
+    assert torch.equal(gen.tokens, plain(model, rows, max_new_tokens=10, stop_token_ids=[]))
+
+
+def test_each_column_is_penalised_for_the_guesses_before_it():
+    """seen_by_column by hand: 2 rows, a vocabulary of 4 where the head has tokens 0, 1 and 3 (column
+    of token 2: -1). Row 0 guesses [0, 3]: column 1 adds token 0, column 2 adds 0 and 3's column.
+    Row 1 guesses [2, hole]: token 2 has no head column and a hole is no token, so nothing is added."""
+    seen = torch.tensor([[False, True, False], [False, False, False]])  # row 0 holds token 1 already
+    column_of = torch.tensor([0, 1, -1, 2])
+    guess = torch.tensor([[0, 3], [2, NO_GUESS]])
+    out = seen_by_column(seen, guess, column_of)
+    assert out.tolist() == [[[False, True, False], [True, True, False], [True, True, True]],
+                            [[False, False, False]] * 3]
+
+
 def test_a_budget_of_one_token_needs_no_pass(model):
     gen = generate_drafted(model, ROWS, 1, wild(1, 160), stop_token_ids=[], details=True)
     assert torch.equal(gen.tokens, plain(model, max_new_tokens=1, stop_token_ids=[])) and gen.fed == [1]
@@ -175,6 +211,7 @@ def test_flops_of_checked_guesses_equal_the_flop_counter():
     ("0.1;2.7,1.9;2.8,1.9", (";2.8,1.9", 3)),  # one decimal: values end after one
     ("2.73,1.99", ("", 0)),  # no whole step yet
     ("0.1;2.73,1.99,5;2", ("", 0)),  # a step of three values: no pattern to follow
+    ("0.1;2.73,1.99;2.81,1.94,5", ("", 0)),  # the step under way has three values
 ])
 def test_guess_follows_the_format_and_the_previous_step(text, expected):
     assert guess(text) == expected
@@ -190,3 +227,5 @@ def test_the_draft_reads_token_ids_up_to_the_first_other_token():
     ids = [7, 8] + [id_of[c] for c in "1.5,0.5;2.73,1.99;2.81,1.94"]
     assert draft(ids) == ([id_of[c] for c in ";2.8"], 3)
     assert draft([7] + [id_of[c] for c in "2.73,1.99;2.81,"]) == ([], 0)  # the prompt's first step is cut by token 7
+    long = [id_of[c] for c in "1.5,0.5;2.73,1.99;2.81,"]
+    assert LLMTimeDraft(id_of)(long) == ([id_of[c] for c in "1.99;2.8"], 2)  # 8 characters unless told
