@@ -429,7 +429,7 @@ def generation_flops(model, prompts, gen, samples, allowed):
     """FLOPs of one generate call (flops.py), counting only the rows still generating at each step."""
     counted = flops.Setup(model.config, lm_head_bias=model.lm_head_bias is not None, head_rows=None if allowed is None else len(allowed))
     return flops.generate(counted, len(prompts), max(map(len, prompts)), len(gen.active), samples=samples,
-                          active=gen.active, fed=gen.fed).coursework
+                          active=gen.active, fed=gen.fed, keys=gen.keys).coursework
 
 
 def decode_batches(n, per_batch, decode, journal=None, world=distributed.World()):

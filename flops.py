@@ -624,7 +624,7 @@ def coursework_estimate(step: Cost) -> Cost:
 # ---------------------------------------------------------------- generation (qwen_min/generate.py)
 
 
-def generate(s: Setup, B, prompt_tokens, new_tokens, samples=1, active=None, kv_cache=True, fed=None) -> Cost:
+def generate(s: Setup, B, prompt_tokens, new_tokens, samples=1, active=None, kv_cache=True, fed=None, keys=None) -> Cost:
     """Producing new_tokens tokens after prompt_tokens, B prompts at once.
 
     With the KV cache (qwen_min.generate): prefill the prompt, the head on its last position
@@ -636,19 +636,18 @@ def generate(s: Setup, B, prompt_tokens, new_tokens, samples=1, active=None, kv_
     that has finished leaves the batch. Sampling (argmax, top-k, ...) is not counted.
     fed: with guesses checked (qwen_min/speculative.py), active[i] counts the rows of forward pass i
     and fed[i] the columns each of them fed (fed[0] = 1: the prefill's last position); every column
-    is counted, holes and wrong guesses included: the arithmetic was done. new_tokens and samples
-    are then not used (one sample per prompt; the passes say everything).
+    is counted, holes and wrong guesses included: the arithmetic was done; keys[i]: the cache slots
+    pass i attended to (Generation.keys; default: the prompt and every column fed so far, as if
+    none were dropped). new_tokens and samples are then not used (one sample per prompt).
     """
     P, N = prompt_tokens, new_tokens
-    if fed is not None and (active is None or len(fed) != len(active)):
-        raise ValueError(f"fed needs active, one entry per forward pass each; got {len(fed)} passes and "
-                         f"{None if active is None else len(active)}.")
+    if fed is not None and (active is None or len(fed) != len(active) or len(keys or fed) != len(fed)):
+        raise ValueError(f"fed needs active (and keys, if given), one entry per forward pass each; got {len(fed)} "
+                         f"passes, {None if active is None else len(active)} and {None if keys is None else len(keys)}.")
     active = list(active) if active is not None else [B * samples] * N
-    if fed is not None:  # pass i: active[i] rows of fed[i] columns, attending to every slot so far
-        decode, S = FREE, P
-        for rows, w in zip(active[1:], fed[1:]):
-            S += w
-            decode += body(s, rows, w, S)
+    if fed is not None:  # pass i: active[i] rows of fed[i] columns, attending to keys[i] slots
+        keys = keys or [P + sum(fed[1:i + 1]) for i in range(len(fed))]
+        decode = sum((body(s, rows, w, S) for rows, w, S in zip(active[1:], fed[1:], keys[1:])), FREE)
         return group(prefill=body(s, B, P, P), decode=decode,
                      lm_head=sum((head(s, rows * w) for rows, w in zip(active, fed)), FREE))
     heads = sum((k * head(s, r) for r, k in Counter(active).items()), FREE)

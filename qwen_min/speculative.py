@@ -56,6 +56,15 @@ class Rows:
         self.stop.keep(rows)
         self.cache.select(rows)
 
+    def compact(self):
+        """Closes the holes: each row's slots that are on move to the end of the filled slots, in
+        order, and columns then off in every row are forgotten. Positions count only slots that are
+        on, so every token keeps its position."""
+        n = int(self.mask.sum(1).max())
+        slots = torch.sort(self.mask, dim=1, stable=True).indices[:, -n:]  # (r, n) off slots first, then on ones
+        self.cache.compact(slots)
+        self.mask = self.mask.gather(1, slots)
+
 
 def as_columns(guesses, width, rooms):
     """Each row's guess (a list of ids) cut to width - 1 columns, and to rooms[i] - 1 (the tokens row i
@@ -136,7 +145,7 @@ def generate_drafted(model, input_ids, max_new_tokens, draft, attention_mask=Non
 
     h = prefill(model, input_ids, prompt_mask, cache)  # (B, 1, D)
     g = greedy(model, h, allowed, None if seen is None else seen[:, None], s.repetition_penalty)  # (B, 1) the first token
-    right, passes = torch.zeros(B, dtype=torch.long, device=device), [(B, 1)]  # (rows, columns) of each pass
+    right, passes = torch.zeros(B, dtype=torch.long, device=device), [(B, 1, T)]  # (rows, columns, keys) of each pass
     while True:
         finished = emit(g, right, rows, new, lengths, column_of, max_new_tokens)
         token = g[torch.arange(len(g), device=device), right]  # (r,) each row's newest token, not yet fed
@@ -148,13 +157,17 @@ def generate_drafted(model, input_ids, max_new_tokens, draft, attention_mask=Non
             break
         rooms = (max_new_tokens - lengths[rows.ids]).tolist()  # the tokens each row may still produce
         spare = cache.max_seq_len - cache.length - max(rooms)  # cache slots beyond one per pass still to come
+        if spare < max_width - 1 and cache.length > int(rows.mask.sum(1).max()):  # short of room, and holes
+            rows.compact()
+            spare = cache.max_seq_len - cache.length - max(rooms)
+        keys = cache.length  # slots before this pass; it attends to them and its own W
         g, right, W = verify(model, rows, token, draft, rooms, allowed, column_of, s.repetition_penalty,
                              widest=min(max_width, max(rooms), 1 + spare))
-        passes.append((len(rows.ids), W))
+        passes.append((len(rows.ids), W, keys + W))
     tokens = torch.cat([input_ids, new[:, :int(lengths.max())]], dim=1)
     if not details:
         return tokens
-    return Generation(tokens, lengths.tolist(), [r for r, _ in passes], [w for _, w in passes])
+    return Generation(tokens, lengths.tolist(), *map(list, zip(*passes)))
 
 
 def verify(model, rows, token, draft, rooms, allowed, column_of, penalty, widest):
@@ -172,8 +185,12 @@ def verify(model, rows, token, draft, rooms, allowed, column_of, penalty, widest
     seen = None if rows.seen is None else seen_by_column(rows.seen, guess, column_of)
     g = greedy(model, model.body(fed, rows.mask, rows.cache), allowed, seen, penalty)
     right = (guess == g[:, :-1]).long().cumprod(1).sum(1)  # (r,) leading guesses greedy agrees with
-    # a wrong guess and everything after it leave the cache: their slots are turned off
+    # a wrong guess and everything after it leave the cache: their slots are turned off, and the
+    # columns no row kept are dropped, so the next pass writes over them
     rows.mask[:, -W:] *= (torch.arange(W, device=token.device)[None] <= right[:, None]).long()
+    unused = W - 1 - int(right.max())
+    rows.mask = rows.mask[:, :rows.mask.shape[1] - unused]
+    rows.cache.drop(unused)
     return g, right, W
 
 

@@ -146,15 +146,33 @@ def test_rows_leave_at_their_own_stop_inside_a_pass(model):
     assert gen.active[0] == 3 and gen.active[-1] < 3  # finished rows left the batch
 
 
-def test_spare_slots_run_out_then_one_column_a_pass(model):
-    """Guesses always wrong and always 'sure': the max_new_tokens spare slots are spent on them, after
-    which every pass is one column, and the tokens are still greedy's."""
+def test_wrong_guesses_take_no_cache_slot(model):
+    """Guesses always wrong and always 'sure', 10 columns a pass: each pass attends to the 8 prompt
+    slots, one kept slot per earlier pass and its own 10 columns, then drops its 9 guesses; the
+    widths shrink only as the rooms do (19 tokens to go after the prefill)."""
     ref = plain(model, max_new_tokens=20, stop_token_ids=[])
     never = next(t for t in range(160) if t not in ref[:, 8:].flatten().tolist())  # a token greedy never picks
     gen = generate_drafted(model, ROWS, 20, lambda t: ([never] * 9, 9), stop_token_ids=[], max_width=10, details=True)
     assert torch.equal(gen.tokens, ref)
-    # 8 + 2 x 20 slots: prompt 8, two passes of 10, then 4 (all the spare left), then one column a pass
-    assert gen.fed == [1, 10, 10, 4] + [1] * 16
+    assert gen.fed == [1] + [10] * 10 + list(range(9, 0, -1))
+    assert gen.keys == [8] + [8 + i + 10 for i in range(10)] + [27] * 9
+
+
+def test_holes_close_when_the_cache_runs_short(model):
+    """Row 0 guesses 6 right of 9, rows 1 and 2 none: each pass keeps 7 slots for all three, holes in
+    rows 1 and 2. After 3 passes row 0 is done (1 + 3 x 7 >= 20 tokens), the cache holds 29 of its
+    8 + 2 x 20 slots and rows 1, 2 have 16 tokens to go: 3 spare slots, too few for a pass of 10. The
+    holes are closed (row 2: 5 prompt tokens + 3 fed = 8 slots on, row 1: 6), so the 4th pass attends
+    to 8 + 10 slots and stays 10 wide; without closing them it would narrow to 4."""
+    ref = plain(model, max_new_tokens=20, stop_token_ids=[])
+    never = next(t for t in range(160) if t not in ref[:, 8:].flatten().tolist())
+    right = oracle([r[-20:] for r in ref.tolist()], ROWS, 9)  # 6 true tokens a guess
+
+    def draft(tokens):
+        return ((right(tokens)[0] + [never] * 9)[:9] if tokens[0] == 5 else [never] * 9), 9
+    gen = generate_drafted(model, ROWS, 20, draft, stop_token_ids=[], max_width=10, details=True)
+    assert torch.equal(gen.tokens, ref)
+    assert gen.active[:5] == [3, 3, 3, 3, 2] and gen.keys[:5] == [8, 18, 25, 32, 18] and gen.fed[4] == 10
 
 
 def test_a_pass_is_as_wide_as_the_median_rows_sure_guess(model):
@@ -185,7 +203,8 @@ def test_a_budget_of_one_token_needs_no_pass(model):
 
 
 def test_flops_of_checked_guesses_equal_the_flop_counter():
-    """flops.generate with fed counts what runs: holes, wrong guesses, rows leaving, all included."""
+    """flops.generate with fed and keys counts what runs: holes, wrong guesses, rows leaving, all
+    included, each pass attending to the slots the cache kept."""
     cfg = tiny_config()
     model32 = random_model(cfg)
     allowed = list(range(20, 33))
@@ -194,7 +213,9 @@ def test_flops_of_checked_guesses_equal_the_flop_counter():
                                stop_after=(25, 2), details=True)
     assert len(set(gen.fed[1:])) > 1  # passes of several widths
     setup = flops.Setup(cfg, head_rows=13)
-    assert fc.get_total_flops() == flops.generate(setup, 3, 8, 0, active=gen.active, fed=gen.fed).matmul
+    assert fc.get_total_flops() == flops.generate(setup, 3, 8, 0, active=gen.active, fed=gen.fed, keys=gen.keys).matmul
+    undropped = flops.generate(setup, 3, 8, 0, active=gen.active, fed=gen.fed)  # as if no guess left the cache
+    assert undropped.matmul > fc.get_total_flops()
     ones = [3, 3, 2, 2, 1]  # one column a pass is plain decoding's count
     assert flops.generate(setup, 3, 8, 5, active=ones, fed=[1] * 5) == flops.generate(setup, 3, 8, 5, active=ones)
 
