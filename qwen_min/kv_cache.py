@@ -43,6 +43,13 @@ class KVCache:
             raise ValueError(f"cannot drop {n} of the cache's {self.length} filled slots.")
         self.length -= n
 
+    def row(self, i):
+        """An empty cache over row i alone that shares this one's memory: what it is given lands in
+        row i's slots from 0 on (generate.prefill fills an empty cache a prompt at a time)."""
+        view = object.__new__(KVCache)
+        view.k, view.v, view.length, view.start = self.k[:, i:i + 1], self.v[:, i:i + 1], 0, 0
+        return view
+
     def compact(self, slots):
         """slots (B, n): the slots each row keeps, in order; they become its first n slots and the
         rest is forgotten. Attention reads keys in any order and RoPE is already in them, so moving

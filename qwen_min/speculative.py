@@ -25,11 +25,14 @@ of its guess (or leaves holes); a row with a longer one is cut. Rows drift out o
 that gains a digit shifts its row by a token), so W = 1 + the largest `sure` would spend most
 columns on poor guesses: on this CPU at batch 20 that was no faster than plain decoding.
 
-The cache. Holes and wrong guesses stay in the KV cache as slots the attention mask turns off
-(0), like left padding: RoPE positions count only the slots that are on
-(model.positions_and_mask), so the next token of every row gets the position it would have had.
-The cache gets max_new_tokens slots beyond what plain decoding needs for them; when they run
-out, passes narrow to one column, which is plain greedy decoding.
+The cache. A pass writes W slots for every row. Columns past the longest run any row kept are
+dropped at once (the next pass writes over them); the rest that a row did not keep (its wrong
+guesses, its holes) stay as slots the attention mask turns off (0), like left padding: RoPE
+positions count only the slots that are on (model.positions_and_mask), so the next token of every
+row gets the position it would have had. The cache gets max_new_tokens slots beyond what plain
+decoding needs; when they run short, the rows' slots that are on are moved together
+(Rows.compact, KVCache.compact), and if that frees none, passes narrow, down to one column:
+plain greedy decoding.
 """
 
 import torch

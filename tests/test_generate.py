@@ -10,7 +10,7 @@ from conftest import hf_twin, random_model, tiny_config, write_checkpoint
 from qwen_min import GenerationConfig, Tokenizer, generate
 from qwen_min.__main__ import main
 from qwen_min.errors import UserError, run_cli
-from qwen_min.generate import pad_left, penalize_repeats, sample, tokens_seen
+from qwen_min.generate import pad_left, penalize_repeats, prefill, sample, tokens_seen
 from qwen_min.kv_cache import KVCache
 
 ROWS = [[5, 6, 7, 8, 9, 10, 11, 12], [20, 21, 22], [30, 31, 32, 33, 34]]
@@ -565,3 +565,19 @@ def test_no_new_tokens_asked_of_the_static_decoder_returns_the_prompts():
     ids, mask = pad_left(ROWS, pad_id=0)
     for decoder in ("cache", "static"):
         assert torch.equal(generate(model, ids, 0, attention_mask=mask, decoder=decoder, stop_token_ids=[]), ids)
+
+
+def test_prefill_a_prompt_at_a_time_fills_the_cache_the_batch_would():
+    """On a CPU the prefill runs one padded prompt at a time into its row of the cache: the same
+    keys, values and last hidden states as the whole batch in one forward pass."""
+    m = random_model(tiny_config(), dtype=torch.float64)
+    ids, mask = pad_left(ROWS, 0)
+    B, T = ids.shape
+    ours, batch = KVCache.for_model(m, B, T + 3), KVCache.for_model(m, B, T + 3)
+    h = prefill(m, ids, mask, ours)
+    with torch.inference_mode():
+        ref = m.body(ids, mask, batch)[:, -1:]
+    assert ours.length == batch.length == T and h.shape == (B, 1, m.config.dim)
+    assert torch.allclose(h, ref, atol=1e-12) and torch.allclose(ours.k, batch.k, atol=1e-12)
+    assert torch.allclose(ours.v, batch.v, atol=1e-12) and ours.k[:, :, :, :T].abs().sum(-1).min() > 0  # every slot written
+

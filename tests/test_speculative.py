@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import flops
 from conftest import random_model, tiny_config
-from data.draft import LLMTimeDraft, guess
+from data.draft import RECALL, LLMTimeDraft, follow_format, guess, recall
 from qwen_min import generate
 from qwen_min.speculative import NO_GUESS, generate_drafted, seen_by_column
 
@@ -236,6 +236,23 @@ def test_flops_of_checked_guesses_equal_the_flop_counter():
 ])
 def test_guess_follows_the_format_and_the_previous_step(text, expected):
     assert guess(text) == expected
+
+
+CYCLE = "2.83,0.47;3.64,0.49;4.58,0.55;5.60,0.67;"  # a closed orbit's text: the model, once it sees it, copies it
+
+
+def test_a_text_that_repeats_is_guessed_from_what_followed_it_all_sure():
+    text = "9.99,0.11;" + CYCLE + "7.20,1.19;2.83,0.47;3.64"  # its last 10 characters, ",0.47;3.64", are in CYCLE
+    assert RECALL == 10 and guess(text) == (",0.49;4.", 8) and guess(text, 12) == (",0.49;4.58,0", 12)
+    near = "9.99,0.11;" + CYCLE + "7.20,1.19;2.83,0.4"  # ";2.83,0.4" occurred, "9;2.83,0.4" did not
+    assert guess(near) == follow_format(near, 8) == ("9;2.83,0", 0)
+
+
+def test_recall_copies_the_latest_earlier_place_and_only_an_earlier_one():
+    assert recall("0.50,0.50;1.00,0.50,0.50;" + "2.00,0.50,0.50;", 4) == "2.00"  # the later of two places
+    assert recall("abcdefghij", 4) == ""  # the key itself is not an earlier place
+    assert recall("abcdefghijabcdefghij", 4) == "abcd"  # a match may run right up to the key
+    assert recall("5.00,5.00;", 4) == "" and recall("5.00,5.00", 4) == ""  # too short for a key of 10
 
 
 def test_one_decimal_values_are_sure_except_their_decimal():
