@@ -6,8 +6,9 @@ head: attention reads each kv head in place for the query heads that share it (m
 The cache owns its position. A forward pass of T new tokens first calls `append(T)`, which
 reserves the next T slots and returns `past`, the number of slots filled before them; each
 attention layer then writes its keys and values into those slots through its own view,
-`cache.layer(i).update(k, v)`, and reads back everything so far. Only `drop(n)` moves `length`
-back: speculative verification (qwen_min/speculative.py) forgets the slots of guesses no row kept.
+`cache.layer(i).update(k, v)`, and reads back everything so far. Only speculative verification
+(qwen_min/speculative.py) moves `length` back: `drop(n)` forgets the slots of guesses no row kept,
+and `compact(slots)` moves each row's live slots together.
 """
 
 import torch

@@ -17,6 +17,7 @@ import flops
 from conftest import random_model, tiny_config
 from data.draft import RECALL, LLMTimeDraft, follow_format, guess, recall
 from qwen_min import generate
+from qwen_min.kv_cache import KVCache
 from qwen_min.speculative import NO_GUESS, generate_drafted, seen_by_column
 
 ROWS = [[5, 6, 7, 8, 9, 10, 11, 12], [20, 21, 22], [30, 31, 32, 33, 34]]
@@ -195,6 +196,18 @@ def test_each_column_is_penalised_for_the_guesses_before_it():
     out = seen_by_column(seen, guess, column_of)
     assert out.tolist() == [[[False, True, False], [True, True, False], [True, True, True]],
                             [[False, False, False]] * 3]
+
+
+def test_the_cache_drops_only_slots_it_has():
+    cache = KVCache(1, 2, 1, 6, 2)
+    cache.append(4)
+    cache.drop(3)
+    assert cache.length == 1 and cache.append(2) == 1  # the next pass writes over the dropped slots
+    for n in (-1, 4):
+        with pytest.raises(ValueError, match=f"cannot drop {n} of the cache's 3 filled slots"):
+            cache.drop(n)
+    cache.drop(3)
+    assert cache.length == 0
 
 
 def test_a_budget_of_one_token_needs_no_pass(model):
