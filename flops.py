@@ -641,6 +641,8 @@ def generate(s: Setup, B, prompt_tokens, new_tokens, samples=1, active=None, kv_
     none were dropped). new_tokens and samples are then not used (one sample per prompt).
     """
     P, N = prompt_tokens, new_tokens
+    if keys is not None and fed is None:
+        raise ValueError("keys counts the slots of passes with guesses: pass fed (and active) with it.")
     if fed is not None and (active is None or len(fed) != len(active) or len(keys or fed) != len(fed)):
         raise ValueError(f"fed needs active (and keys, if given), one entry per forward pass each; got {len(fed)} "
                          f"passes, {None if active is None else len(active)} and {None if keys is None else len(keys)}.")

@@ -39,6 +39,7 @@ import torch
 
 from .generation_config import GenerationConfig
 from .kv_cache import KVCache
+from .model import FEW_ROWS
 
 
 def pad_left(rows, pad_id):
@@ -160,11 +161,12 @@ def prefill(model, input_ids, mask, cache):
     """Every prompt token through the model, filling the empty cache -> the hidden state of each
     row's last position (B, 1, D), from which the first new token is chosen.
 
-    On a CPU one prompt at a time, padding included: the same arithmetic and the same cache, but
-    one prompt's activations (a few MB) stay in the processor's caches where the batch's (hundreds
-    of MB) do not; the bench's 20 prompts of ~510 tokens took 8% less time (docs/evaluate.md)."""
+    On a CPU, prompts longer than FEW_ROWS go one at a time, padding included: the same arithmetic
+    (still F.linear: more than FEW_ROWS rows) and the same cache, but one prompt's activations (a few
+    MB) stay in the processor's caches where the batch's (hundreds of MB) do not; the bench's 20
+    prompts of ~510 tokens took 8% less time (docs/evaluate.md)."""
     B, T = input_ids.shape
-    if input_ids.device.type != "cpu" or B == 1:
+    if input_ids.device.type != "cpu" or B == 1 or T <= FEW_ROWS or cache.length > 0:
         return model.body(input_ids, mask, cache)[:, -1:]
     h = [model.body(input_ids[i:i + 1], None if mask is None else mask[i:i + 1], cache.row(i))[:, -1:] for i in range(B)]
     cache.append(T)  # the rows filled slots 0..T-1 through their views

@@ -6,7 +6,8 @@ head: attention reads each kv head in place for the query heads that share it (m
 The cache owns its position. A forward pass of T new tokens first calls `append(T)`, which
 reserves the next T slots and returns `past`, the number of slots filled before them; each
 attention layer then writes its keys and values into those slots through its own view,
-`cache.layer(i).update(k, v)`, and reads back everything so far. Only speculative verification
+`cache.layer(i).update(k, v)`, and reads back everything so far (a CPU prefill fills an empty
+cache one prompt at a time through `row(i)` views, then appends). Only speculative verification
 (qwen_min/speculative.py) moves `length` back: `drop(n)` forgets the slots of guesses no row kept,
 and `compact(slots)` moves each row's live slots together.
 """

@@ -31,7 +31,7 @@ guesses, its holes) stay as slots the attention mask turns off (0), like left pa
 positions count only the slots that are on (model.positions_and_mask), so the next token of every
 row gets the position it would have had. The cache gets max_new_tokens slots beyond what plain
 decoding needs; when they run short, the rows' slots that are on are moved together
-(Rows.compact, KVCache.compact), and if that frees none, passes narrow, down to one column:
+(Rows.compact, KVCache.compact), and if that frees too few, passes narrow, down to one column:
 plain greedy decoding.
 """
 
@@ -113,9 +113,10 @@ def generate_drafted(model, input_ids, max_new_tokens, draft, attention_mask=Non
     Arguments as generate's (greedy, one sample per prompt, no generation config: pass the
     repetition penalty and stop ids); draft(tokens: list of ids) -> (guess ids, sure);
     max_width: columns per row and pass at most (1 + the longest guess checked).
-    Returns tokens (B, T + n) as generate does; with details=True a Generation whose `active` and
-    `fed` say how many rows each forward pass had and how many columns each row fed (the prefill
-    first: B rows, 1 column of logits; flops.generate counts them).
+    Returns tokens (B, T + n) as generate does; with details=True a Generation whose `active`,
+    `fed` and `keys` say how many rows each forward pass had, how many columns each row fed and how
+    many cache slots it attended to (the prefill first: B rows, 1 column of logits, T slots;
+    flops.generate counts them).
     """
     s = decoding(model, temperature=0.0, repetition_penalty=repetition_penalty, stop_token_ids=stop_token_ids,
                  pad_token_id=pad_token_id, use_generation_config=False)

@@ -568,16 +568,29 @@ def test_no_new_tokens_asked_of_the_static_decoder_returns_the_prompts():
 
 
 def test_prefill_a_prompt_at_a_time_fills_the_cache_the_batch_would():
-    """On a CPU the prefill runs one padded prompt at a time into its row of the cache: the same
-    keys, values and last hidden states as the whole batch in one forward pass."""
-    m = random_model(tiny_config(), dtype=torch.float64)
-    ids, mask = pad_left(ROWS, 0)
-    B, T = ids.shape
-    ours, batch = KVCache.for_model(m, B, T + 3), KVCache.for_model(m, B, T + 3)
-    h = prefill(m, ids, mask, ours)
-    with torch.inference_mode():
-        ref = m.body(ids, mask, batch)[:, -1:]
-    assert ours.length == batch.length == T and h.shape == (B, 1, m.config.dim)
-    assert torch.allclose(h, ref, atol=1e-12) and torch.allclose(ours.k, batch.k, atol=1e-12)
-    assert torch.allclose(ours.v, batch.v, atol=1e-12) and ours.k[:, :, :, :T].abs().sum(-1).min() > 0  # every slot written
-
+    """On a CPU, prompts longer than FEW_ROWS (256) are prefilled one at a time, padding included,
+    each into its row of the cache: the same keys, values and last hidden states as the whole batch
+    in one forward pass. Short prompts, and a cache already in use, take the one batched pass."""
+    m = random_model(tiny_config(max_seq_len=400), dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(2, 160, (n,), generator=g).tolist() for n in (300, 270, 290)]
+    calls = []
+    body = m.body
+    m.body = lambda *a: calls.append(a[0].shape) or body(*a)  # counts the forward passes
+    for rows, passes in [(prompts, [(1, 300)] * 3), (ROWS, [(3, 8)])]:
+        ids, mask = pad_left(rows, 0)
+        B, T = ids.shape
+        ours, batch = KVCache.for_model(m, B, T + 3), KVCache.for_model(m, B, T + 3)
+        calls.clear()
+        h = prefill(m, ids, mask, ours)
+        assert calls == passes
+        with torch.inference_mode():
+            ref = body(ids, mask, batch)[:, -1:]
+        assert ours.length == batch.length == T and h.shape == (B, 1, m.config.dim)
+        assert torch.allclose(h, ref, atol=1e-12) and torch.allclose(ours.k, batch.k, atol=1e-12)
+        assert torch.allclose(ours.v, batch.v, atol=1e-12) and ours.k[:, :, :, :T].abs().sum(-1).min() > 0
+    used = KVCache.for_model(m, 3, 700)
+    used.append(5)
+    calls.clear()
+    prefill(m, torch.randint(2, 160, (3, 300), generator=g), None, used)
+    assert calls == [(3, 300)] and used.length == 305  # after what the cache holds, in one pass

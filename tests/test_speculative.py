@@ -229,6 +229,8 @@ def test_flops_of_checked_guesses_equal_the_flop_counter():
     assert fc.get_total_flops() == flops.generate(setup, 3, 8, 0, active=gen.active, fed=gen.fed, keys=gen.keys).matmul
     undropped = flops.generate(setup, 3, 8, 0, active=gen.active, fed=gen.fed)  # as if no guess left the cache
     assert undropped.matmul > fc.get_total_flops()
+    with pytest.raises(ValueError, match="keys counts the slots of passes with guesses"):
+        flops.generate(setup, 3, 8, 5, keys=[8] * 6)
     ones = [3, 3, 2, 2, 1]  # one column a pass is plain decoding's count
     assert flops.generate(setup, 3, 8, 5, active=ones, fed=[1] * 5) == flops.generate(setup, 3, 8, 5, active=ones)
 
