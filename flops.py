@@ -99,7 +99,7 @@ import math
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
-from itertools import groupby
+from itertools import accumulate, groupby
 from pathlib import Path
 
 from lora.inject import parse_targets
@@ -648,7 +648,7 @@ def generate(s: Setup, B, prompt_tokens, new_tokens, samples=1, active=None, kv_
                          f"passes, {None if active is None else len(active)} and {None if keys is None else len(keys)}.")
     active = list(active) if active is not None else [B * samples] * N
     if fed is not None:  # pass i: active[i] rows of fed[i] columns, attending to keys[i] slots
-        keys = keys or [P + sum(fed[1:i + 1]) for i in range(len(fed))]
+        keys = keys or list(accumulate(fed[1:], initial=P))  # P, P + fed[1], ...
         decode = sum((body(s, rows, w, S) for rows, w, S in zip(active[1:], fed[1:], keys[1:])), FREE)
         return group(prefill=body(s, B, P, P), decode=decode,
                      lm_head=sum((head(s, rows * w) for rows, w in zip(active, fed)), FREE))

@@ -62,8 +62,10 @@ class Rows:
     def compact(self):
         """Closes the holes: each row's slots that are on move to the end of the filled slots, in
         order, and columns then off in every row are forgotten. Positions count only slots that are
-        on, so every token keeps its position."""
+        on, so every token keeps its position. Nothing to do when no column is off in every row."""
         n = int(self.mask.sum(1).max())
+        if n == self.cache.length:
+            return
         slots = torch.sort(self.mask, dim=1, stable=True).indices[:, -n:]  # (r, n) off slots first, then on ones
         self.cache.compact(slots)
         self.mask = self.mask.gather(1, slots)
@@ -160,10 +162,9 @@ def generate_drafted(model, input_ids, max_new_tokens, draft, attention_mask=Non
         if len(rows.ids) == 0:
             break
         rooms = (max_new_tokens - lengths[rows.ids]).tolist()  # the tokens each row may still produce
-        spare = cache.max_seq_len - cache.length - max(rooms)  # cache slots beyond one per pass still to come
-        if spare < max_width - 1 and cache.length > int(rows.mask.sum(1).max()):  # short of room, and holes
+        if cache.max_seq_len - cache.length - max(rooms) < max_width - 1:  # short of room for a full pass
             rows.compact()
-            spare = cache.max_seq_len - cache.length - max(rooms)
+        spare = cache.max_seq_len - cache.length - max(rooms)  # cache slots beyond one per pass still to come
         keys = cache.length  # slots before this pass; it attends to them and its own W
         g, right, W = verify(model, rows, token, draft, rooms, allowed, column_of, s.repetition_penalty,
                              widest=min(max_width, max(rooms), 1 + spare))
@@ -192,9 +193,8 @@ def verify(model, rows, token, draft, rooms, allowed, column_of, penalty, widest
     # a wrong guess and everything after it leave the cache: their slots are turned off, and the
     # columns no row kept are dropped, so the next pass writes over them
     rows.mask[:, -W:] *= (torch.arange(W, device=token.device)[None] <= right[:, None]).long()
-    unused = W - 1 - int(right.max())
-    rows.mask = rows.mask[:, :rows.mask.shape[1] - unused]
-    rows.cache.drop(unused)
+    rows.cache.drop(W - 1 - int(right.max()))
+    rows.mask = rows.mask[:, :rows.cache.length]  # one mask column per cache slot
     return g, right, W
 
 
