@@ -22,6 +22,7 @@ from .config import Qwen2Config
 FEW_ROWS = 256  # at most this many rows (tokens in the batch) take linear's CPU path below
 BLOCKS = 4  # blocks of output features that path computes side by side
 MIN_BLOCK = 128  # output features a block needs at least (k_proj's 128 ran slower cut in four)
+FEW_QUERIES = 8  # new tokens a row at most for attention's grouped-query path (decode and verify passes)
 
 
 def linear(x, weight, bias=None):
@@ -115,13 +116,17 @@ class Attention(nn.Module):
         # softmax(q k^T / sqrt(hd) + mask) v, the softmax accumulated in float32. Query head h reads
         # kv head h // (H / K) in place; copying the K heads out to H (transformers' repeat_kv) would
         # move 7x the cache through memory at every decoding step.
-        if T == 1 and (x.device.type == "cpu" or x.dtype == torch.float32):  # a decode step: the H / K
-            # query heads sharing a kv head become H / K queries of that head, so each (row, kv head)
-            # pair is one small attention; the mask (B, 1, 1, S) is the same for all of them. It runs
-            # about 2x faster than enable_gqa on a CPU, 1.4-5x on a GPU in float32; GPU kernels for
-            # bfloat16 read grouped heads natively, as fast or faster (bench/attention.py, docs/evaluate.md)
-            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv_heads, -1, self.head_dim), k, v, attn_mask=mask)
-            y = y.reshape(B, self.n_heads, 1, self.head_dim)  # (B, H, 1, hd)
+        G = self.n_heads // self.n_kv_heads  # query heads per kv head
+        if T <= FEW_QUERIES and (T == 1 or mask is not None) and (x.device.type == "cpu" or x.dtype == torch.float32):
+            # a decode or verify pass: the G query heads sharing a kv head become G * T queries of that
+            # head, so each (row, kv head) pair is one small attention; query (g, t) keeps the mask
+            # row of token t. It runs about 2x faster than enable_gqa on a CPU, 1.4-5x on a GPU in
+            # float32; GPU kernels for bfloat16 read grouped heads natively, as fast or faster
+            # (bench/attention.py, docs/evaluate.md). Not for causal prefill (mask None, T > 1).
+            if T > 1:
+                mask = mask.unsqueeze(2).expand(-1, -1, G, -1, -1).flatten(2, 3)  # (B, 1, G * T, S)
+            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv_heads, G * T, self.head_dim), k, v, attn_mask=mask)
+            y = y.reshape(B, self.n_heads, T, self.head_dim)  # (B, H, T, hd)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)  # (B, H, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H * hd)

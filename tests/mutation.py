@@ -8,7 +8,12 @@
 A mutant is the code with one small change (`+` for `-`, `<` for `<=`, a constant off by one, an
 argument dropped); a test suite that still passes on it has a blind spot, unless the change cannot
 alter behaviour (an equivalent mutant: docs/testing.md lists those found and why). mutmut 3 makes
-and runs the mutants in a scratch clone of the last commit, so the working tree is never touched.
+and runs the mutants in a clone of the last commit (OUT/<area>.work), so the working tree is never
+touched. The clone is kept, so a run that is stopped (Ctrl-C, a kill, the end of a session) goes on
+where it stopped when run again: a mutant's verdict "killed" or "timed out" stands while the
+function it mutates is unchanged; every other verdict (survived, no tests) is checked again against
+the tests of the new commit. `--fresh` starts the area over (do that when a test was removed or
+weakened, since a kept "killed" may rest on it).
 Each area runs only its own test files: the whole suite per mutant would take days on two cores.
 Writes OUT/<area>.json (counts, score, every surviving mutant's diff) and prints one line per area.
 Not part of CI (too slow); docs/testing.md records the last measured scores.
@@ -17,9 +22,9 @@ Not part of CI (too slow); docs/testing.md records the last measured scores.
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -69,31 +74,66 @@ def score(counts):
     return caught / max(1, counts["total"] - counts["skipped"])
 
 
-def run_area(area, out, children):
+# mutmut's exit codes that mean the tests caught the mutant (failed, or ran past the time limit)
+CAUGHT = {1, 3, 24, -24, 36, 152, 255}
+
+
+def checkout(repo, work):
+    """Put REPO's last commit in WORK, cloning it the first time; mutmut's mutants/ folder is untracked
+    there, so it survives. Returns the commit."""
+    git = ["git", "-C", str(work)]
+    if (work / ".git").is_dir():
+        subprocess.run(git + ["fetch", "--quiet", str(repo), "HEAD"], check=True)
+        subprocess.run(git + ["reset", "--quiet", "--hard", "FETCH_HEAD"], check=True)
+    else:
+        work.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["git", "clone", "--quiet", str(repo), str(work)], check=True)
+    return subprocess.run(git + ["rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def forget_uncaught(work):
+    """Clear every verdict of an earlier run but a catch, so mutmut checks those mutants again (new
+    tests may kill them). mutmut itself clears the verdicts of functions whose code changed.
+    Returns how many verdicts stand."""
+    kept = 0
+    for meta in (work / "mutants").rglob("*.meta"):
+        m = json.loads(meta.read_text())
+        codes = m["exit_code_by_key"]
+        for name, code in codes.items():
+            codes[name] = code if code in CAUGHT else None
+            kept += code in CAUGHT
+        meta.write_text(json.dumps(m, indent=4))
+    return kept
+
+
+def run_area(area, out, children, fresh=False):
     files, tests = AREAS[area]
-    with tempfile.TemporaryDirectory(prefix=f"qwen-min-mutation-{area}-") as tmp:
-        subprocess.run(["git", "clone", "--quiet", str(REPO), tmp], check=True)
-        tests = [t for t in tests if (Path(tmp) / t).is_file()]  # an area's test files that exist at this commit
-        with open(Path(tmp) / "pyproject.toml", "a") as f:
-            f.write(mutmut_config(files, tests))
-        env = {k: v for k, v in os.environ.items() if k != "QWEN_MIN_CHECKPOINT"} | {"OMP_NUM_THREADS": "1"}
-        mutmut = [sys.executable, "-m", "mutmut"]
-        run = subprocess.run(mutmut + ["run", "--max-children", str(children)], cwd=tmp, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        if run.returncode != 0:  # e.g. the area's tests failed before any mutant (its clean run): say why, stop
-            tail = "\n".join(run.stdout.splitlines()[-30:])
-            raise SystemExit(f"{area}: mutmut run stopped with exit code {run.returncode} before measuring; its last lines:\n{tail}")
-        subprocess.run(mutmut + ["export-cicd-stats"], cwd=tmp, env=env, check=True, capture_output=True)
-        counts = json.loads((Path(tmp) / "mutants" / "mutmut-cicd-stats.json").read_text())
-        listed = subprocess.run(mutmut + ["results"], cwd=tmp, env=env, check=True, capture_output=True, text=True).stdout
-        survivors = []
-        for line in listed.splitlines():  # "    name: status" for every mutant not killed
-            name, _, status = line.strip().rpartition(": ")
-            if name:
-                diff = subprocess.run(mutmut + ["show", name], cwd=tmp, env=env, capture_output=True, text=True).stdout
-                survivors.append({"name": name, "status": status, "diff": diff})
-    result = {"area": area, "files": files, "tests": tests, "counts": counts, "score": score(counts),
-              "mutmut_exit": run.returncode, "survivors": survivors}
+    work = (out / f"{area}.work").resolve()
+    if fresh and work.exists():
+        shutil.rmtree(work)
+    commit = checkout(REPO, work)
+    kept = forget_uncaught(work)
+    tests = [t for t in tests if (work / t).is_file()]  # an area's test files that exist at this commit
+    with open(work / "pyproject.toml", "a") as f:
+        f.write(mutmut_config(files, tests))
+    env = {k: v for k, v in os.environ.items() if k != "QWEN_MIN_CHECKPOINT"} | {"OMP_NUM_THREADS": "1"}
+    mutmut = [sys.executable, "-m", "mutmut"]
+    run = subprocess.run(mutmut + ["run", "--max-children", str(children)], cwd=work, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if run.returncode != 0:  # e.g. the area's tests failed before any mutant (its clean run): say why, stop
+        tail = "\n".join(run.stdout.splitlines()[-30:])
+        raise SystemExit(f"{area}: mutmut run stopped with exit code {run.returncode} before measuring; its last lines:\n{tail}")
+    subprocess.run(mutmut + ["export-cicd-stats"], cwd=work, env=env, check=True, capture_output=True)
+    counts = json.loads((work / "mutants" / "mutmut-cicd-stats.json").read_text())
+    listed = subprocess.run(mutmut + ["results"], cwd=work, env=env, check=True, capture_output=True, text=True).stdout
+    survivors = []
+    for line in listed.splitlines():  # "    name: status" for every mutant not killed
+        name, _, status = line.strip().rpartition(": ")
+        if name:
+            diff = subprocess.run(mutmut + ["show", name], cwd=work, env=env, capture_output=True, text=True).stdout
+            survivors.append({"name": name, "status": status, "diff": diff})
+    result = {"area": area, "commit": commit, "files": files, "tests": tests, "counts": counts, "score": score(counts),
+              "verdicts_kept": kept, "mutmut_exit": run.returncode, "survivors": survivors}
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{area}.json").write_text(json.dumps(result, indent=1))
     return result
@@ -104,6 +144,7 @@ def main(argv=None):
     p.add_argument("areas", nargs="*", help=f"areas to mutate, or 'all': {', '.join(AREAS)}")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "mutation", help="folder for <area>.json")
     p.add_argument("--children", type=int, default=2, help="mutants run at once (default: 2)")
+    p.add_argument("--fresh", action="store_true", help="forget the area's earlier verdicts and start over")
     p.add_argument("--list", action="store_true", help="print the areas, their files and tests, then exit")
     args = p.parse_args(argv)
     if args.list:
@@ -115,10 +156,10 @@ def main(argv=None):
     if unknown or not areas:
         p.error(f"name areas from: {', '.join(AREAS)} (or 'all'); got {' '.join(unknown) or 'none'}")
     for area in areas:
-        r = run_area(area, args.out, args.children)
+        r = run_area(area, args.out, args.children, args.fresh)
         c = r["counts"]
         print(f"{area:10s} {100 * r['score']:5.1f}%  {c['killed'] + c['timeout']} of {c['total'] - c['skipped']} caught, "
-              f"{len(r['survivors'])} not killed -> {args.out / (area + '.json')}", flush=True)
+              f"{len(r['survivors'])} not killed ({r['verdicts_kept']} catches kept from earlier runs) -> {args.out / (area + '.json')}", flush=True)
 
 
 if __name__ == "__main__":

@@ -284,3 +284,38 @@ def test_a_model_with_wide_layers_takes_the_blocked_path_and_agrees(monkeypatch)
     assert len(calls) == 2 * 2 + 1  # gate and up in each of the 2 layers, and the head
     monkeypatch.setattr(qwen_model, "FEW_ROWS", 0)  # every product through F.linear
     assert torch.allclose(blocked, m(ids), rtol=0, atol=1e-12) and len(calls) == 5
+
+
+@pytest.mark.parametrize("T", [1, 3, 8, 9])
+def test_attention_of_a_few_queries_after_a_cache_by_hand(T, monkeypatch):
+    """Decode and verify passes (at most FEW_QUERIES new tokens a row, with a mask) take the grouped-query
+    path: the result is attention worked out head by head in float64, each query head reading kv head
+    h // (H / K), with left padding and a cache; more new tokens take enable_gqa, the same result."""
+    cfg = tiny_config(n_heads=6, n_kv_heads=2)
+    layer = random_model(cfg, dtype=torch.float64).layers[0].self_attn
+    B, past, H, K, hd = 3, 4, 6, 2, cfg.head_dim
+    am = torch.ones(B, past + T, dtype=torch.long)
+    am[0, :2], am[1, :3] = 0, 0  # rows 0 and 1 start with padding
+    cache = KVCache(1, B, K, past + T, hd, dtype=torch.float64)
+    torch.manual_seed(1)
+    x_past, x = torch.randn(B, past, cfg.dim, dtype=torch.float64), torch.randn(B, T, cfg.dim, dtype=torch.float64)
+    rope = RotaryEmbedding(hd, 64, cfg.rope_theta)
+    pos, mask = positions_and_mask(B, past, 0, am[:, :past], "cpu")
+    cache.append(past)
+    layer(x_past, *rope(pos, torch.float64), mask, cache.layer(0))
+    pos, mask = positions_and_mask(B, T, past, am, "cpu")
+    cos, sin = rope(pos, torch.float64)
+    cache.append(T)
+    heads = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, *a, **kw: heads.append(q.shape[1]) or real(q, *a, **kw))
+    y = layer(x, cos, sin, mask, cache.layer(0))
+    assert heads == [K if T <= qwen_model.FEW_QUERIES else H]
+    k, v = cache.k[0, :, :, :past + T], cache.v[0, :, :, :past + T]  # (B, K, S, hd), RoPE applied
+    q = qwen_model.apply_rotary(layer.q_proj(x).view(B, T, H, hd).transpose(1, 2), cos, sin)  # (B, H, T, hd)
+    out = torch.zeros(B, T, H, hd, dtype=torch.float64)
+    for h in range(H):
+        scores = q[:, h] @ k[:, h // (H // K)].transpose(1, 2) / math.sqrt(hd)  # (B, T, S)
+        scores = scores.masked_fill(~mask[:, 0], float("-inf"))
+        out[:, :, h] = scores.softmax(-1) @ v[:, h // (H // K)]
+    torch.testing.assert_close(y, layer.o_proj(out.reshape(B, T, H * hd)), rtol=1e-10, atol=1e-10)
