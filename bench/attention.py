@@ -1,4 +1,4 @@
-"""Benchmark: one decode step's attention in one layer, three ways, on Qwen2.5-0.5B's shapes.
+"""Benchmark: the attention of one decode step or verify pass in one layer, three ways, on Qwen2.5-0.5B's shapes.
 
     python bench/attention.py --batch 20 --past 600
     python bench/attention.py --batch 20 --past 600 --queries 4    # a verify pass: 4 new tokens a row
@@ -9,8 +9,8 @@
 - transformers: its sdpa attention when a padding mask is given (a batch of prompts of different
   lengths): it copies each kv head out to its 7 query heads (repeat_kv), then runs plain
   multi-head attention (transformers 5's use_gqa_in_sdpa keeps enable_gqa only without a mask).
-All read the keys and values as views of a larger preallocated cache, with a padding mask, as a
-decode step does. Prints the median time of each and the speed-up of qwen-min's over the others.
+All read the keys and values as views of a larger preallocated cache, with a padding mask (causal
+among the new tokens), as a decode step or a verify pass does. Prints the median time of each and the speed-up of qwen-min's over the others.
 """
 
 import argparse

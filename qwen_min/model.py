@@ -22,7 +22,7 @@ from .config import Qwen2Config
 FEW_ROWS = 256  # at most this many rows (tokens in the batch) take linear's CPU path below
 BLOCKS = 4  # blocks of output features that path computes side by side
 MIN_BLOCK = 128  # output features a block needs at least (k_proj's 128 ran slower cut in four)
-FEW_QUERIES = 8  # new tokens a row at most for attention's grouped-query path (decode and verify passes)
+FEW_QUERIES = 8  # new tokens a row at most for attention's grouped-query path on a CPU (verify passes)
 
 
 def linear(x, weight, bias=None):
@@ -117,12 +117,14 @@ class Attention(nn.Module):
         # kv head h // (H / K) in place; copying the K heads out to H (transformers' repeat_kv) would
         # move 7x the cache through memory at every decoding step.
         G = self.n_heads // self.n_kv_heads  # query heads per kv head
-        if T <= FEW_QUERIES and (T == 1 or mask is not None) and (x.device.type == "cpu" or x.dtype == torch.float32):
-            # a decode or verify pass: the G query heads sharing a kv head become G * T queries of that
-            # head, so each (row, kv head) pair is one small attention; query (g, t) keeps the mask
-            # row of token t. It runs about 2x faster than enable_gqa on a CPU, 1.4-5x on a GPU in
-            # float32; GPU kernels for bfloat16 read grouped heads natively, as fast or faster
-            # (bench/attention.py, docs/evaluate.md). Not for causal prefill (mask None, T > 1).
+        cpu = x.device.type == "cpu"
+        if (T == 1 and (cpu or x.dtype == torch.float32)) or (cpu and T <= FEW_QUERIES and mask is not None):
+            # a decode step, or a verify pass on a CPU: the G query heads sharing a kv head become G * T
+            # queries of that head, so each (row, kv head) pair is one small attention; query (g, t)
+            # keeps the mask row of token t. A decode step runs about 2x faster than with enable_gqa on
+            # a CPU, 1.4-5x on a GPU in float32; GPU kernels for bfloat16 read grouped heads natively,
+            # as fast or faster (bench/attention.py, docs/evaluate.md). Causal prefill (mask None) keeps
+            # enable_gqa and its causal fast path.
             if T > 1:
                 mask = mask.unsqueeze(2).expand(-1, -1, G, -1, -1).flatten(2, 3)  # (B, 1, G * T, S)
             y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv_heads, G * T, self.head_dim), k, v, attn_mask=mask)

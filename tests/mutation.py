@@ -10,10 +10,11 @@ argument dropped); a test suite that still passes on it has a blind spot, unless
 alter behaviour (an equivalent mutant: docs/testing.md lists those found and why). mutmut 3 makes
 and runs the mutants in a clone of the last commit (OUT/<area>.work), so the working tree is never
 touched. The clone is kept, so a run that is stopped (Ctrl-C, a kill, the end of a session) goes on
-where it stopped when run again: a mutant's verdict "killed" or "timed out" stands while the
-function it mutates is unchanged; every other verdict (survived, no tests) is checked again against
-the tests of the new commit. `--fresh` starts the area over (do that when a test was removed or
-weakened, since a kept "killed" may rest on it).
+where it stopped when run again. Run at a later commit, it keeps a mutant's verdict "killed" or
+"timed out" while the function it mutates is unchanged, and checks every other one (survived, no
+tests) again against the new commit's tests. `--fresh` starts the area over: a kept catch can go stale when a change
+outside the mutated function (a test, a caller, a constant) stops its test from reaching it, so
+the scores docs/testing.md publishes say whether they were measured fresh or in pieces.
 Each area runs only its own test files: the whole suite per mutant would take days on two cores.
 Writes OUT/<area>.json (counts, score, every surviving mutant's diff) and prints one line per area.
 Not part of CI (too slow); docs/testing.md records the last measured scores.
@@ -69,9 +70,10 @@ def mutmut_config(files, tests):
 
 
 def score(counts):
-    """Mutants caught (killed or timed out) over all mutants made; one that no test runs counts as a survivor."""
+    """Mutants caught (killed or timed out) over all mutants checked; one that no test runs counts as a
+    survivor. A stopped run has mutants not checked yet: its score is of those checked."""
     caught = counts["killed"] + counts["timeout"]
-    return caught / max(1, counts["total"] - counts["skipped"])
+    return caught / max(1, counts["total"] - counts["skipped"] - counts.get("not_checked", 0))
 
 
 # mutmut's exit codes that mean the tests caught the mutant (failed, or ran past the time limit)
@@ -79,31 +81,42 @@ CAUGHT = {1, 3, 24, -24, 36, 152, 255}
 
 
 def checkout(repo, work):
-    """Put REPO's last commit in WORK, cloning it the first time; mutmut's mutants/ folder is untracked
-    there, so it survives. Returns the commit."""
-    git = ["git", "-C", str(work)]
+    """Put REPO's last commit in WORK, cloning it the first time (mutmut's mutants/ folder, untracked
+    and ignored there, survives). Returns (this commit, the commit the run before began at, or None)."""
+    git, mark = ["git", "-C", str(work)], work / ".git" / "mutation-commit"
+    before = mark.read_text().strip() if mark.is_file() else None
     if (work / ".git").is_dir():
         subprocess.run(git + ["fetch", "--quiet", str(repo), "HEAD"], check=True)
         subprocess.run(git + ["reset", "--quiet", "--hard", "FETCH_HEAD"], check=True)
     else:
         work.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run(["git", "clone", "--quiet", str(repo), str(work)], check=True)
-    return subprocess.run(git + ["rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+        with open(work / ".git" / "info" / "exclude", "a") as f:
+            f.write("mutants/\n")
+    commit = subprocess.run(git + ["rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    mark.write_text(commit)
+    return commit, before
 
 
-def forget_uncaught(work):
-    """Clear every verdict of an earlier run but a catch, so mutmut checks those mutants again (new
-    tests may kill them). mutmut itself clears the verdicts of functions whose code changed.
-    Returns how many verdicts stand."""
-    kept = 0
+def carry_over(work, commit, before):
+    """Ready an earlier run's mutants/ for this one. At the same commit, nothing to do: mutmut goes on
+    with the mutants that have no verdict yet. At another commit, every verdict but a catch is
+    cleared (a test added since may kill those mutants), and so is mutmut's map of which tests reach
+    which function (it maps only tests it has not seen). mutmut itself clears the verdicts of
+    functions whose code changed. A record left unreadable by a kill is removed with its mutated
+    file, so that file's mutants are made and run again."""
     for meta in (work / "mutants").rglob("*.meta"):
-        m = json.loads(meta.read_text())
-        codes = m["exit_code_by_key"]
-        for name, code in codes.items():
-            codes[name] = code if code in CAUGHT else None
-            kept += code in CAUGHT
-        meta.write_text(json.dumps(m, indent=4))
-    return kept
+        try:
+            m = json.loads(meta.read_text())
+        except ValueError:
+            meta.unlink()
+            meta.with_suffix("").unlink(missing_ok=True)  # mutants/x.py.meta -> mutants/x.py
+            continue
+        if before not in (None, commit):
+            m["exit_code_by_key"] = {name: code if code in CAUGHT else None for name, code in m["exit_code_by_key"].items()}
+            meta.write_text(json.dumps(m, indent=4))
+    if before not in (None, commit):
+        (work / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
 
 
 def run_area(area, out, children, fresh=False):
@@ -111,8 +124,8 @@ def run_area(area, out, children, fresh=False):
     work = (out / f"{area}.work").resolve()
     if fresh and work.exists():
         shutil.rmtree(work)
-    commit = checkout(REPO, work)
-    kept = forget_uncaught(work)
+    commit, before = checkout(REPO, work)
+    carry_over(work, commit, before)
     tests = [t for t in tests if (work / t).is_file()]  # an area's test files that exist at this commit
     with open(work / "pyproject.toml", "a") as f:
         f.write(mutmut_config(files, tests))
@@ -126,14 +139,18 @@ def run_area(area, out, children, fresh=False):
     subprocess.run(mutmut + ["export-cicd-stats"], cwd=work, env=env, check=True, capture_output=True)
     counts = json.loads((work / "mutants" / "mutmut-cicd-stats.json").read_text())
     listed = subprocess.run(mutmut + ["results"], cwd=work, env=env, check=True, capture_output=True, text=True).stdout
-    survivors = []
+    survivors, unchecked = [], 0
     for line in listed.splitlines():  # "    name: status" for every mutant not killed
         name, _, status = line.strip().rpartition(": ")
-        if name:
+        if name and status == "not checked":  # a stopped run: the next one checks it
+            unchecked += 1
+        elif name:
             diff = subprocess.run(mutmut + ["show", name], cwd=work, env=env, capture_output=True, text=True).stdout
             survivors.append({"name": name, "status": status, "diff": diff})
-    result = {"area": area, "commit": commit, "files": files, "tests": tests, "counts": counts, "score": score(counts),
-              "verdicts_kept": kept, "mutmut_exit": run.returncode, "survivors": survivors}
+    counts["not_checked"] = unchecked
+    result = {"area": area, "commit": commit, "resumed_from": before, "complete": unchecked == 0, "files": files,
+              "tests": tests, "counts": counts, "score": score(counts), "mutmut_exit": run.returncode,
+              "survivors": survivors}
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{area}.json").write_text(json.dumps(result, indent=1))
     return result
@@ -158,8 +175,9 @@ def main(argv=None):
     for area in areas:
         r = run_area(area, args.out, args.children, args.fresh)
         c = r["counts"]
-        print(f"{area:10s} {100 * r['score']:5.1f}%  {c['killed'] + c['timeout']} of {c['total'] - c['skipped']} caught, "
-              f"{len(r['survivors'])} not killed ({r['verdicts_kept']} catches kept from earlier runs) -> {args.out / (area + '.json')}", flush=True)
+        print(f"{area:10s} {100 * r['score']:5.1f}%  {c['killed'] + c['timeout']} of {c['total'] - c['skipped'] - c['not_checked']} caught, "
+              f"{len(r['survivors'])} not killed" + ("" if r["complete"] else f", {c['not_checked']} not checked yet (run again to go on)")
+              + f" -> {args.out / (area + '.json')}", flush=True)
 
 
 if __name__ == "__main__":

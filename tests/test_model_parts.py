@@ -288,14 +288,15 @@ def test_a_model_with_wide_layers_takes_the_blocked_path_and_agrees(monkeypatch)
 
 @pytest.mark.parametrize("T", [1, 3, 8, 9])
 def test_attention_of_a_few_queries_after_a_cache_by_hand(T, monkeypatch):
-    """Decode and verify passes (at most FEW_QUERIES new tokens a row, with a mask) take the grouped-query
-    path: the result is attention worked out head by head in float64, each query head reading kv head
-    h // (H / K), with left padding and a cache; more new tokens take enable_gqa, the same result."""
+    """Decode and verify passes on a CPU (at most FEW_QUERIES new tokens a row, with a mask) take the
+    grouped-query path: the result is attention worked out head by head in float64, each query head
+    reading kv head h // (H / K), with left padding, a masked new token (speculative.py's hole: it
+    sees itself only) and a cache; more new tokens take enable_gqa, the same result."""
     cfg = tiny_config(n_heads=6, n_kv_heads=2)
     layer = random_model(cfg, dtype=torch.float64).layers[0].self_attn
     B, past, H, K, hd = 3, 4, 6, 2, cfg.head_dim
     am = torch.ones(B, past + T, dtype=torch.long)
-    am[0, :2], am[1, :3] = 0, 0  # rows 0 and 1 start with padding
+    am[0, :2], am[1, :3], am[2, -1] = 0, 0, 0  # rows 0 and 1 start with padding; row 2's last new token is a hole
     cache = KVCache(1, B, K, past + T, hd, dtype=torch.float64)
     torch.manual_seed(1)
     x_past, x = torch.randn(B, past, cfg.dim, dtype=torch.float64), torch.randn(B, T, cfg.dim, dtype=torch.float64)
