@@ -1,4 +1,4 @@
-"""Benchmark: the attention of one decode step or verify pass in one layer, three ways, on Qwen2.5-0.5B's shapes.
+"""Benchmark: one decode step's or verify pass's attention in one layer, three ways, on Qwen2.5-0.5B's shapes.
 
     python bench/attention.py --batch 20 --past 600
     python bench/attention.py --batch 20 --past 600 --queries 4    # a verify pass: 4 new tokens a row
@@ -10,7 +10,8 @@
   lengths): it copies each kv head out to its 7 query heads (repeat_kv), then runs plain
   multi-head attention (transformers 5's use_gqa_in_sdpa keeps enable_gqa only without a mask).
 All read the keys and values as views of a larger preallocated cache, with a padding mask (causal
-among the new tokens), as a decode step or a verify pass does. Prints the median time of each and the speed-up of qwen-min's over the others.
+among the new tokens), as a decode step or a verify pass does. Prints the median time of each and
+the speed-up of qwen-min's over the others.
 """
 
 import argparse
