@@ -215,6 +215,45 @@ def test_select_keeps_the_given_rows_of_keys_and_values():
     assert cache.length == 2
 
 
+def test_the_cache_drops_only_slots_it_has():
+    cache = KVCache(1, 2, 1, 6, 2)
+    cache.append(4)
+    cache.drop(3)
+    assert cache.length == 1 and cache.append(2) == 1  # the next pass writes over the dropped slots
+    for n in (-1, 4):
+        with pytest.raises(ValueError, match=f"cannot drop {n} of the cache's 3 filled slots"):
+            cache.drop(n)
+    cache.drop(3)
+    assert cache.length == 0
+
+
+def test_a_row_view_is_an_empty_cache_over_that_rows_memory():
+    cache = KVCache(2, 3, 2, 5, 4)
+    cache.append(1)
+    view = cache.row(1)
+    assert (view.length, view.start, view.k.shape, view.v.shape) == (0, 0, (2, 1, 2, 5, 4), (2, 1, 2, 5, 4))
+    assert view.append(3) == 0 and cache.length == 1  # the view keeps its own position
+    k, v = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4)
+    view.layer(1).update(k, v)
+    assert torch.equal(cache.k[1, 1, :, :3], k[0]) and torch.equal(cache.v[1, 1, :, :3], v[0])  # landed in row 1
+    assert not cache.k[0].any() and not cache.k[1, [0, 2]].any() and not cache.v[1, [0, 2]].any()
+
+
+def test_compact_moves_each_rows_kept_slots_to_its_front_in_every_layer_and_head():
+    cache = KVCache(2, 2, 3, 6, 2)
+    cache.k[:] = torch.arange(2 * 2 * 3 * 6 * 2, dtype=torch.float32).view(2, 2, 3, 6, 2)
+    cache.v[:] = -cache.k
+    before_k, before_v = cache.k.clone(), cache.v.clone()
+    cache.length = 5
+    slots = torch.tensor([[0, 2, 4], [1, 3, 4]])  # (B, n) the slots each row keeps, in order
+    cache.compact(slots)
+    assert cache.length == 3
+    for r in range(2):
+        for j, slot in enumerate(slots[r].tolist()):
+            assert torch.equal(cache.k[:, r, :, j], before_k[:, r, :, slot])  # (L, K, hd) at once
+            assert torch.equal(cache.v[:, r, :, j], before_v[:, r, :, slot])
+
+
 def test_a_forward_pass_makes_positions_and_mask_on_the_models_device():
     with torch.device("meta"):
         model = Qwen2(tiny_config())

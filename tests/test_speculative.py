@@ -198,18 +198,6 @@ def test_each_column_is_penalised_for_the_guesses_before_it():
                             [[False, False, False]] * 3]
 
 
-def test_the_cache_drops_only_slots_it_has():
-    cache = KVCache(1, 2, 1, 6, 2)
-    cache.append(4)
-    cache.drop(3)
-    assert cache.length == 1 and cache.append(2) == 1  # the next pass writes over the dropped slots
-    for n in (-1, 4):
-        with pytest.raises(ValueError, match=f"cannot drop {n} of the cache's 3 filled slots"):
-            cache.drop(n)
-    cache.drop(3)
-    assert cache.length == 0
-
-
 def test_a_budget_of_one_token_needs_no_pass(model):
     gen = generate_drafted(model, ROWS, 1, wild(1, 160), stop_token_ids=[], details=True)
     assert torch.equal(gen.tokens, plain(model, max_new_tokens=1, stop_token_ids=[])) and gen.fed == [1]
