@@ -325,7 +325,7 @@ def test_a_model_with_wide_layers_takes_the_blocked_path_and_agrees(monkeypatch)
     assert torch.allclose(blocked, m(ids), rtol=0, atol=1e-12) and len(calls) == 5
 
 
-@pytest.mark.parametrize("T", [1, 3, 8, 9])
+@pytest.mark.parametrize("T", [1, 2, 3, 8, 9])
 def test_attention_of_a_few_queries_after_a_cache_by_hand(T, monkeypatch):
     """Decode and verify passes on a CPU (at most FEW_QUERIES new tokens a row, with a mask) take the
     grouped-query path: the result is attention worked out head by head in float64, each query head
@@ -357,5 +357,33 @@ def test_attention_of_a_few_queries_after_a_cache_by_hand(T, monkeypatch):
     for h in range(H):
         scores = q[:, h] @ k[:, h // (H // K)].transpose(1, 2) / math.sqrt(hd)  # (B, T, S)
         scores = scores.masked_fill(~mask[:, 0], float("-inf"))
+        out[:, :, h] = scores.softmax(-1) @ v[:, h // (H // K)]
+    torch.testing.assert_close(y, layer.o_proj(out.reshape(B, T, H * hd)), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("T", [1, 2, 3])
+def test_a_short_unpadded_prompt_is_causal_by_hand(T, monkeypatch):
+    """No mask and no cache (a prompt of equal rows): query t sees keys 0..t only. One token takes the
+    grouped path (one key: nothing to hide); more take enable_gqa's causal path."""
+    cfg = tiny_config(n_heads=6, n_kv_heads=2)
+    layer = random_model(cfg, dtype=torch.float64).layers[0].self_attn
+    B, H, K, hd = 2, 6, 2, cfg.head_dim
+    torch.manual_seed(2)
+    x = torch.randn(B, T, cfg.dim, dtype=torch.float64)
+    pos, mask = positions_and_mask(B, T, 0, None, "cpu")
+    assert mask is None
+    cos, sin = RotaryEmbedding(hd, 64, cfg.rope_theta)(pos, torch.float64)
+    heads = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, *a, **kw: heads.append(q.shape[1]) or real(q, *a, **kw))
+    y = layer(x, cos, sin, mask)
+    assert heads == [K if T == 1 else H]
+    q = qwen_model.apply_rotary(layer.q_proj(x).view(B, T, H, hd).transpose(1, 2), cos, sin)
+    k = qwen_model.apply_rotary(layer.k_proj(x).view(B, T, K, hd).transpose(1, 2), cos, sin)
+    v = layer.v_proj(x).view(B, T, K, hd).transpose(1, 2)
+    out = torch.zeros(B, T, H, hd, dtype=torch.float64)
+    for h in range(H):
+        scores = q[:, h] @ k[:, h // (H // K)].transpose(1, 2) / math.sqrt(hd)  # (B, T, T)
+        scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
         out[:, :, h] = scores.softmax(-1) @ v[:, h // (H // K)]
     torch.testing.assert_close(y, layer.o_proj(out.reshape(B, T, H * hd)), rtol=1e-10, atol=1e-10)
