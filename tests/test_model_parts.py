@@ -223,6 +223,8 @@ def test_the_cache_drops_only_slots_it_has():
     for n in (-1, 4):
         with pytest.raises(ValueError, match=f"cannot drop {n} of the cache's 3 filled slots"):
             cache.drop(n)
+    cache.drop(0)  # every guess kept: nothing to forget
+    assert cache.length == 3
     cache.drop(3)
     assert cache.length == 0
 
@@ -240,8 +242,8 @@ def test_a_row_view_is_an_empty_cache_over_that_rows_memory():
 
 
 def test_compact_moves_each_rows_kept_slots_to_its_front_in_every_layer_and_head():
-    cache = KVCache(2, 2, 3, 6, 2)
-    cache.k[:] = torch.arange(2 * 2 * 3 * 6 * 2, dtype=torch.float32).view(2, 2, 3, 6, 2)
+    cache = KVCache(4, 2, 3, 6, 2)  # layers, rows, kv heads, slots, head_dim: all but slots distinct
+    cache.k[:] = torch.arange(4 * 2 * 3 * 6 * 2, dtype=torch.float32).view(4, 2, 3, 6, 2)
     cache.v[:] = -cache.k
     before_k, before_v = cache.k.clone(), cache.v.clone()
     cache.length = 5
@@ -303,10 +305,13 @@ def test_linear_takes_the_blocked_path_for_few_rows_only(monkeypatch):
     w = torch.randn(512, 16)
     linear(torch.randn(3, 16), w)
     assert calls == [(qwen_model.BLOCKS, 3, 16)]  # one batched product of BLOCKS blocks
+    linear(torch.randn(qwen_model.FEW_ROWS, 16), w)  # FEW_ROWS rows exactly: still blocked
+    assert calls[-1] == (qwen_model.BLOCKS, qwen_model.FEW_ROWS, 16)
+    calls.clear()
     linear(torch.randn(qwen_model.FEW_ROWS + 1, 16), w)  # many rows: F.linear
     linear(torch.randn(3, 16), torch.randn(16, 512).t())  # a transposed (non-contiguous) weight: F.linear
     linear(torch.randn(3, 16), torch.randn(508, 16))  # blocks of 127 output features: F.linear
-    assert len(calls) == 1
+    assert calls == []
     layer = qwen_model.Linear(16, 64)
     assert isinstance(layer, torch.nn.Linear) and torch.allclose(layer(torch.ones(2, 16)), F.linear(torch.ones(2, 16), layer.weight, layer.bias))
 
