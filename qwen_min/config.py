@@ -93,7 +93,7 @@ class Qwen2Config:
             raise refuse(f"asks for the activation '{act}', and qwen-min implements SwiGLU with 'silu' only")
         # transformers >= 5 may nest rope settings in `rope_parameters`; older files keep them flat.
         rope = hf.get("rope_parameters") or {}
-        scaling = hf.get("rope_scaling") or (rope if isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) != "default" else None)
+        scaling = hf.get("rope_scaling") or rope  # either may ask for scaling: checked below
         if not isinstance(rope, dict) or not isinstance(scaling or {}, dict):
             raise refuse("gives rope_parameters or rope_scaling that are not JSON objects")
         if scaling and scaling.get("rope_type", scaling.get("type", "default")) != "default":
