@@ -12,9 +12,10 @@ and runs the mutants in a clone of the last commit (OUT/<area>.work), so the wor
 touched. The clone is kept, so a run that is stopped (Ctrl-C, a kill, the end of a session) goes on
 where it stopped when run again. Run at a later commit, it keeps a mutant's verdict "killed" or
 "timed out" while the function it mutates is unchanged, and checks every other one (survived, no
-tests) again against the new commit's tests. `--fresh` starts the area over: a kept catch can go stale when a change
-outside the mutated function (a test, a caller, a constant) stops its test from reaching it, so
-the scores docs/testing.md publishes say whether they were measured fresh or in pieces.
+tests) again against the new commit's tests. `--fresh` starts the area over: a kept catch can go
+stale when a change outside the mutated function (a test, a caller, a constant) stops its test
+from reaching it, so the scores docs/testing.md publishes say whether they were measured fresh or
+in pieces.
 Each area runs only its own test files: the whole suite per mutant would take days on two cores.
 Writes OUT/<area>.json (counts, score, every surviving mutant's diff) and prints one line per area.
 Not part of CI (too slow); docs/testing.md records the last measured scores.
@@ -69,11 +70,15 @@ def mutmut_config(files, tests):
             f"also_copy = {toml_list(['docs/', 'README.md', 'requirements.txt', 'requirements-test.txt'])}\n")
 
 
+def checked(counts):
+    """Mutants checked: all made, less those skipped and, in a stopped run, those not checked yet."""
+    return counts["total"] - counts["skipped"] - counts.get("not_checked", 0)
+
+
 def score(counts):
     """Mutants caught (killed or timed out) over all mutants checked; one that no test runs counts as a
-    survivor. A stopped run has mutants not checked yet: its score is of those checked."""
-    caught = counts["killed"] + counts["timeout"]
-    return caught / max(1, counts["total"] - counts["skipped"] - counts.get("not_checked", 0))
+    survivor."""
+    return (counts["killed"] + counts["timeout"]) / max(1, checked(counts))
 
 
 # mutmut's exit codes that mean the tests caught the mutant (failed, or ran past the time limit)
@@ -105,6 +110,7 @@ def carry_over(work, commit, before):
     which function (it maps only tests it has not seen). mutmut itself clears the verdicts of
     functions whose code changed. A record left unreadable by a kill is removed with its mutated
     file, so that file's mutants are made and run again."""
+    moved = before not in (None, commit)
     for meta in (work / "mutants").rglob("*.meta"):
         try:
             m = json.loads(meta.read_text())
@@ -112,10 +118,10 @@ def carry_over(work, commit, before):
             meta.unlink()
             meta.with_suffix("").unlink(missing_ok=True)  # mutants/x.py.meta -> mutants/x.py
             continue
-        if before not in (None, commit):
+        if moved:
             m["exit_code_by_key"] = {name: code if code in CAUGHT else None for name, code in m["exit_code_by_key"].items()}
             meta.write_text(json.dumps(m, indent=4))
-    if before not in (None, commit):
+    if moved:
         (work / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
 
 
@@ -175,7 +181,7 @@ def main(argv=None):
     for area in areas:
         r = run_area(area, args.out, args.children, args.fresh)
         c = r["counts"]
-        print(f"{area:10s} {100 * r['score']:5.1f}%  {c['killed'] + c['timeout']} of {c['total'] - c['skipped'] - c['not_checked']} caught, "
+        print(f"{area:10s} {100 * r['score']:5.1f}%  {c['killed'] + c['timeout']} of {checked(c)} caught, "
               f"{len(r['survivors'])} not killed" + ("" if r["complete"] else f", {c['not_checked']} not checked yet (run again to go on)")
               + f" -> {args.out / (area + '.json')}", flush=True)
 
